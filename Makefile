@@ -1,0 +1,35 @@
+# Two commands on a brand-new machine: `make demo` and `make test` (each creates .venv if missing).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+export HF_HUB_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DVC_NO_ANALYTICS := 1
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+export DFKD_CONFIG ?= configs/demo.yaml
+
+.PHONY: install demo test ui clean-data
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev]'
+	$(BIN)/python -m pip check
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dfkd make-eval-set --config $(DFKD_CONFIG)
+	$(BIN)/dfkd run --config $(DFKD_CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+ui: $(STAMP)
+	$(BIN)/dagster dev --host 127.0.0.1 --port 3000 -m dfkd_assets.definitions
+
+clean-data:
+	rm -rf data/synthetic data/.work data/student data/reports data/prompt_bank data/teacher_head data/previews data/synthetic.dvc storage dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/.logs_queue dagster_home/.nux dagster_home/.telemetry

@@ -1,0 +1,278 @@
+"""Every setting of the pipeline, as one pydantic model tree.
+
+Why one tree: a run is fully described by one validated object whose hash goes into Dagster
+metadata, MLflow tags and DVC params, so a model version leads back to exactly what produced it.
+Models forbid unknown keys, so a typo fails loudly with the dotted key path instead of being
+silently ignored. This module imports only pydantic/yaml: Dagster loads it at definition time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import unicodedata
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CONFIG = "configs/demo.yaml"
+CONFIG_ENV = "DFKD_CONFIG"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherConfig(_Model):
+    """CLIP teacher (ALGORITHM.md §1), loaded through open_clip."""
+
+    model_name: str = "ViT-B-32"
+    pretrained: str | None = Field(
+        None,
+        description="Local weights file (.pt/.bin/.safetensors) or an open_clip pretrained tag "
+        "found in the local cache. None = random init (tests only).",
+    )
+    model_config_file: Path | None = Field(
+        None, description="open_clip JSON model config registered under `model_name` (custom/tiny models)."
+    )
+    templates: Literal["openai", "simple", "single"] = Field(
+        "openai", description="Zero-shot head templates: the 80 OpenAI ones, open_clip's simple set, or 'a photo of a {}'."
+    )
+    init_seed: int = Field(0, description="Seed for random init when `pretrained` is None.")
+
+
+class GeneratorConfig(_Model):
+    """taming-transformers VQGAN (ALGORITHM.md §3)."""
+
+    config_file: Path = Field(description="taming model yaml (model.params: ddconfig, n_embed, embed_dim).")
+    checkpoint: Path | None = Field(None, description="taming .ckpt; None = random init (tests only).")
+    init_seed: int = 0
+
+
+class PromptsConfig(_Model):
+    """Prompt bank (ALGORITHM.md §2). Diversified methods come with issue #3."""
+
+    method: Literal["vanilla"] = "vanilla"
+    vanilla_template: str = "a photo of a {}"
+
+    @field_validator("vanilla_template")
+    @classmethod
+    def _has_slot(cls, v: str) -> str:
+        if v.count("{}") != 1:
+            raise ValueError("must contain exactly one '{}' where the class name goes")
+        return v
+
+
+class SynthesisConfig(_Model):
+    """VQGAN-CLIP synthesis (ALGORITHM.md §3); defaults are the public VQGAN-CLIP ones."""
+
+    images_per_class: int = Field(64, gt=0)
+    iterations: int = Field(400, gt=0)
+    lr: float = Field(0.1, gt=0)
+    cutn: int = Field(32, gt=0)
+    cut_pow: float = Field(1.0, gt=0)
+    image_size: int = Field(224, gt=0, description="Output side in pixels; must be a multiple of the VQGAN factor.")
+    batch_size: int = Field(8, gt=0)
+    seed: int = 0
+    augment_p: float = Field(0.7, ge=0, le=1, description="Probability of each augmentation per view.")
+    noise_max: float = Field(0.1, ge=0)
+    log_every: int = Field(50, gt=0)
+
+
+class StudentConfig(_Model):
+    """Student architecture (ALGORITHM.md §4): any timm model name."""
+
+    arch: str = "resnet18"
+    input_size: int = Field(224, gt=0)
+    init_seed: int = 0
+
+
+class DistillConfig(_Model):
+    """Knowledge distillation (ALGORITHM.md §4)."""
+
+    epochs: int = Field(30, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0)
+    min_crop_scale: float = Field(0.5, gt=0, le=1, description="random-resized-crop lower area bound")
+    seed: int = 0
+
+
+class EvalDatasetConfig(_Model):
+    name: str
+    root: Path = Field(description="DomainBed layout: root/<domain>/<class>/*.(jpg|png)")
+    domains: list[str] | None = Field(None, description="Subset of domains; None = every folder under root.")
+    class_map: dict[str, str] = Field(default_factory=dict, description="folder name -> class name")
+
+
+class EvaluationConfig(_Model):
+    datasets: list[EvalDatasetConfig] = Field(default_factory=list)
+    batch_size: int = Field(64, gt=0)
+    max_images_per_class: int | None = Field(None, gt=0)
+
+
+class PromotionConfig(_Model):
+    metric: str = "student_mean_top1"
+    tolerance: float = Field(0.01, ge=0, description="A challenger may be this much worse and still promote.")
+
+
+class MlflowConfig(_Model):
+    tracking_uri: str = Field("sqlite:///{workspace}/storage/mlflow.db", description="'{workspace}' is substituted.")
+    artifact_location: str | None = Field("{workspace}/storage/mlartifacts", description="For new experiments.")
+    experiment_name: str = "dfkd"
+    registered_model_name: str = "dfkd-student"
+
+
+class DvcConfig(_Model):
+    remote_name: str = "storage"
+    remote_url: str = Field("{workspace}/storage/dvc-remote", description="Local dir or S3-compatible URL.")
+
+
+class DfkdConfig(_Model):
+    """Root of the settings tree. Paths are relative to the current directory unless absolute."""
+
+    classes: list[str] = Field(min_length=2)
+    workspace: Path = Field(Path("."), description="DVC repository root; data/ and storage/ live under it.")
+    device: str = "auto"
+    teacher: TeacherConfig = TeacherConfig()
+    generator: GeneratorConfig
+    prompts: PromptsConfig = PromptsConfig()
+    synthesis: SynthesisConfig = SynthesisConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    promotion: PromotionConfig = PromotionConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    dvc: DvcConfig = DvcConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        out, seen = [], {}
+        for name in v:
+            clean = " ".join(name.split())
+            if not clean:
+                raise ValueError("class names must not be empty")
+            if any(unicodedata.category(ch).startswith("C") for ch in clean):
+                raise ValueError(f"class name {name!r} contains control characters")
+            key = class_key(clean)
+            if key in seen:
+                raise ValueError(f"class names {seen[key]!r} and {name!r} are duplicates (case/space/punctuation-insensitive)")
+            seen[key] = name
+            out.append(clean)
+        return out
+
+    @model_validator(mode="after")
+    def _cross(self) -> "DfkdConfig":
+        for ds in self.evaluation.datasets:
+            unknown = set(ds.class_map.values()) - set(self.classes)
+            if unknown:
+                raise ValueError(f"evaluation.datasets[{ds.name}].class_map maps to unknown classes {sorted(unknown)}")
+        return self
+
+    # ---- derived locations (one place, so assets never build paths by hand) ----
+    @property
+    def data_dir(self) -> Path:
+        return self.workspace / "data"
+
+    @property
+    def storage_dir(self) -> Path:
+        return self.workspace / "storage"
+
+    @property
+    def work_dir(self) -> Path:
+        """Resumable intermediate state (batches, checkpoints); never versioned."""
+        return self.data_dir / ".work"
+
+    @property
+    def synthetic_dir(self) -> Path:
+        return self.data_dir / "synthetic"
+
+    def class_dir(self, class_name: str) -> Path:
+        return self.synthetic_dir / class_key(class_name)
+
+    def path(self, name: str) -> Path:
+        """Directory of a non-partitioned asset's files: teacher_head, prompt_bank, student, reports."""
+        return self.data_dir / name
+
+    def resolve(self, template: str) -> str:
+        return template.replace("{workspace}", str(self.workspace.resolve()))
+
+    def class_for_key(self, key: str) -> str:
+        for c in self.classes:
+            if class_key(c) == key:
+                return c
+        raise KeyError(f"partition key {key!r} matches no class in `classes` {self.classes}")
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def class_key(name: str) -> str:
+    """Filesystem- and partition-safe key of a class name: stays inside the data root whatever the name.
+
+    Lowercase ASCII words joined by '_'; names with no ASCII letters/digits get a hash-based key.
+    """
+    norm = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+    words = re.findall(r"[a-z0-9]+", norm)
+    key = "_".join(words)[:64]
+    if not key:
+        key = "c_" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return key
+
+
+class ConfigError(ValueError):
+    """A settings problem, phrased with the file and the dotted key to fix."""
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid settings in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key (not a setting)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def config_path_from_env() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG))
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DfkdConfig:
+    """Read YAML `path` (default: $DFKD_CONFIG or configs/demo.yaml), deep-merge `overrides`, validate."""
+    path = Path(path) if path else config_path_from_env()
+    if not path.is_file():
+        raise ConfigError(f"settings file {path} not found (set {CONFIG_ENV} or pass a path)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"settings file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"settings file {path} must hold a mapping at the top level")
+    merged = _deep_merge(raw, overrides or {})
+    source = str(path) + (" (+ run overrides)" if overrides else "")
+    try:
+        return DfkdConfig.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

@@ -1,0 +1,157 @@
+"""Vectorised crops and augmentations, with per-image random streams.
+
+The public VQGAN-CLIP scripts cut views in a Python loop and use one global RNG, so a batch of
+images does not follow the same trajectory as each image alone. Here every image owns a
+generator (`ImageRngs`), all random parameters of its views come from that stream, and the
+crops/warps of the whole batch run as single tensor ops (`roi_align`, `grid_sample`). Optimising
+B images together therefore equals optimising each alone, just faster.
+
+Augmentation strengths follow ALGORITHM.md §3 (reconstructed from the public VQGAN-CLIP
+defaults): affine 15 deg / 0.1 translate, perspective 0.7, colour jitter 0.1, random erasing,
+each with probability p, plus Gaussian noise with per-view sigma in [0, noise_max].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+# uniform draws per view: 0-2 cutout box, 3-6 affine, 7-15 perspective, 16-19 colour jitter,
+# 20-24 erasing, 25 noise level. Fixed indices keep every draw independent of the others.
+N_PARAMS = 26
+
+
+class ImageRngs:
+    """One CPU generator (view parameters) and one device generator (pixel noise) per image."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.cpu = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.dev = [torch.Generator(device=device).manual_seed(int(s) ^ 0x5DEECE66D) for s in seeds]
+
+    def uniform(self, n: int, k: int) -> torch.Tensor:
+        """[B, n, k] uniform draws, each image from its own stream."""
+        return torch.stack([torch.rand(n, k, generator=g) for g in self.cpu])
+
+    def normal_like(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, n, ...] -> standard normal of the same shape, image b from its own device stream."""
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in self.dev])
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """x: [B,C,H,W]; boxes: [B,n,4] (x1,y1,x2,y2 in pixels) -> [B*n,C,size,size], differentiable w.r.t. x.
+
+    Adaptive sampling averages ceil(box/size) points per output pixel: area-like when shrinking
+    (like the adaptive pooling of the public cutouts), exact when the box already has `size` pixels.
+    """
+    b, n = boxes.shape[:2]
+    idx = torch.arange(b, device=x.device, dtype=x.dtype).repeat_interleave(n)[:, None]
+    rois = torch.cat([idx, boxes.reshape(-1, 4).to(x.device, x.dtype)], dim=1)
+    return roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def cutout_boxes(u: torch.Tensor, height: int, width: int, out_size: int, cut_pow: float) -> torch.Tensor:
+    """Square cutouts as in VQGAN-CLIP: side = rand**cut_pow * (max - min) + min. u: [B,n,>=3] uniforms."""
+    max_side = min(height, width)
+    min_side = min(height, width, out_size)
+    side = (u[..., 0] ** cut_pow * (max_side - min_side) + min_side).floor()
+    x1 = (u[..., 1] * (width - side + 1)).floor().clamp(max=width - side)
+    y1 = (u[..., 2] * (height - side + 1)).floor().clamp(max=height - side)
+    return torch.stack([x1, y1, x1 + side, y1 + side], dim=-1)
+
+
+def resized_crop_boxes(u: torch.Tensor, height: int, width: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """Random-resized-crop boxes (area fraction in `scale`, log-uniform aspect ratio). u: [B,n,>=4]."""
+    area = height * width * (scale[0] + u[..., 0] * (scale[1] - scale[0]))
+    logr = math.log(ratio[0]) + u[..., 1] * (math.log(ratio[1]) - math.log(ratio[0]))
+    r = torch.exp(logr)
+    w = torch.sqrt(area * r).clamp(1, width)
+    h = torch.sqrt(area / r).clamp(1, height)
+    x1 = u[..., 2] * (width - w)
+    y1 = u[..., 3] * (height - h)
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=-1)
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    p: float = 0.7
+    degrees: float = 15.0
+    translate: float = 0.1
+    perspective: float = 0.7
+    jitter: float = 0.1
+    erase_scale: tuple[float, float] = (0.02, 0.33)
+    noise_max: float = 0.1
+
+
+def _homographies(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """3x3 H with H @ src_i ~ dst_i for 4 point pairs. src, dst: [N,4,2]."""
+    n = src.shape[0]
+    x, y, u, v = src[..., 0], src[..., 1], dst[..., 0], dst[..., 1]
+    zeros, ones = torch.zeros_like(x), torch.ones_like(x)
+    rows_u = torch.stack([x, y, ones, zeros, zeros, zeros, -u * x, -u * y], dim=-1)
+    rows_v = torch.stack([zeros, zeros, zeros, x, y, ones, -v * x, -v * y], dim=-1)
+    a = torch.cat([rows_u, rows_v], dim=1)  # N,8,8
+    b = torch.cat([u, v], dim=1)  # N,8
+    h = torch.linalg.solve(a, b)
+    return torch.cat([h, torch.ones(n, 1, dtype=h.dtype)], dim=1).view(n, 3, 3)
+
+
+def _view_transforms(u: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
+    """[N, N_PARAMS] uniforms -> [N,3,3] maps from output to input coordinates (normalised [-1,1])."""
+    n = u.shape[0]
+    on_aff = (u[:, 3] < spec.p).float()
+    angle = torch.deg2rad((u[:, 4] * 2 - 1) * spec.degrees) * on_aff
+    tx, ty = (u[:, 5] * 2 - 1) * spec.translate * 2 * on_aff, (u[:, 6] * 2 - 1) * spec.translate * 2 * on_aff
+    c, s = torch.cos(angle), torch.sin(angle)
+    aff = torch.zeros(n, 3, 3, dtype=u.dtype)
+    aff[:, 0, 0], aff[:, 0, 1], aff[:, 0, 2] = c, -s, tx
+    aff[:, 1, 0], aff[:, 1, 1], aff[:, 1, 2] = s, c, ty
+    aff[:, 2, 2] = 1
+    on_persp = (u[:, 7] < spec.p).float()[:, None, None]
+    corners = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [1.0, 1.0], [-1.0, 1.0]], dtype=u.dtype).expand(n, 4, 2)
+    inward = -torch.sign(corners) * u[:, 8:16].view(n, 4, 2) * spec.perspective * on_persp
+    persp = _homographies(corners, corners + inward)
+    return persp @ aff
+
+
+def augment_views(views: torch.Tensor, u: torch.Tensor, spec: AugmentSpec, noise: torch.Tensor | None) -> torch.Tensor:
+    """views: [N,3,S,S] in [0,1]; u: [N, N_PARAMS] uniforms (CPU); noise: standard normal like views or None."""
+    n, _, size, _ = views.shape
+    dev, dt = views.device, views.dtype
+    mats = _view_transforms(u.double(), spec).to(dev, torch.float32)
+    lin = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=dev)
+    gy, gx = torch.meshgrid(lin, lin, indexing="ij")
+    base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, -1, 3)  # 1,S*S,3
+    mapped = base @ mats.transpose(1, 2)
+    grid = (mapped[..., :2] / mapped[..., 2:].clamp_min(1e-6)).view(n, size, size, 2)
+    out = F.grid_sample(views, grid.to(dt), mode="bilinear", padding_mode="border", align_corners=False)
+
+    uu = u.to(dev, dt)
+    on_jit = (uu[:, 16] < spec.p).to(dt)[:, None, None, None]
+    factors = 1 + (uu[:, 17:20] * 2 - 1) * spec.jitter  # brightness, contrast, saturation
+    bri, con, sat = (1 + (factors[:, i] - 1)[:, None, None, None] * on_jit for i in range(3))
+    out = out * bri
+    gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
+    out = (out - gray.mean((2, 3), keepdim=True)) * con + gray.mean((2, 3), keepdim=True)
+    gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
+    out = gray + (out - gray) * sat
+
+    on_erase = uu[:, 20] < spec.p
+    area = spec.erase_scale[0] + uu[:, 21] * (spec.erase_scale[1] - spec.erase_scale[0])
+    ratio = torch.exp((uu[:, 22] * 2 - 1) * math.log(3.3))
+    eh = (torch.sqrt(area / ratio)).clamp(max=1.0)
+    ew = (torch.sqrt(area * ratio)).clamp(max=1.0)
+    ey, ex = uu[:, 23] * (1 - eh), uu[:, 24] * (1 - ew)
+    coords = (torch.arange(size, device=dev, dtype=dt) + 0.5) / size
+    in_y = (coords[None, :] >= ey[:, None]) & (coords[None, :] < (ey + eh)[:, None])
+    in_x = (coords[None, :] >= ex[:, None]) & (coords[None, :] < (ex + ew)[:, None])
+    mask = (in_y[:, :, None] & in_x[:, None, :] & on_erase[:, None, None])[:, None]
+    out = out.masked_fill(mask, 0.0)
+
+    if noise is not None and spec.noise_max > 0:
+        sigma = uu[:, 25] * spec.noise_max
+        out = out + sigma[:, None, None, None] * noise
+    return out

@@ -1,0 +1,135 @@
+"""Knowledge distillation of the teacher's zero-shot predictions into the student (ALGORITHM.md §4).
+
+    loss = T^2 * KL(softmax(z_T / T) || softmax(z_S / T))  (+ ce_weight * CE(z_S, prompt class))
+Teacher logits are computed on the very augmented batch the student sees. Data lives on the
+device as uint8 and is augmented there (random-resized-crop + flip), so training is not
+input-bound. A checkpoint is written atomically after every epoch; a re-run with the same
+fingerprint resumes from it, a different fingerprint starts over.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from dfkd_assets.core.augment import crop_resize, resized_crop_boxes
+from dfkd_assets.core.io import atomic_write_bytes
+from dfkd_assets.core.teacher import Teacher, teacher_logits
+
+CHECKPOINT = "last.pt"
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    temperature: float = 4.0
+    ce_weight: float = 0.0
+    min_crop_scale: float = 0.5
+    seed: int = 0
+
+
+class DistillDiverged(RuntimeError):
+    pass
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(p_T || p_S) at temperature T, averaged over the batch."""
+    t = temperature
+    log_ps = F.log_softmax(student_logits / t, dim=-1)
+    log_pt = F.log_softmax(teacher_logits / t, dim=-1)
+    return (t * t) * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
+
+
+def augment_batch(x_u8: torch.Tensor, size: int, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [B,3,H,W] on device -> float [B,3,size,size] in [0,1], random-resized-crop + horizontal flip."""
+    b, _, h, w = x_u8.shape
+    u = torch.rand(b, 1, 5, generator=gen)
+    boxes = resized_crop_boxes(u, h, w, (min_scale, 1.0))
+    x = crop_resize(x_u8.float() / 255, boxes, size)
+    flip = (u[:, 0, 4] < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
+def distill(
+    student: torch.nn.Module,
+    teacher: Teacher,
+    head: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    settings: DistillSettings,
+    checkpoint_dir: Path,
+    fingerprint: str,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """Train `student` in place; `images`: uint8 [N,H,W,3] (any device), `labels`: prompt class [N].
+
+    Returns the per-epoch history (also the history of resumed epochs).
+    """
+    device = head.device
+    data = images.to(device).permute(0, 3, 1, 2).contiguous()
+    labels = labels.to(device)
+    n = data.shape[0]
+    steps_per_epoch = max(1, (n + settings.batch_size - 1) // settings.batch_size)
+    student.to(device).train()
+    opt = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
+    start_epoch, history = 0, []
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT
+    if ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        if state.get("fingerprint") == fingerprint:
+            student.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, history = int(state["epoch"]), list(state["history"])
+    size = student.input_size
+    for epoch in range(start_epoch, settings.epochs):
+        gen = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)  # resumable: depends on the epoch only
+        order = torch.randperm(n, generator=gen).to(device)
+        tot_loss = tot_agree = seen = 0.0
+        for i in range(steps_per_epoch):
+            idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
+            x = augment_batch(data[idx], size, settings.min_crop_scale, gen)
+            with torch.no_grad():
+                z_t = teacher_logits(teacher, head, x)
+            z_s = student(x)
+            loss = kd_loss(z_s, z_t, settings.temperature)
+            if settings.ce_weight > 0:
+                loss = loss + settings.ce_weight * F.cross_entropy(z_s, labels[idx])
+            if not torch.isfinite(loss):
+                raise DistillDiverged(
+                    f"distillation loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
+                    f"the last good checkpoint ({ckpt_path}) is kept. Lower distill.lr or check the synthetic data."
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            tot_loss += loss.detach() * len(idx)
+            tot_agree += (z_s.argmax(-1) == z_t.argmax(-1)).sum()
+            seen += len(idx)
+            if on_step is not None:
+                on_step(1)
+        record = {"epoch": epoch + 1, "kd_loss": float(tot_loss) / seen, "teacher_agreement": float(tot_agree) / seen, "lr": sched.get_last_lr()[0]}
+        history.append(record)
+        buf = io.BytesIO()
+        torch.save(
+            {"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+             "epoch": epoch + 1, "history": history, "fingerprint": fingerprint},
+            buf,
+        )
+        atomic_write_bytes(ckpt_path, buf.getvalue())
+        if on_epoch is not None:
+            on_epoch(record)
+    student.eval()
+    return history

@@ -1,0 +1,126 @@
+"""Evaluation on real images laid out DomainBed-style: root/<domain>/<class>/* (ALGORITHM.md §5).
+
+Folder names are matched to the configured class names by `class_map` or by their normalised
+key (`dog` == `Dog`, `hot_dog` == `hot dog`). Missing classes and unknown folders are errors
+that name the dataset and the folders, never a silently smaller test set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dfkd_assets.config import class_key
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class EvalDataError(ValueError):
+    pass
+
+
+@dataclass
+class DomainSet:
+    domain: str
+    paths: list[Path]
+    labels: list[int]
+
+
+@dataclass
+class EvalResult:
+    top1: dict[str, float]  # domain -> accuracy
+    confusion: dict[str, np.ndarray]  # domain -> [K,K] counts (rows: truth)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def mean_top1(self) -> float:
+        return float(np.mean(list(self.top1.values()))) if self.top1 else float("nan")
+
+
+def scan_domainbed(
+    root: Path, classes: list[str], class_map: dict[str, str] | None = None, domains: list[str] | None = None,
+    max_per_class: int | None = None, name: str = "dataset",
+) -> list[DomainSet]:
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalDataError(f"evaluation dataset {name}: root {root} does not exist")
+    by_key = {class_key(c): i for i, c in enumerate(classes)}
+    mapped = {folder: classes.index(c) for folder, c in (class_map or {}).items()}
+    found_domains = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if domains:
+        missing = sorted(set(domains) - set(found_domains))
+        if missing:
+            raise EvalDataError(f"evaluation dataset {name}: domains {missing} not found under {root} (have {found_domains})")
+        found_domains = list(domains)
+    if not found_domains:
+        raise EvalDataError(f"evaluation dataset {name}: no domain folders under {root}")
+    out = []
+    for d in found_domains:
+        paths, labels, seen = [], [], set()
+        for cdir in sorted(p for p in (root / d).iterdir() if p.is_dir()):
+            idx = mapped.get(cdir.name, by_key.get(class_key(cdir.name)))
+            if idx is None:
+                raise EvalDataError(
+                    f"evaluation dataset {name}: folder {cdir} matches no class in `classes`; "
+                    f"map it with evaluation.datasets[].class_map or remove it"
+                )
+            files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if max_per_class:
+                files = files[:max_per_class]
+            paths += files
+            labels += [idx] * len(files)
+            if files:
+                seen.add(idx)
+        absent = [classes[i] for i in range(len(classes)) if i not in seen]
+        if absent:
+            raise EvalDataError(f"evaluation dataset {name}: domain {d!r} has no images for classes {absent}")
+        out.append(DomainSet(d, paths, labels))
+    return out
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """RGB uint8 [size,size,3]: shorter side resized to `size`, centre crop."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)))
+    except OSError as e:
+        raise EvalDataError(f"image {path} cannot be decoded: {e}") from e
+
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]  # float [B,3,H,W] in [0,1] -> logits [B,K]
+
+
+@torch.no_grad()
+def evaluate(
+    predictors: dict[str, Predictor], sets: list[DomainSet], num_classes: int, size: int, batch_size: int, device: torch.device,
+    prefix: str = "",
+) -> dict[str, EvalResult]:
+    """Top-1 and confusion per domain for each predictor, loading each image once for all predictors."""
+    top1 = {m: {} for m in predictors}
+    conf = {m: {} for m in predictors}
+    for ds in sets:
+        cms = {m: np.zeros((num_classes, num_classes), dtype=np.int64) for m in predictors}
+        for i in range(0, len(ds.paths), batch_size):
+            batch = np.stack([load_image(p, size) for p in ds.paths[i : i + batch_size]])
+            x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 255
+            y = np.asarray(ds.labels[i : i + batch_size])
+            for m, fn in predictors.items():
+                pred = fn(x).argmax(-1).cpu().numpy()
+                np.add.at(cms[m], (y, pred), 1)
+        key = prefix + ds.domain
+        for m in predictors:
+            conf[m][key] = cms[m]
+            top1[m][key] = float(np.trace(cms[m]) / max(cms[m].sum(), 1))
+    counts = {prefix + ds.domain: len(ds.paths) for ds in sets}
+    return {m: EvalResult(top1[m], conf[m], counts) for m in predictors}

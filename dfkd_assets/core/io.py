@@ -1,0 +1,129 @@
+"""Files that never appear half-written: atomic writes, hashed shards and their manifests.
+
+A class shard is an uncompressed tar of PNG files with fixed headers (mtime 0, uid 0), so the
+same images always give the same bytes; DVC then deduplicates and `dvc pull` restores them
+byte-identically. The manifest (JSON) holds one record per image with its sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from PIL import Image
+
+SHARD_NAME = "images.tar"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+MANIFEST_NAME = "manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 HxWx3 -> deterministic PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def write_shard(directory: Path, items: Iterable[tuple[str, bytes]], records: list[dict], meta: dict) -> dict:
+    """Write `images.tar` then `manifest.json` atomically; the manifest is written last and names the shard hash.
+
+    `items` are (file name, PNG bytes); `records` one dict per image, in the same order.
+    """
+    directory = Path(directory)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for (name, data), rec in zip(items, records, strict=True):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(data))
+            rec["file"], rec["sha256"] = name, sha256_bytes(data)
+    shard = buf.getvalue()
+    atomic_write_bytes(directory / SHARD_NAME, shard)
+    manifest = {**meta, "shard": SHARD_NAME, "shard_sha256": sha256_bytes(shard), "count": len(records), "images": records}
+    atomic_write_json(directory / MANIFEST_NAME, manifest)
+    return manifest
+
+
+class ShardError(RuntimeError):
+    pass
+
+
+def read_manifest(directory: Path) -> dict:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise ShardError(f"manifest {path} is missing: re-materialize this class partition")
+    return json.loads(path.read_text())
+
+
+def read_shard(directory: Path, verify: bool = True) -> tuple[np.ndarray, dict]:
+    """Return (uint8 N x H x W x 3, manifest); with `verify`, every image's sha256 must match the manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    path = directory / manifest["shard"]
+    if not path.is_file():
+        raise ShardError(f"shard {path} is missing")
+    images = []
+    with tarfile.open(path, mode="r:") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        for rec in manifest["images"]:
+            if rec["file"] not in members:
+                raise ShardError(f"{path}: image {rec['file']} listed in the manifest is not in the shard")
+            data = tar.extractfile(members[rec["file"]]).read()
+            if verify and sha256_bytes(data) != rec["sha256"]:
+                raise ShardError(f"{path}: sha256 of {rec['file']} does not match {MANIFEST_NAME}")
+            images.append(decode_png(data))
+    if len(images) != manifest["count"]:
+        raise ShardError(f"{path}: manifest says {manifest['count']} images, found {len(images)}")
+    return np.stack(images), manifest

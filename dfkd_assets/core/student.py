@@ -1,0 +1,57 @@
+"""The student classifier (ALGORITHM.md §4): any timm architecture, trained from scratch.
+
+The wrapper owns its preprocessing (resize + ImageNet normalisation) and its class names, so a
+consumer of the registered model feeds float images in [0, 1] of any size and reads logits in
+the order of `classes`; no side file is needed to use it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+
+from dfkd_assets.core.io import atomic_write_bytes, atomic_write_json
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+WEIGHTS = "model.safetensors"
+META = "student.json"
+
+
+class StudentClassifier(torch.nn.Module):
+    def __init__(self, arch: str, classes: list[str], input_size: int):
+        super().__init__()
+        if arch not in timm.list_models():
+            raise ValueError(f"student.arch {arch!r} is not a timm model name (see timm.list_models())")
+        self.arch, self.classes, self.input_size = arch, list(classes), int(input_size)
+        self.backbone = timm.create_model(arch, pretrained=False, num_classes=len(classes))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        if x01.shape[-2:] != (self.input_size, self.input_size):
+            x01 = F.interpolate(x01, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True)
+        return self.backbone((x01 - self.mean) / self.std)
+
+    def save(self, directory: Path) -> None:
+        sd = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
+        atomic_write_bytes(Path(directory) / WEIGHTS, save(sd))
+        atomic_write_json(Path(directory) / META, {"arch": self.arch, "classes": self.classes, "input_size": self.input_size})
+
+
+def build_student(arch: str, classes: list[str], input_size: int, init_seed: int) -> StudentClassifier:
+    torch.manual_seed(init_seed)
+    return StudentClassifier(arch, classes, input_size)
+
+
+def load_student(directory: Path) -> StudentClassifier:
+    directory = Path(directory)
+    meta = json.loads((directory / META).read_text())
+    model = StudentClassifier(meta["arch"], meta["classes"], meta["input_size"])
+    model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
+    return model.eval()

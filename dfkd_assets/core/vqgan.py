@@ -1,0 +1,129 @@
+"""The VQGAN generator (taming-transformers `VQModel`), loaded strictly and without training objects.
+
+Why a compat step: taming's `vqgan.py` imports `taming.main` for `instantiate_from_config`, and
+`taming.main` imports training-only pytorch-lightning APIs removed in current releases
+(`pytorch_lightning.utilities.distributed`). We register a tiny `taming.main` exposing only
+`instantiate_from_config` before the import, so inference and latent optimisation run on the
+real taming classes. The training loss (LPIPS + discriminator) would download VGG weights, so it
+is replaced by `torch.nn.Identity`; its checkpoint keys (`loss.*`) are ignored when loading.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import torch
+import yaml
+
+NO_LOSS = {"target": "torch.nn.Identity"}
+IGNORED_KEY_PREFIXES = ("loss.",)
+
+
+class GeneratorLoadError(RuntimeError):
+    pass
+
+
+def _instantiate_from_config(config: dict):
+    if "target" not in config:
+        raise KeyError("expected key `target` to instantiate")
+    module, cls = config["target"].rsplit(".", 1)
+    return getattr(importlib.import_module(module), cls)(**config.get("params", {}) or {})
+
+
+def _install_taming_compat() -> None:
+    if "taming.main" not in sys.modules:
+        stub = types.ModuleType("taming.main")
+        stub.instantiate_from_config = _instantiate_from_config
+        stub.__doc__ = "dfkd compat stub: only instantiate_from_config (the real module needs old Lightning)."
+        sys.modules["taming.main"] = stub
+
+
+def vqmodel_class():
+    _install_taming_compat()
+    from taming.models.vqgan import VQModel
+
+    return VQModel
+
+
+def read_model_params(config_file: Path) -> dict:
+    config_file = Path(config_file)
+    if not config_file.is_file():
+        raise GeneratorLoadError(f"generator.config_file {config_file} not found")
+    cfg = yaml.safe_load(config_file.read_text()) or {}
+    try:
+        params = dict(cfg["model"]["params"])
+        params["ddconfig"], params["n_embed"], params["embed_dim"]
+    except (KeyError, TypeError):
+        raise GeneratorLoadError(
+            f"generator.config_file {config_file} is not a taming VQModel config (needs model.params.ddconfig/n_embed/embed_dim)"
+        ) from None
+    return params
+
+
+def build_vqgan(params: dict) -> torch.nn.Module:
+    kept = {k: v for k, v in params.items() if k in {"ddconfig", "n_embed", "embed_dim", "remap", "sane_index_shape"}}
+    return vqmodel_class()(lossconfig=NO_LOSS, **kept)
+
+
+def _load_state_dict(checkpoint: Path) -> dict:
+    """Tensors only (weights_only=True); a Lightning .ckpt holds its weights under 'state_dict'."""
+    try:
+        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise GeneratorLoadError(f"generator.checkpoint {checkpoint} could not be read safely: {e}") from e
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(sd, dict):
+        raise GeneratorLoadError(f"generator.checkpoint {checkpoint} holds no state_dict")
+    return sd
+
+
+def load_vqgan(config_file: Path, checkpoint: Path | None, init_seed: int, device: torch.device) -> torch.nn.Module:
+    """Real taming VQModel in eval mode with frozen weights; strict key check against the checkpoint."""
+    params = read_model_params(config_file)
+    torch.manual_seed(init_seed)
+    model = build_vqgan(params)
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise GeneratorLoadError(f"generator.checkpoint {checkpoint} not found")
+        sd = {k: v for k, v in _load_state_dict(checkpoint).items() if not k.startswith(IGNORED_KEY_PREFIXES)}
+        own = {k for k in model.state_dict() if not k.startswith(IGNORED_KEY_PREFIXES)}
+        missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)
+        if missing or unexpected:
+            raise GeneratorLoadError(
+                f"generator.checkpoint {checkpoint} does not match generator.config_file {config_file}: "
+                f"missing keys {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                f"unexpected keys {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}"
+            )
+        try:
+            model.load_state_dict(sd, strict=False)  # strictness checked above, modulo the ignored loss keys
+        except RuntimeError as e:
+            raise GeneratorLoadError(f"generator.checkpoint {checkpoint}: shapes do not match the config: {e}") from e
+    return model.to(device).eval().requires_grad_(False)
+
+
+def codebook(model: torch.nn.Module) -> torch.Tensor:
+    return model.quantize.embedding.weight
+
+
+def downsample_factor(model: torch.nn.Module) -> int:
+    return 2 ** (len(model.encoder.down) - 1)
+
+
+def quantize_st(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
+    """Nearest codebook vector per position, straight-through: forward = VQ(z), gradient = identity.
+
+    z: [B,C,h,w], book: [N,C]. Distances in fp32 (bf16 would pick wrong codes).
+    """
+    zf = z.float().movedim(1, -1)  # B,h,w,C
+    d = zf.pow(2).sum(-1, keepdim=True) - 2 * zf @ book.float().t() + book.float().pow(2).sum(-1)
+    zq = book[d.argmin(-1)].movedim(-1, 1).to(z.dtype)
+    return z + (zq - z).detach()
+
+
+def decode(model: torch.nn.Module, z_q: torch.Tensor) -> torch.Tensor:
+    """Quantised latents -> image in [-1, 1] (post_quant_conv + decoder)."""
+    return model.decode(z_q)

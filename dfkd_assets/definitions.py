@@ -1,0 +1,39 @@
+"""The Definitions object Dagster loads (`dagster dev -m dfkd_assets.definitions`).
+
+Only the class list is read at load time (it defines the partitions); everything else is read
+by each run from the settings resource. No torch/mlflow import happens here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+
+from dfkd_assets.config import class_key, config_path_from_env, load_config
+from dfkd_assets.defs.dataset import synthetic_dataset
+from dfkd_assets.defs.evaluation import evaluation_report
+from dfkd_assets.defs.jobs import build_jobs
+from dfkd_assets.defs.prompts import prompt_bank, teacher_head
+from dfkd_assets.defs.promotion import champion_student
+from dfkd_assets.defs.resources import DvcRepo, MlflowTracking, PipelineSettings
+from dfkd_assets.defs.student import student_model
+from dfkd_assets.defs.synthesis import build_synthetic_images
+
+
+def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
+    config_file = Path(config_file) if config_file else config_path_from_env()
+    cfg = load_config(config_file)
+    partitions = dg.StaticPartitionsDefinition([class_key(c) for c in cfg.classes])
+    return dg.Definitions(
+        assets=[teacher_head, prompt_bank, build_synthetic_images(partitions), synthetic_dataset, student_model, evaluation_report, champion_student],
+        jobs=build_jobs(partitions),
+        resources={
+            "settings": PipelineSettings(config_file=str(config_file)),
+            "mlflow_tracking": MlflowTracking(),
+            "dvc": DvcRepo(),
+        },
+    )
+
+
+defs = build_defs()

@@ -1,0 +1,115 @@
+"""Asset `evaluation_report`: top-1 per domain of the challenger, the teacher and the current champion.
+
+All three are scored on the same images in one pass, so the promotion rule compares like with
+like. Writes data/reports/ (metrics.json for `dvc metrics`, per_domain.csv for `dvc plots`,
+report.md, confusion PNGs) and logs them into the challenger's MLflow run.
+"""
+
+
+import json
+
+import dagster as dg
+
+from dfkd_assets.defs.lineage import lineage, md_image
+from dfkd_assets.defs.loaders import device_for, head_for, teacher_for
+from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
+
+
+@dg.asset(
+    group_name="training",
+    deps=["student_model"],
+    pool="gpu",
+    kinds={"pytorch", "mlflow"},
+    description="Per-domain top-1 of student (challenger), teacher and champion; markdown report + confusion matrices.",
+)
+def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+    import numpy as np
+
+    from dfkd_assets.core.evaluation import evaluate, scan_domainbed
+    from dfkd_assets.core.io import atomic_write_json, atomic_write_text
+    from dfkd_assets.core.report import markdown_table, write_confusion_png
+    from dfkd_assets.core.student import load_student
+    from dfkd_assets.core.teacher import teacher_logits
+
+    cfg = settings.load()
+    if not cfg.evaluation.datasets:
+        raise ValueError("evaluation.datasets is empty: add at least one DomainBed-style folder to evaluate on")
+    device = device_for(cfg)
+    teacher = teacher_for(cfg, device)
+    head = head_for(cfg, teacher, device)
+    student_dir = cfg.path("student")
+    registry = json.loads((student_dir / "registry.json").read_text())
+    student = load_student(student_dir).to(device)
+    predictors = {"student": student, "teacher": lambda x: teacher_logits(teacher, head, x)}
+    champion_version = mlflow_tracking.alias_version(cfg, "champion")
+    if champion_version is not None and champion_version != registry["version"]:
+        import mlflow.pytorch
+
+        mlflow_tracking.client(cfg)  # sets the tracking/registry URIs
+        champ = mlflow.pytorch.load_model(f"models:/{cfg.mlflow.registered_model_name}@champion", map_location=device).eval()
+        if list(getattr(champ, "classes", [])) != cfg.classes:
+            context.log.warning(f"champion v{champion_version} was trained for classes {getattr(champ, 'classes', '?')}; not compared")
+        else:
+            predictors["champion"] = champ
+
+    size = max(student.input_size, teacher.image_size)
+    results = {m: {} for m in predictors}
+    counts = {}
+    for ds_cfg in cfg.evaluation.datasets:
+        sets = scan_domainbed(ds_cfg.root, cfg.classes, ds_cfg.class_map, ds_cfg.domains, cfg.evaluation.max_images_per_class, ds_cfg.name)
+        res = evaluate(predictors, sets, len(cfg.classes), size, cfg.evaluation.batch_size, device, prefix=f"{ds_cfg.name}/")
+        for m, r in res.items():
+            results[m][ds_cfg.name] = r
+            counts.update(r.counts)
+
+    domains = list(counts)
+    top1 = {m: {d: v for r in results[m].values() for d, v in r.top1.items()} for m in predictors}
+    mean = {m: float(np.mean([top1[m][d] for d in domains])) for m in predictors}
+    chance = 1.0 / len(cfg.classes)
+    out = cfg.path("reports")
+    metrics = {
+        "challenger_version": registry["version"],
+        "champion_version": champion_version if "champion" in predictors else None,
+        "chance": chance,
+        **{f"{m}_mean_top1": mean[m] for m in predictors},
+        "per_domain": {d: {m: top1[m][d] for m in predictors} | {"images": counts[d]} for d in domains},
+    }
+    atomic_write_json(out / "metrics.json", metrics)
+    csv = "domain," + ",".join(predictors) + "\n" + "".join(f"{d}," + ",".join(f"{top1[m][d]:.6f}" for m in predictors) + "\n" for d in domains)
+    atomic_write_text(out / "per_domain.csv", csv)
+    rows = [{"domain": d, "images": counts[d], **{m: top1[m][d] for m in predictors}} for d in domains]
+    rows.append({"domain": "**mean**", "images": sum(counts.values()), **mean})
+    table = markdown_table(rows, ["domain", "images", *predictors])
+    conf_md = []
+    for ds_name, r in results["student"].items():
+        for d, cm in r.confusion.items():
+            png = out / f"confusion_{d.replace('/', '_')}.png"
+            write_confusion_png(png, cm, cfg.classes, f"student v{registry['version']} on {d}")
+            conf_md.append(f"![{d}]({png.name})")
+    report = (
+        f"# Evaluation of student v{registry['version']} ({cfg.mlflow.registered_model_name})\n\n"
+        f"Top-1 accuracy per domain; chance = {chance:.3f}. Teacher: `{teacher.teacher_id}`. "
+        f"Data: DVC `{registry['dvc_hash']}`.\n\n{table}\n\n## Confusion matrices (student)\n\n" + "\n".join(conf_md) + "\n"
+    )
+    atomic_write_text(out / "report.md", report)
+    client = mlflow_tracking.client(cfg)
+    for m in predictors:
+        client.log_metric(registry["run_id"], f"eval_{m}_mean_top1", mean[m])
+        for d in domains:
+            client.log_metric(registry["run_id"], f"eval_{m}_top1.{d.replace('/', '.')}", top1[m][d])
+    client.log_artifacts(registry["run_id"], str(out), "evaluation")
+    context.log.info("\n" + table)
+    first_png = out / f"confusion_{domains[0].replace('/', '_')}.png"
+    return dg.MaterializeResult(
+        metadata={
+            "challenger_version": registry["version"],
+            "champion_version": str(metrics["champion_version"]),
+            **{f"{m}_mean_top1": mean[m] for m in predictors},
+            "chance": chance,
+            "per_domain": dg.MetadataValue.md(table),
+            "report": dg.MetadataValue.path(str((out / "report.md").resolve())),
+            "confusion": dg.MetadataValue.md(md_image(first_png, domains[0])),
+            "mlflow_run_id": registry["run_id"],
+            **lineage(cfg, context),
+        }
+    )

@@ -1,0 +1,60 @@
+"""Settings -> loaded models. The only place where config fields are mapped onto core/ arguments."""
+
+from __future__ import annotations
+
+from dfkd_assets.config import DfkdConfig
+
+
+def device_for(cfg: DfkdConfig):
+    from dfkd_assets.core.seeding import resolve_device
+
+    return resolve_device(cfg.device)
+
+
+def teacher_for(cfg: DfkdConfig, device):
+    from dfkd_assets.core.teacher import load_teacher
+
+    t = cfg.teacher
+    return load_teacher(t.model_name, t.pretrained, t.model_config_file, t.init_seed, device)
+
+
+def generator_for(cfg: DfkdConfig, device):
+    from dfkd_assets.core.vqgan import load_vqgan
+
+    g = cfg.generator
+    return load_vqgan(g.config_file, g.checkpoint, g.init_seed, device)
+
+
+def head_for(cfg: DfkdConfig, teacher, device):
+    """The zero-shot head written by the teacher_head asset, refused if another teacher made it."""
+    import json
+
+    from safetensors.torch import load_file
+
+    d = cfg.path("teacher_head")
+    if not (d / "head.json").is_file():
+        raise FileNotFoundError(f"teacher head not found in {d}: materialize teacher_head first")
+    meta = json.loads((d / "head.json").read_text())
+    if meta["teacher_id"] != teacher.teacher_id or meta["classes"] != cfg.classes:
+        raise RuntimeError(
+            f"{d} was built for teacher {meta['teacher_id']!r} and classes {meta['classes']}, "
+            f"not {teacher.teacher_id!r} and {cfg.classes}: re-materialize teacher_head"
+        )
+    return load_file(d / "head.safetensors")["head"].to(device)
+
+
+def synthesis_settings(cfg: DfkdConfig):
+    from dfkd_assets.core.augment import AugmentSpec
+    from dfkd_assets.core.synthesis import SynthesisSettings
+
+    s = cfg.synthesis
+    return SynthesisSettings(
+        iterations=s.iterations, lr=s.lr, cutn=s.cutn, cut_pow=s.cut_pow, image_size=s.image_size,
+        augment=AugmentSpec(p=s.augment_p, noise_max=s.noise_max),
+    )
+
+
+def distill_settings(cfg: DfkdConfig):
+    from dfkd_assets.core.distill import DistillSettings
+
+    return DistillSettings(**cfg.distill.model_dump())

@@ -1,0 +1,132 @@
+"""Resources: the settings of a run, our MLflow tracking wrapper, and the DVC repository.
+
+All three are small `ConfigurableResource`s so a launchpad run can override them. Heavy imports
+(mlflow) happen inside methods: Dagster loads this module when it loads the definitions.
+"""
+
+
+import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import dagster as dg
+import yaml
+from pydantic import Field
+
+from dfkd_assets.config import DfkdConfig, config_path_from_env, load_config
+
+
+class PipelineSettings(dg.ConfigurableResource):
+    """Which settings file a run uses, plus per-run overrides (a nested mapping merged into it)."""
+
+    config_file: str = Field("", description="YAML settings file; empty = $DFKD_CONFIG or configs/demo.yaml")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="e.g. {synthesis: {iterations: 50}}")
+
+    def load(self) -> DfkdConfig:
+        return load_config(self.config_file or config_path_from_env(), self.overrides or None)
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """A thin wrapper around `MlflowClient` (we do not use the op-era dagster-mlflow resource).
+
+    `tracking_uri` overrides the settings file (e.g. an `mlflow server` when scaling out).
+    """
+
+    tracking_uri: str = Field("", description="empty = mlflow.tracking_uri of the settings")
+
+    def uri(self, cfg: DfkdConfig) -> str:
+        uri = self.tracking_uri or cfg.resolve(cfg.mlflow.tracking_uri)
+        if uri.startswith("sqlite:///"):
+            Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return uri
+
+    def client(self, cfg: DfkdConfig):
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        import mlflow
+        from mlflow import MlflowClient
+
+        uri = self.uri(cfg)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def experiment_id(self, cfg: DfkdConfig) -> str:
+        client = self.client(cfg)
+        exp = client.get_experiment_by_name(cfg.mlflow.experiment_name)
+        if exp is not None:
+            return exp.experiment_id
+        loc = cfg.resolve(cfg.mlflow.artifact_location) if cfg.mlflow.artifact_location else None
+        return client.create_experiment(cfg.mlflow.experiment_name, artifact_location=Path(loc).resolve().as_uri() if loc and "://" not in loc else loc)
+
+    @contextlib.contextmanager
+    def run(self, cfg: DfkdConfig, run_name: str, tags: dict[str, str]) -> Iterator[Any]:
+        """An active (fluent) MLflow run that ends FINISHED on success and FAILED on any exception."""
+        import mlflow
+
+        exp_id = self.experiment_id(cfg)
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags)
+        try:
+            yield run
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
+        else:
+            mlflow.end_run(status="FINISHED")
+
+    def alias_version(self, cfg: DfkdConfig, alias: str) -> str | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client(cfg).get_model_version_by_alias(cfg.mlflow.registered_model_name, alias).version
+        except MlflowException:
+            return None
+
+
+class DvcError(RuntimeError):
+    pass
+
+
+class DvcRepo(dg.ConfigurableResource):
+    """The DVC repository at `workspace` (initialised on first use) and its default remote.
+
+    DVC holds one repository lock, so every asset using this resource runs in the `dvc` pool (limit 1).
+    """
+
+    remote_url: str = Field("", description="empty = dvc.remote_url of the settings")
+
+    def _run(self, cfg: DfkdConfig, *args: str) -> str:
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cfg.workspace, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise DvcError(f"`dvc {' '.join(args)}` failed in {cfg.workspace} (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
+        return proc.stdout
+
+    def ensure(self, cfg: DfkdConfig) -> str:
+        """Initialise the repo if needed and point the default remote at the configured URL; returns that URL."""
+        ws = cfg.workspace.resolve()
+        if not (ws / ".dvc").is_dir():
+            in_git = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ws, capture_output=True, text=True)
+            if in_git.returncode != 0:
+                self._run(cfg, "init", "--no-scm")
+            elif Path(in_git.stdout.strip()).resolve() == ws:
+                self._run(cfg, "init")
+            else:
+                self._run(cfg, "init", "--subdir")
+        url = self.remote_url or cfg.resolve(cfg.dvc.remote_url)
+        if "://" not in url:
+            Path(url).mkdir(parents=True, exist_ok=True)
+        # --local: the remote location is a machine setting, not committed project config
+        self._run(cfg, "remote", "add", "--local", "--force", "--default", cfg.dvc.remote_name, url)
+        return url
+
+    def add_and_push(self, cfg: DfkdConfig, path: Path) -> str:
+        """`dvc add` + `dvc push` of `path` (relative to the workspace); returns the DVC hash of the output."""
+        rel = Path(path).resolve().relative_to(cfg.workspace.resolve())
+        self._run(cfg, "add", str(rel))
+        self._run(cfg, "push", "-r", cfg.dvc.remote_name, f"{rel}.dvc")
+        meta = yaml.safe_load((cfg.workspace / f"{rel}.dvc").read_text())
+        out = meta["outs"][0]
+        return out.get("md5") or out.get("hash") or ""

@@ -1,0 +1,82 @@
+"""Test-wide setup: offline, no telemetry, no network beyond localhost, tiny models built once."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ.setdefault("TORCH_NUM_THREADS", "2")
+
+import ipaddress  # noqa: E402
+import socket  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CLIP = ROOT / "configs" / "models" / "dfkd-tiny-clip.json"
+TINY_VQGAN = ROOT / "configs" / "models" / "tiny-vqgan.yaml"
+
+
+class NetworkAccessError(RuntimeError):
+    pass
+
+
+def _is_local(address) -> bool:
+    if isinstance(address, (str, bytes)):  # AF_UNIX path
+        return True
+    host = address[0]
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+_real_connect, _real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _guarded(real):
+    def connect(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address):
+            raise NetworkAccessError(f"test tried to open a network connection to {address!r}; tests must stay offline")
+        return real(self, address)
+
+    return connect
+
+
+socket.socket.connect = _guarded(_real_connect)
+socket.socket.connect_ex = _guarded(_real_connect_ex)
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cpu():
+    import torch
+
+    torch.set_num_threads(2)
+    return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
+def teacher(cpu):
+    from dfkd_assets.core.teacher import load_teacher
+
+    return load_teacher("dfkd-tiny-clip", None, TINY_CLIP, 0, cpu)
+
+
+@pytest.fixture(scope="session")
+def vqgan(cpu):
+    from dfkd_assets.core.vqgan import load_vqgan
+
+    return load_vqgan(TINY_VQGAN, None, 0, cpu)

@@ -1,0 +1,71 @@
+import math
+
+import pytest
+import torch
+
+from dfkd_assets.core.distill import DistillDiverged, DistillSettings, distill, kd_loss
+from dfkd_assets.core.student import build_student, load_student
+from dfkd_assets.core.teacher import zero_shot_head
+
+
+def test_kd_loss_hand_computed():
+    zs = torch.tensor([[1.0, 0.0]])
+    zt = torch.tensor([[0.0, 2.0]])
+    t = 2.0
+    ps = [math.exp(0.5) / (math.exp(0.5) + 1), 1 / (math.exp(0.5) + 1)]
+    pt = [1 / (1 + math.e), math.e / (1 + math.e)]
+    expected = t * t * sum(p * math.log(p / q) for p, q in zip(pt, ps))
+    assert kd_loss(zs, zt, t).item() == pytest.approx(expected, rel=1e-5)
+    assert kd_loss(zt, zt, t).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.fixture()
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(24) % 3
+
+
+def test_distill_learns_the_teacher_and_resumes(teacher, data, tmp_path, cpu):
+    head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
+    images, labels = data
+    s = DistillSettings(epochs=4, batch_size=8, lr=0.05)
+    student = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
+    hist = distill(student, teacher, head, images, labels, s, tmp_path / "ck", "fp")
+    assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
+    assert hist[-1]["kd_loss"] < hist[0]["kd_loss"]
+
+    # resume: a longer run with the same fingerprint continues after epoch 4
+    s6 = DistillSettings(epochs=6, batch_size=8, lr=0.05)
+    resumed = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
+    hist6 = distill(resumed, teacher, head, images, labels, s6, tmp_path / "ck", "fp")
+    assert hist6[:4] == hist and len(hist6) == 6
+    # another fingerprint starts over
+    fresh = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, s, tmp_path / "ck", "other")
+    assert len(fresh) == 4
+
+
+def test_nan_stops_with_clear_error_and_keeps_checkpoint(teacher, data, tmp_path):
+    head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
+    images, labels = data
+    student = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
+    distill(student, teacher, head, images, labels, DistillSettings(epochs=1, batch_size=8), tmp_path, "fp")
+    before = (tmp_path / "last.pt").read_bytes()
+    poisoned = head.clone()
+    poisoned[0, 0] = float("nan")  # teacher logits become NaN in the resumed second epoch
+    with pytest.raises(DistillDiverged, match="last good checkpoint"):
+        distill(student, teacher, poisoned, images, labels, DistillSettings(epochs=2, batch_size=8), tmp_path, "fp")
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_student_save_load_round_trip(tmp_path):
+    s = build_student("resnet10t", ["a", "b"], 32, 0).eval()
+    s.save(tmp_path)
+    back = load_student(tmp_path)
+    x = torch.rand(2, 3, 50, 50)
+    torch.testing.assert_close(back(x), s(x))
+    assert back.classes == ["a", "b"]
+
+
+def test_unknown_arch_is_named():
+    with pytest.raises(ValueError, match="student.arch"):
+        build_student("resnet-does-not-exist", ["a", "b"], 32, 0)

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+
+from dfkd_assets.core.augment import ImageRngs
+from dfkd_assets.core.synthesis import (
+    SynthesisSettings, clamp_st, init_latents, render, spherical_distance, synthesize_batch, synthesize_resumable,
+)
+from dfkd_assets.core.teacher import zero_shot_head
+from dfkd_assets.core.vqgan import codebook
+
+FAST = SynthesisSettings(iterations=6, cutn=4, image_size=32)
+
+
+def targets(teacher, n):
+    return teacher.encode_text([f"a photo of a thing number {i}" for i in range(n)])
+
+
+def test_spherical_distance_matches_angle():
+    a = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    b = torch.nn.functional.normalize(torch.randn(5, 8), dim=-1)
+    angle = torch.arccos((a * b).sum(-1).clamp(-1, 1))
+    torch.testing.assert_close(spherical_distance(a, b), angle**2 / 2, atol=1e-5, rtol=1e-4)
+
+
+def test_clamp_st_passes_gradient():
+    x = torch.tensor([-0.5, 0.5, 1.5], requires_grad=True)
+    y = clamp_st(x)
+    assert y.tolist() == [0.0, 0.5, 1.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_latents_start_on_codebook_and_gradients_reach_them(vqgan, teacher):
+    z = init_latents(vqgan, ImageRngs([0, 1], torch.device("cpu")), 32)
+    assert z.shape == (2, 16, 8, 8)
+    book = codebook(vqgan)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 16)
+    assert (flat[:, None, :] == book[None]).all(-1).any(-1).all()  # every position is exactly a code
+    z.requires_grad_(True)
+    x = render(vqgan, z)
+    assert x.shape == (2, 3, 32, 32) and x.min() >= 0 and x.max() <= 1
+    (teacher.encode_images(x) * targets(teacher, 2)).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_image_size_must_fit_the_generator(vqgan):
+    with pytest.raises(ValueError, match="synthesis.image_size"):
+        init_latents(vqgan, ImageRngs([0], torch.device("cpu")), 30)
+
+
+def test_loss_decreases(vqgan, teacher):
+    res = synthesize_batch(vqgan, teacher, targets(teacher, 2), [5, 6], SynthesisSettings(iterations=40, cutn=8, image_size=32))
+    assert np.mean(res.losses[-8:]) < np.mean(res.losses[:8])
+    assert res.images.dtype == np.uint8 and res.images.shape == (2, 32, 32, 3)
+
+
+def test_batch_equals_single_image_trajectories(vqgan, teacher):
+    t = targets(teacher, 3)
+    batch = synthesize_batch(vqgan, teacher, t, [11, 12, 13], FAST)
+    single = synthesize_batch(vqgan, teacher, t[1:2], [12], FAST)
+    assert np.abs(batch.images[1].astype(int) - single.images[0]).max() <= 1
+    assert abs(batch.cosines[1] - single.cosines[0]) < 1e-3
+    assert not np.array_equal(batch.images[0], batch.images[1])
+
+
+def test_same_seed_same_image(vqgan, teacher):
+    t = targets(teacher, 1)
+    a = synthesize_batch(vqgan, teacher, t, [3], FAST)
+    b = synthesize_batch(vqgan, teacher, t, [3], FAST)
+    np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_resume_recomputes_only_missing_batches(vqgan, teacher, tmp_path):
+    head = zero_shot_head(teacher, ["a", "b"], "single")
+    t = targets(teacher, 5)
+    seeds = [1, 2, 3, 4, 5]
+    full = synthesize_resumable(vqgan, teacher, head, t, seeds, FAST, 2, tmp_path / "w", "fp1")
+    batches = sorted((tmp_path / "w").glob("batch_*.npz"))
+    assert len(batches) == 3
+    batches[1].unlink()  # as if killed while computing the second batch
+    mtimes = {p.name: p.stat().st_mtime_ns for p in batches if p.exists()}
+    calls = []
+    again = synthesize_resumable(vqgan, teacher, head, t, seeds, FAST, 2, tmp_path / "w", "fp1", on_step=lambda m, loss: calls.append(m))
+    for a, b in zip(full, again):
+        np.testing.assert_array_equal(a, b)
+    assert {p.name: p.stat().st_mtime_ns for p in batches if p.name in mtimes} == mtimes  # kept, not recomputed
+    assert sum(calls) == 5 * FAST.iterations
+    synthesize_resumable(vqgan, teacher, head, t[:1], seeds[:1], FAST, 2, tmp_path / "w", "fp2")
+    assert len(list((tmp_path / "w").glob("batch_*.npz"))) == 1  # other settings: stale batches dropped

@@ -1,0 +1,73 @@
+import sys
+
+import pytest
+import torch
+
+from conftest import TINY_VQGAN
+from dfkd_assets.core.vqgan import GeneratorLoadError, codebook, decode, load_vqgan, quantize_st, read_model_params
+
+
+def test_real_taming_class_imports_through_compat_stub(vqgan):
+    from taming.models.vqgan import VQModel
+
+    assert isinstance(vqgan, VQModel)
+    assert "pytorch_lightning.utilities.distributed" not in sys.modules
+    assert isinstance(vqgan.loss, torch.nn.Identity)  # no LPIPS/VGG download
+
+
+def test_quantize_st_forward_is_nearest_code_and_gradient_is_identity():
+    book = torch.randn(10, 4)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    zq = quantize_st(z, book)
+    flat = z.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    nearest = book[torch.cdist(flat, book).argmin(1)]
+    torch.testing.assert_close(zq.detach().permute(0, 2, 3, 1).reshape(-1, 4), nearest)
+    w = torch.randn_like(zq)
+    (zq * w).sum().backward()
+    torch.testing.assert_close(z.grad, w)
+
+
+def test_decode_shape(vqgan):
+    z = codebook(vqgan)[:64].view(1, 8, 8, 16).permute(0, 3, 1, 2)
+    assert decode(vqgan, z).shape == (1, 3, 32, 32)
+
+
+def _lightning_ckpt(model, path, drop=None, extra=None):
+    sd = dict(model.state_dict())
+    sd["loss.discriminator.main.0.weight"] = torch.zeros(1)  # training-only keys are ignored
+    if drop:
+        sd.pop(drop)
+    if extra:
+        sd[extra] = torch.zeros(1)
+    torch.save({"state_dict": sd, "epoch": 3, "global_step": 10, "pytorch-lightning_version": "1.0.8"}, path)
+
+
+def test_checkpoint_loads_strictly(vqgan, tmp_path, cpu):
+    src = load_vqgan(TINY_VQGAN, None, 123, cpu)
+    _lightning_ckpt(src, tmp_path / "last.ckpt")
+    loaded = load_vqgan(TINY_VQGAN, tmp_path / "last.ckpt", 0, cpu)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+
+    key = "decoder.conv_out.weight"
+    _lightning_ckpt(src, tmp_path / "missing.ckpt", drop=key)
+    with pytest.raises(GeneratorLoadError, match="missing keys.*decoder.conv_out.weight"):
+        load_vqgan(TINY_VQGAN, tmp_path / "missing.ckpt", 0, cpu)
+    _lightning_ckpt(src, tmp_path / "extra.ckpt", extra="decoder.bogus")
+    with pytest.raises(GeneratorLoadError, match="unexpected keys.*decoder.bogus"):
+        load_vqgan(TINY_VQGAN, tmp_path / "extra.ckpt", 0, cpu)
+
+
+def test_checkpoint_with_foreign_pickle_global_is_refused(tmp_path, cpu):
+    import argparse
+
+    torch.save({"state_dict": {}, "hparams": argparse.Namespace(lr=1)}, tmp_path / "evil.ckpt")
+    with pytest.raises(GeneratorLoadError, match="could not be read safely"):
+        load_vqgan(TINY_VQGAN, tmp_path / "evil.ckpt", 0, cpu)
+
+
+def test_missing_files_name_the_setting(tmp_path, cpu):
+    with pytest.raises(GeneratorLoadError, match="generator.config_file"):
+        read_model_params(tmp_path / "nope.yaml")
+    with pytest.raises(GeneratorLoadError, match="generator.checkpoint"):
+        load_vqgan(TINY_VQGAN, tmp_path / "nope.ckpt", 0, cpu)
