@@ -27,7 +27,7 @@ def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
     partitions = dg.StaticPartitionsDefinition([class_key(c) for c in cfg.classes])
     return dg.Definitions(
         assets=[teacher_head, prompt_bank, build_synthetic_images(partitions), synthetic_dataset, student_model, evaluation_report, champion_student],
-        jobs=build_jobs(partitions),
+        jobs=build_jobs(),
         resources={
             "settings": PipelineSettings(config_file=str(config_file)),
             "mlflow_tracking": MlflowTracking(),

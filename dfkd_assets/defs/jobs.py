@@ -10,12 +10,12 @@ SYNTHESIZE = "synthesize_class"
 TRAIN = "distill_evaluate_promote"
 
 
-def build_jobs(partitions_def: dg.StaticPartitionsDefinition) -> list:
+def build_jobs() -> list:
     return [
         dg.define_asset_job(PREPARE, selection="key:teacher_head or key:prompt_bank", description="Teacher head and prompt bank."),
         dg.define_asset_job(
-            SYNTHESIZE, selection='key:"synthetic_images"', partitions_def=partitions_def,
+            SYNTHESIZE, selection='key:"synthetic_images"',
             description="VQGAN-CLIP images of one class (one run per class partition, or a backfill).",
         ),
-        dg.define_asset_job(TRAIN, selection="key:synthetic_dataset or key:student_model or key:evaluation_report or key:champion_student", description="Snapshot (DVC), distil, evaluate, promote."),
+        dg.define_asset_job(TRAIN, selection="key:synthetic_dataset+", description="Snapshot (DVC), distil, evaluate, promote."),
     ]

@@ -80,7 +80,7 @@ class MlflowTracking(dg.ConfigurableResource):
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client(cfg).get_model_version_by_alias(cfg.mlflow.registered_model_name, alias).version
+            return str(self.client(cfg).get_model_version_by_alias(cfg.mlflow.registered_model_name, alias).version)
         except MlflowException:
             return None
 

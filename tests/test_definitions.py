@@ -1,0 +1,68 @@
+"""Definition loading stays light, the layering rule holds, string selections parse (antlr4 guard)."""
+
+import ast
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from conftest import ROOT, NetworkAccessError
+from dfkd_assets.definitions import build_defs
+
+ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_dataset", "student_model", "evaluation_report", "champion_student"}
+
+
+def test_definitions_import_without_heavy_modules():
+    code = (
+        "import sys, dfkd_assets.definitions as d\n"
+        "heavy = [m for m in ('torch', 'mlflow', 'open_clip', 'taming', 'dvc', 'timm') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={"DFKD_CONFIG": str(ROOT / "configs" / "ci.yaml"), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "", f"heavy modules imported at definition load: {out.stdout}"
+
+
+def test_core_never_imports_orchestration():
+    banned = {"dagster", "mlflow", "dvc"}
+    for path in (ROOT / "dfkd_assets" / "core").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for n in names:
+                assert n.split(".")[0] not in banned, f"{path.name} imports {n}"
+
+
+def test_graph_has_all_assets_and_class_partitions():
+    defs = build_defs(ROOT / "configs" / "ci.yaml")
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
+    part = graph.get(dg.AssetKey("synthetic_images")).partitions_def
+    assert part.get_partition_keys() == ["dog", "elephant", "house"]
+    assert graph.get(dg.AssetKey("student_model")).partitions_def is None
+
+
+def test_string_selection_parses():
+    """dvc's hydra/omegaconf pin antlr4 4.9; Dagster's parser needs 4.13 (DEPENDENCIES.md #1)."""
+    graph = build_defs(ROOT / "configs" / "ci.yaml").resolve_asset_graph()
+    sel = dg.AssetSelection.from_string('key:"synthetic_dataset"+ or key:prompt_bank')
+    assert {k.to_user_string() for k in sel.resolve(graph)} == {
+        "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "prompt_bank"
+    }
+
+
+def test_network_guard_blocks_non_local_addresses():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with pytest.raises(NetworkAccessError):
+            s.connect(("192.0.2.1", 80))  # refused before any packet leaves
+    finally:
+        s.close()
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname(), timeout=5)  # localhost is fine
+    client.close()
+    server.close()
