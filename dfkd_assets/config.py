@@ -54,16 +54,34 @@ class GeneratorConfig(_Model):
 
 
 class PromptsConfig(_Model):
-    """Prompt bank (ALGORITHM.md §2). Diversified methods come with issue #3."""
+    """Prompt bank and its diversification (ALGORITHM.md §2). Defaults marked (r) are reconstructed."""
 
-    method: Literal["vanilla"] = "vanilla"
+    method: Literal["vanilla", "mix", "random", "contrastive"] = "contrastive"
     vanilla_template: str = "a photo of a {}"
+    style_template: str = Field("a {style} style of a {}", description="(r) '{style}' = the style token, '{}' = class name")
+    positive_template: str = Field("a {}", description="(r) contrastive positive g_k")
+    num_styles: int = Field(16, gt=0, description="(r) P styles per class; images of a class are spread evenly over them")
+    style_words_file: Path | None = Field(None, description="Mix-Prompt dictionary, one style per line; None = the packaged one")
+    mix_words: int = Field(2, gt=0, description="(r) k words mixed per style")
+    mix_alpha: float = Field(1.0, gt=0, description="(r) Dirichlet concentration of the mixing weights")
+    steps: int = Field(100, gt=0, description="(r) Adam steps per contrastive style")
+    lr: float = Field(0.01, gt=0, description="(r) Adam learning rate of a contrastive style")
+    temperature: float = Field(0.1, gt=0, description="(r) InfoNCE temperature tau")
+    orthogonality_weight: float = Field(0.0, ge=0, description="(r) PromptStyler style-orthogonality term")
+    seed: int = 0
 
-    @field_validator("vanilla_template")
+    @field_validator("vanilla_template", "positive_template")
     @classmethod
     def _has_slot(cls, v: str) -> str:
         if v.count("{}") != 1:
             raise ValueError("must contain exactly one '{}' where the class name goes")
+        return v
+
+    @field_validator("style_template")
+    @classmethod
+    def _has_style_slot(cls, v: str) -> str:
+        if v.count("{style}") != 1 or v.replace("{style}", "").count("{}") != 1:
+            raise ValueError("must contain '{style}' once (the style token) and '{}' once (the class name)")
         return v
 
 

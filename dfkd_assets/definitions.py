@@ -16,7 +16,7 @@ from dfkd_assets.defs.evaluation import evaluation_report
 from dfkd_assets.defs.jobs import build_jobs
 from dfkd_assets.defs.prompts import prompt_bank, teacher_head
 from dfkd_assets.defs.promotion import champion_student
-from dfkd_assets.defs.resources import DvcRepo, MlflowTracking, PipelineSettings
+from dfkd_assets.defs.resources import DvcRepo, MlflowTracking, bound_settings
 from dfkd_assets.defs.student import student_model
 from dfkd_assets.defs.synthesis import build_synthetic_images
 
@@ -29,7 +29,7 @@ def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
         assets=[teacher_head, prompt_bank, build_synthetic_images(partitions), synthetic_dataset, student_model, evaluation_report, champion_student],
         jobs=build_jobs(),
         resources={
-            "settings": PipelineSettings(config_file=str(config_file)),
+            "settings": bound_settings(str(config_file)),
             "mlflow_tracking": MlflowTracking(),
             "dvc": DvcRepo(),
         },

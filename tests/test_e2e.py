@@ -163,3 +163,33 @@ def test_cli_string_selection_materializes(tmp_path):
     ws = tmp_path / "ws"
     assert (ws / "data" / "prompt_bank" / "bank.json").is_file() and (ws / "data" / "teacher_head" / "head.safetensors").is_file()
     assert json.loads((ws / "data" / "prompt_bank" / "bank.json").read_text())["classes"] == ["dog", "elephant", "house"]
+
+
+@pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])
+def test_prompt_method_switches_the_pipeline_per_run(tmp_path, monkeypatch, method):
+    """A launchpad override of prompts.method changes the bank and the images' prompts."""
+    from dfkd_assets.config import load_config
+    from dfkd_assets.core.io import read_manifest
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE
+
+    cfg_path = make_workspace(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    overrides = {"prompts": {"method": method, "num_styles": 3, "steps": 10}, "synthesis": {"images_per_class": 3, "iterations": 2}}
+    run_config = {"resources": {"settings": {"config": {"overrides": overrides}}}}
+    defs = build_defs(cfg_path)
+    with dg.DagsterInstance.get() as instance:
+        r = defs.resolve_job_def(PREPARE).execute_in_process(instance=instance, run_config=run_config)
+        meta = r.asset_materializations_for_node("prompt_bank")[0].metadata
+        assert meta["method"].value == method
+        assert meta["num_styles"].value == (1 if method == "vanilla" else 3)
+        assert 0 <= meta["class_preserved"].value <= 1
+        assert ("contrastive_loss" in meta) == (method == "contrastive")
+        defs.resolve_job_def(SYNTHESIZE).execute_in_process(instance=instance, run_config=run_config, partition_key="dog")
+    cfg = load_config(cfg_path, overrides)
+    recs = read_manifest(cfg.class_dir("dog"))["images"]
+    assert [r["style_id"] for r in recs] == ([0, 0, 0] if method == "vanilla" else [0, 1, 2])
+    expected = {"vanilla": "a photo of a dog", "mix": "style of a dog", "random": "a <S_1> style of a dog", "contrastive": "a <S_1> style of a dog"}[method]
+    assert expected in recs[1]["prompt"]
+    diag = json.loads((cfg.path("prompt_bank") / "diagnostics.json").read_text())
+    assert diag["method"] == method and len(diag["per_style"]) == (1 if method == "vanilla" else 3)

@@ -64,3 +64,25 @@ def write_confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: s
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def write_curves_png(path: Path, curves: list[list[float]], title: str, ylabel: str = "loss") -> None:
+    """One line per curve (e.g. the InfoNCE loss of each learned style)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for i, c in enumerate(curves):
+        ax.plot(range(1, len(c) + 1), c, lw=1, label=f"style {i}" if len(curves) <= 10 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(curves) <= 10:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

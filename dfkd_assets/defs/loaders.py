@@ -58,3 +58,26 @@ def distill_settings(cfg: DfkdConfig):
     from dfkd_assets.core.distill import DistillSettings
 
     return DistillSettings(**cfg.distill.model_dump())
+
+
+def style_settings(cfg: DfkdConfig):
+    """Prompt settings -> core StyleSettings, with the style dictionary read from its file."""
+    from importlib.resources import files
+
+    from dfkd_assets.core.prompts import StyleSettings
+
+    p = cfg.prompts
+    path = p.style_words_file or files("dfkd_assets") / "resources" / "style_words.txt"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise FileNotFoundError(f"prompts.style_words_file {path} cannot be read: {e}") from None
+    words = tuple(line.split("#", 1)[0].strip() for line in text.splitlines())
+    words = tuple(w for w in words if w)
+    if p.method == "mix" and not words:
+        raise ValueError(f"prompts.style_words_file {path} holds no style words")
+    return StyleSettings(
+        num_styles=p.num_styles, style_template=p.style_template, positive_template=p.positive_template,
+        style_words=words, mix_words=p.mix_words, mix_alpha=p.mix_alpha, steps=p.steps, lr=p.lr,
+        temperature=p.temperature, orthogonality_weight=p.orthogonality_weight, seed=p.seed,
+    )

@@ -29,6 +29,22 @@ class PipelineSettings(dg.ConfigurableResource):
         return load_config(self.config_file or config_path_from_env(), self.overrides or None)
 
 
+def bound_settings(config_file: str) -> PipelineSettings:
+    """Settings resource whose *default* file is `config_file`.
+
+    Dagster rebuilds a resource from run config when a launchpad run configures it, and fields
+    missing there fall back to the class defaults, not to the values bound in code; so a run
+    that only gives `overrides` would silently switch to $DFKD_CONFIG. A subclass with the bound
+    file as its default keeps the code location's settings file.
+    """
+    default = str(config_file)
+
+    class BoundPipelineSettings(PipelineSettings):
+        config_file: str = Field(default, description="YAML settings file of this code location")
+
+    return BoundPipelineSettings()
+
+
 class MlflowTracking(dg.ConfigurableResource):
     """A thin wrapper around `MlflowClient` (we do not use the op-era dagster-mlflow resource).
 

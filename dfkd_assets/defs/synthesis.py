@@ -98,7 +98,8 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
                 out_dir, items, records,
                 meta={"class": class_name, "fingerprint": fp, "teacher_id": teacher.teacher_id, "image_size": cfg.synthesis.image_size},
             )
-            write_grid(grid_path, images[: min(32, n)])
+            cols = bank.num_styles if 1 < bank.num_styles <= 16 else 8  # images cycle through styles: a column per style
+            write_grid(grid_path, images[: min(4 * cols, n)], cols=cols)
             shutil.rmtree(cfg.work_dir / "synthetic" / class_key(class_name), ignore_errors=True)
 
         recs = manifest["images"]
