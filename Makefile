@@ -10,7 +10,7 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export DFKD_CONFIG ?= configs/demo.yaml
 
-.PHONY: install demo test ui clean-data
+.PHONY: install demo test ui compare clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/dfkd make-eval-set --config $(DFKD_CONFIG)
+	$(BIN)/dfkd toyworld build --out storage/toyworld
 	$(BIN)/dfkd run --config $(DFKD_CONFIG)
+
+compare: $(STAMP)
+	$(BIN)/dfkd toyworld build --out storage/toyworld
+	$(BIN)/dfkd compare --config $(DFKD_CONFIG) --out storage/compare
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -42,6 +42,30 @@ def _cmd_eval_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_toyworld_build(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from dfkd_assets.config import ConfigError, ToyworldConfig, _format_errors
+
+    raw = yaml.safe_load(Path(args.settings).read_text()) if args.settings else {}
+    try:
+        cfg = ToyworldConfig.model_validate(raw or {})
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, str(args.settings))) from None
+    from dfkd_assets.toyworld.build import build
+
+    m = build(cfg, Path(args.out), force=args.force)
+    print(f"toyworld in {args.out}: teacher zero-shot " + ", ".join(f"{d} {a:.2f}" for d, a in m["teacher_zero_shot"].items()))
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from dfkd_assets.compare import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dfkd", description="Data-free distillation of CLIP into a small classifier.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -53,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--per-class", type=int, default=4)
     e.add_argument("--size", type=int, default=32)
     e.set_defaults(fn=_cmd_eval_set)
+    tw = sub.add_parser("toyworld", help="the offline miniature world").add_subparsers(dest="tw_cmd", required=True)
+    b = tw.add_parser("build", help="render the world, train its tiny CLIP and VQGAN, write the evaluation set (cached)")
+    b.add_argument("--out", required=True, help="output folder, e.g. storage/toyworld")
+    b.add_argument("--settings", default=None, help="YAML with ToyworldConfig values (default: the built-in defaults)")
+    b.add_argument("--force", action="store_true", help="rebuild even when the settings are unchanged")
+    b.set_defaults(fn=_cmd_toyworld_build)
+    c = sub.add_parser("compare", help="vanilla/mix/random/contrastive (+ noopt, real baselines) over seeds, same budget")
+    from dfkd_assets.compare import main_args
+
+    main_args(c)
+    c.set_defaults(fn=_cmd_compare)
     args = p.parse_args(argv)
     from dfkd_assets.config import ConfigError
 

@@ -39,10 +39,18 @@ class TeacherConfig(_Model):
     model_config_file: Path | None = Field(
         None, description="open_clip JSON model config registered under `model_name` (custom/tiny models)."
     )
-    templates: Literal["openai", "simple", "single"] = Field(
-        "openai", description="Zero-shot head templates: the 80 OpenAI ones, open_clip's simple set, or 'a photo of a {}'."
+    templates: Literal["openai", "simple", "single"] | list[str] = Field(
+        "openai",
+        description="Zero-shot head templates: the 80 OpenAI ones, open_clip's simple set, 'a photo of a {}.', or a list of '{}' strings.",
     )
     init_seed: int = Field(0, description="Seed for random init when `pretrained` is None.")
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, v):
+        if isinstance(v, list) and (not v or any(t.count("{}") != 1 for t in v)):
+            raise ValueError("a template list must be non-empty and every template must contain '{}' once")
+        return v
 
 
 class GeneratorConfig(_Model):
@@ -89,7 +97,7 @@ class SynthesisConfig(_Model):
     """VQGAN-CLIP synthesis (ALGORITHM.md §3); defaults are the public VQGAN-CLIP ones."""
 
     images_per_class: int = Field(64, gt=0)
-    iterations: int = Field(400, gt=0)
+    iterations: int = Field(400, ge=0, description="0 = decode random latents without CLIP guidance (a baseline)")
     lr: float = Field(0.1, gt=0)
     cutn: int = Field(32, gt=0)
     cut_pow: float = Field(1.0, gt=0)
@@ -121,6 +129,9 @@ class DistillConfig(_Model):
     ce_weight: float = Field(0.0, ge=0)
     min_crop_scale: float = Field(0.5, gt=0, le=1, description="random-resized-crop lower area bound")
     seed: int = 0
+    control: Literal["none", "shuffle_teacher"] = Field(
+        "none", description="negative control: 'shuffle_teacher' permutes teacher logits across each batch (student must fall to chance)"
+    )
 
 
 class EvalDatasetConfig(_Model):
@@ -151,6 +162,52 @@ class MlflowConfig(_Model):
 class DvcConfig(_Model):
     remote_name: str = "storage"
     remote_url: str = Field("{workspace}/storage/dvc-remote", description="Local dir or S3-compatible URL.")
+
+
+class ToyClipConfig(_Model):
+    """Tiny CLIP of the toyworld (an open_clip architecture registered from JSON)."""
+
+    embed_dim: int = Field(64, gt=0)
+    vision_tower: Literal["resnet", "vit"] = Field(
+        "resnet", description="open_clip ModifiedResNet (learns far faster from scratch at 32 px) or a ViT with patch_size"
+    )
+    vision_width: int = Field(32, gt=0)
+    vision_layers: int = Field(1, gt=0, description="resnet: blocks per stage (4 stages); vit: transformer layers")
+    patch_size: int = Field(4, gt=0, description="vit only")
+    text_width: int = Field(64, gt=0)
+    text_layers: int = Field(2, gt=0)
+    context_length: int = Field(16, ge=8)
+    steps: int = Field(2400, gt=0)
+    batch_size: int = Field(128, gt=1)
+    lr: float = Field(1e-3, gt=0)
+
+
+class ToyVqganConfig(_Model):
+    """Tiny taming VQModel of the toyworld (factor 4: 8x8 latent grid at 32 px)."""
+
+    ch: int = Field(32, gt=0, multiple_of=32)
+    n_embed: int = Field(128, gt=1)
+    embed_dim: int = Field(32, gt=0)
+    steps: int = Field(800, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(4.5e-4, gt=0)
+
+
+class ToyworldConfig(_Model):
+    """The offline miniature world: rendering, tiny foundation models, held-out evaluation set.
+
+    Changing any value rebuilds the world (`dfkd toyworld build` caches on the hash of these settings).
+    """
+
+    seed: int = 0
+    image_size: int = Field(32, ge=16, multiple_of=4)
+    train_images: int = Field(12000, gt=0, description="pre-rendered captioned images for CLIP/VQGAN training")
+    eval_per_class: int = Field(40, gt=0, description="held-out images per class and domain")
+    clip: ToyClipConfig = ToyClipConfig()
+    vqgan: ToyVqganConfig = ToyVqganConfig()
+
+    def settings_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class DfkdConfig(_Model):

@@ -35,6 +35,7 @@ class DistillSettings:
     ce_weight: float = 0.0
     min_crop_scale: float = 0.5
     seed: int = 0
+    control: str = "none"  # "shuffle_teacher": negative control, teacher logits permuted across the batch
 
 
 class DistillDiverged(RuntimeError):
@@ -102,6 +103,8 @@ def distill(
             x = augment_batch(data[idx], size, settings.min_crop_scale, gen)
             with torch.no_grad():
                 z_t = teacher_logits(teacher, head, x)
+                if settings.control == "shuffle_teacher":  # targets no longer belong to their images
+                    z_t = z_t[torch.randperm(len(z_t), generator=gen).to(device)]
             z_s = student(x)
             loss = kd_loss(z_s, z_t, settings.temperature)
             if settings.ce_weight > 0:

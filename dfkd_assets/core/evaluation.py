@@ -124,3 +124,9 @@ def evaluate(
             top1[m][key] = float(np.trace(cms[m]) / max(cms[m].sum(), 1))
     counts = {prefix + ds.domain: len(ds.paths) for ds in sets}
     return {m: EvalResult(top1[m], conf[m], counts) for m in predictors}
+
+
+def transfer_ratio(student: float, teacher: float, chance: float) -> float:
+    """(student - chance) / (teacher - chance): how much of the teacher's above-chance accuracy the
+    student inherited (1 = all of it). NaN when the teacher itself is at or below chance."""
+    return (student - chance) / (teacher - chance) if teacher - chance > 1e-9 else float("nan")

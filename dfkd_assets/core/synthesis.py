@@ -128,7 +128,7 @@ def synthesize_batch(
         # cosine of what is written (the uint8 image), not of the float render
         clean = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255
         cos = (teacher.encode_images(clean) * targets).sum(-1)
-    return BatchResult(images=images, cosines=cos.cpu().numpy(), losses=[float(v) for v in torch.stack(losses).cpu()])
+    return BatchResult(images=images, cosines=cos.cpu().numpy(), losses=[float(v) for v in torch.stack(losses).cpu()] if losses else [])
 
 
 def synthesize_resumable(

@@ -54,7 +54,9 @@ class Teacher:
         return F.normalize(self.model.encode_image((x01 - self.mean) / self.std).float(), dim=-1)
 
 
-def _templates(kind: str) -> Sequence:
+def _templates(kind: str | Sequence[str]) -> Sequence:
+    if not isinstance(kind, str):
+        return tuple(lambda c, t=t: t.format(c) for t in kind)
     if kind == "openai":
         return open_clip.OPENAI_IMAGENET_TEMPLATES
     if kind == "simple":
@@ -108,7 +110,7 @@ def load_teacher(
 
 
 @torch.no_grad()
-def zero_shot_head(teacher: Teacher, classes: Sequence[str], templates: str = "openai") -> torch.Tensor:
+def zero_shot_head(teacher: Teacher, classes: Sequence[str], templates: str | Sequence[str] = "openai") -> torch.Tensor:
     """t_k = normalize(mean over templates of g(template(c_k))): [K, D]."""
     temps = _templates(templates)
     rows = []

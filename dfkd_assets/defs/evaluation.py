@@ -7,12 +7,22 @@ report.md, confusion PNGs) and logs them into the challenger's MLflow run.
 
 
 import json
+import math
 
 import dagster as dg
 
 from dfkd_assets.defs.lineage import lineage, md_image
-from dfkd_assets.defs.loaders import device_for, head_for, teacher_for
+from dfkd_assets.loaders import device_for, head_for, teacher_for
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
+
+
+def _json_safe(obj):
+    """NaN/inf -> null, so metrics.json stays valid JSON for DVC and other readers."""
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 @dg.asset(
@@ -25,7 +35,7 @@ from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import numpy as np
 
-    from dfkd_assets.core.evaluation import evaluate, scan_domainbed
+    from dfkd_assets.core.evaluation import evaluate, scan_domainbed, transfer_ratio
     from dfkd_assets.core.io import atomic_write_json, atomic_write_text
     from dfkd_assets.core.report import markdown_table, write_confusion_png
     from dfkd_assets.core.student import load_student
@@ -66,20 +76,25 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
     top1 = {m: {d: v for r in results[m].values() for d, v in r.top1.items()} for m in predictors}
     mean = {m: float(np.mean([top1[m][d] for d in domains])) for m in predictors}
     chance = 1.0 / len(cfg.classes)
+    ratio = {d: transfer_ratio(top1["student"][d], top1["teacher"][d], chance) for d in domains}
+    mean_ratio = float(np.nanmean(list(ratio.values()))) if any(np.isfinite(list(ratio.values()))) else float("nan")
     out = cfg.path("reports")
     metrics = {
         "challenger_version": registry["version"],
         "champion_version": champion_version if "champion" in predictors else None,
         "chance": chance,
         **{f"{m}_mean_top1": mean[m] for m in predictors},
-        "per_domain": {d: {m: top1[m][d] for m in predictors} | {"images": counts[d]} for d in domains},
+        "mean_transfer_ratio": mean_ratio,
+        "per_domain": {d: {m: top1[m][d] for m in predictors} | {"images": counts[d], "transfer_ratio": ratio[d]} for d in domains},
     }
-    atomic_write_json(out / "metrics.json", metrics)
-    csv = "domain," + ",".join(predictors) + "\n" + "".join(f"{d}," + ",".join(f"{top1[m][d]:.6f}" for m in predictors) + "\n" for d in domains)
+    atomic_write_json(out / "metrics.json", _json_safe(metrics))
+    csv = "domain," + ",".join(predictors) + ",transfer_ratio\n" + "".join(
+        f"{d}," + ",".join(f"{top1[m][d]:.6f}" for m in predictors) + f",{ratio[d]:.6f}\n" for d in domains
+    )
     atomic_write_text(out / "per_domain.csv", csv)
-    rows = [{"domain": d, "images": counts[d], **{m: top1[m][d] for m in predictors}} for d in domains]
-    rows.append({"domain": "**mean**", "images": sum(counts.values()), **mean})
-    table = markdown_table(rows, ["domain", "images", *predictors])
+    rows = [{"domain": d, "images": counts[d], **{m: top1[m][d] for m in predictors}, "chance": chance, "transfer": ratio[d]} for d in domains]
+    rows.append({"domain": "**mean**", "images": sum(counts.values()), **mean, "chance": chance, "transfer": mean_ratio})
+    table = markdown_table(rows, ["domain", "images", *predictors, "chance", "transfer"])
     conf_md = []
     for ds_name, r in results["student"].items():
         for d, cm in r.confusion.items():
@@ -88,13 +103,16 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
             conf_md.append(f"![{d}]({png.name})")
     report = (
         f"# Evaluation of student v{registry['version']} ({cfg.mlflow.registered_model_name})\n\n"
-        f"Top-1 accuracy per domain; chance = {chance:.3f}. Teacher: `{teacher.teacher_id}`. "
+        f"Top-1 accuracy per domain; chance = {chance:.3f}; transfer = (student - chance) / (teacher - chance), "
+        f"the share of the teacher's above-chance accuracy the student inherited. Teacher: `{teacher.teacher_id}`. "
         f"Data: DVC `{registry['dvc_hash']}`.\n\n{table}\n\n## Confusion matrices (student)\n\n" + "\n".join(conf_md) + "\n"
     )
     atomic_write_text(out / "report.md", report)
     client = mlflow_tracking.client(cfg)
     for m in predictors:
         client.log_metric(registry["run_id"], f"eval_{m}_mean_top1", mean[m])
+    if np.isfinite(mean_ratio):
+        client.log_metric(registry["run_id"], "eval_mean_transfer_ratio", mean_ratio)
         for d in domains:
             client.log_metric(registry["run_id"], f"eval_{m}_top1.{d.replace('/', '.')}", top1[m][d])
     client.log_artifacts(registry["run_id"], str(out), "evaluation")
@@ -106,6 +124,7 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
             "champion_version": str(metrics["champion_version"]),
             **{f"{m}_mean_top1": mean[m] for m in predictors},
             "chance": chance,
+            "mean_transfer_ratio": mean_ratio,
             "per_domain": dg.MetadataValue.md(table),
             "report": dg.MetadataValue.path(str((out / "report.md").resolve())),
             "confusion": dg.MetadataValue.md(md_image(first_png, domains[0])),

@@ -8,7 +8,7 @@ style keep its class?).
 import dagster as dg
 
 from dfkd_assets.defs.lineage import lineage, md_image
-from dfkd_assets.defs.loaders import device_for, head_for, style_settings, teacher_for
+from dfkd_assets.loaders import device_for, head_for, style_settings, teacher_for
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 
 

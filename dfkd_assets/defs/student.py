@@ -13,7 +13,7 @@ import dagster as dg
 import yaml
 
 from dfkd_assets.defs.lineage import lineage
-from dfkd_assets.defs.loaders import device_for, distill_settings, head_for, teacher_for
+from dfkd_assets.loaders import device_for, distill_settings, head_for, teacher_for
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 
 PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "dfkd-assets"]

@@ -15,7 +15,7 @@ import dagster as dg
 
 from dfkd_assets.config import class_key
 from dfkd_assets.defs.lineage import lineage, md_image
-from dfkd_assets.defs.loaders import device_for, generator_for, head_for, synthesis_settings, teacher_for
+from dfkd_assets.loaders import device_for, generator_for, head_for, synthesis_settings, teacher_for
 from dfkd_assets.defs.resources import PipelineSettings
 
 ASSET_KEY = "synthetic_images"

@@ -1,4 +1,5 @@
-"""Settings -> loaded models. The only place where config fields are mapped onto core/ arguments."""
+"""Settings -> loaded models and core settings: the only place where config fields are mapped onto
+core/ arguments. Used by the Dagster assets and by the commands that run core/ directly (compare)."""
 
 from __future__ import annotations
 
