@@ -100,8 +100,8 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
 def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print) -> dict:
     import torch
 
-    from dfkd_assets.core.evaluation import evaluate, scan_domainbed, transfer_ratio
-    from dfkd_assets.core.report import markdown_table, write_grid
+    from dfkd_assets.core.evaluation import evaluate, scan_domainbed
+    from dfkd_assets.core.report import write_grid
     from dfkd_assets.core.teacher import teacher_logits, zero_shot_head
     from dfkd_assets.loaders import device_for, teacher_for
 
@@ -113,39 +113,49 @@ def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, lo
     teacher_res = evaluate({"t": lambda x: teacher_logits(teacher, head, x)}, sets, len(cfg.classes), teacher.image_size, cfg.evaluation.batch_size, device)["t"]
     log("teacher zero-shot: " + " ".join(f"{d} {a:.2f}" for d, a in teacher_res.top1.items()))
     runs = []
-    for m in methods:
-        for s in seeds:
+    result: dict = {}
+    for s in seeds:  # seeds outer: an interrupted comparison still has every method
+        for m in methods:
             r = run_one(cfg, m, s, out / "work", teacher, head, sets, log)
             if s == seeds[0]:
                 write_grid(out / f"samples_{m}.png", r["grid"], cols=8)
             r.pop("grid")
             runs.append(r)
+            result = _summarize(cfg, runs, teacher_res, seeds, out)  # after every run: an interrupted comparison keeps its table
+    log("\n" + (out / "compare.md").read_text())
+    return result
+
+
+def _summarize(cfg: DfkdConfig, runs: list[dict], teacher_res, seeds: list[int], out: Path) -> dict:
+    from dfkd_assets.core.evaluation import transfer_ratio
+    from dfkd_assets.core.report import markdown_table
+
     domains = list(teacher_res.top1)
     chance = 1 / len(cfg.classes)
     rows = [{"method": "teacher (zero-shot)", **{d: f"{teacher_res.top1[d]:.3f}" for d in domains}, "mean": f"{teacher_res.mean_top1:.3f}"}]
     summary = {}
-    for m in methods:
+    for m in dict.fromkeys(r["method"] for r in runs):
         rs = [r for r in runs if r["method"] == m]
         per = {d: (float(np.mean([r["top1"][d] for r in rs])), float(np.std([r["top1"][d] for r in rs]))) for d in domains}
         mean = (float(np.mean([r["mean"] for r in rs])), float(np.std([r["mean"] for r in rs])))
         tr = float(np.nanmean([transfer_ratio(per[d][0], teacher_res.top1[d], chance) for d in domains]))
-        summary[m] = {"per_domain": per, "mean": mean, "mean_transfer_ratio": tr, "synthesis_s": float(np.mean([r["synthesis_s"] for r in rs])),
-                      "distill_s": float(np.mean([r["distill_s"] for r in rs]))}
-        rows.append({"method": m, **{d: f"{per[d][0]:.3f} ± {per[d][1]:.3f}" for d in domains}, "mean": f"{mean[0]:.3f} ± {mean[1]:.3f}", "transfer": f"{tr:.2f}"})
+        summary[m] = {"per_domain": per, "mean": mean, "mean_transfer_ratio": tr, "seeds": [r["seed"] for r in rs],
+                      "synthesis_s": float(np.mean([r["synthesis_s"] for r in rs])), "distill_s": float(np.mean([r["distill_s"] for r in rs]))}
+        rows.append({"method": f"{m} (n={len(rs)})", **{d: f"{per[d][0]:.3f} ± {per[d][1]:.3f}" for d in domains},
+                     "mean": f"{mean[0]:.3f} ± {mean[1]:.3f}", "transfer": f"{tr:.2f}"})
     rows.append({"method": "chance", **{d: f"{chance:.3f}" for d in domains}, "mean": f"{chance:.3f}"})
     table = markdown_table(rows, ["method", *domains, "mean", "transfer"])
     result = {"teacher": teacher_res.top1, "chance": chance, "seeds": seeds, "runs": runs, "summary": summary,
               "budget": {"images_per_class": cfg.synthesis.images_per_class, "iterations": cfg.synthesis.iterations, "cutn": cfg.synthesis.cutn,
-                         "student": cfg.student.arch, "epochs": cfg.distill.epochs}}
+                         "student": cfg.student.arch, "epochs": cfg.distill.epochs, "device": cfg.device}}
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     (out / "compare.md").write_text(table + "\n")
-    log("\n" + table)
     return result
 
 
 def main_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="settings YAML (default: $DFKD_CONFIG or configs/demo.yaml)")
-    p.add_argument("--methods", nargs="+", default=METHODS + BASELINES, choices=METHODS + BASELINES)
+    p.add_argument("--methods", nargs="+", default=BASELINES + METHODS, choices=METHODS + BASELINES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=Path("storage/compare"))
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
