@@ -44,15 +44,11 @@ def _cmd_eval_set(args: argparse.Namespace) -> int:
 
 def _cmd_toyworld_build(args: argparse.Namespace) -> int:
     import yaml
-    from pydantic import ValidationError
 
-    from dfkd_assets.config import ConfigError, ToyworldConfig, _format_errors
+    from dfkd_assets.config import ToyworldConfig, validate
 
     raw = yaml.safe_load(Path(args.settings).read_text()) if args.settings else {}
-    try:
-        cfg = ToyworldConfig.model_validate(raw or {})
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, str(args.settings))) from None
+    cfg = validate(ToyworldConfig, raw or {}, str(args.settings or "the built-in toyworld defaults"))
     from dfkd_assets.toyworld.build import build
 
     m = build(cfg, Path(args.out), force=args.force)

@@ -180,8 +180,5 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     compare(load_config(args.config, parse_sets(args.set)), args.methods, args.seeds, args.out)
     return 0

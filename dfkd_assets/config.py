@@ -330,6 +330,14 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def validate(model: type[BaseModel], raw: dict, source: str):
+    """Validate `raw` against `model`; errors become one ConfigError naming `source` and each dotted key."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
 def config_path_from_env() -> Path:
     return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG))
 
@@ -347,7 +355,4 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"settings file {path} must hold a mapping at the top level")
     merged = _deep_merge(raw, overrides or {})
     source = str(path) + (" (+ run overrides)" if overrides else "")
-    try:
-        return DfkdConfig.model_validate(merged)
-    except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+    return validate(DfkdConfig, merged, source)

@@ -77,3 +77,11 @@ def test_config_hash_changes_with_settings():
     d["synthesis"]["lr"] = 0.2
     assert a.config_hash() != DfkdConfig.model_validate(d).config_hash()
     assert a.config_hash() == DfkdConfig.model_validate(base()).config_hash()
+
+
+def test_toyworld_settings_name_the_bad_key():
+    from dfkd_assets.config import ToyworldConfig, validate
+
+    with pytest.raises(ConfigError, match=r"clip\.stepz: unknown key"):
+        validate(ToyworldConfig, {"clip": {"stepz": 3}}, "toyworld.yaml")
+    assert validate(ToyworldConfig, {}, "defaults").settings_hash() == ToyworldConfig().settings_hash()

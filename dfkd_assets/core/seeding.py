@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import random
-
-import numpy as np
 import torch
 
 
@@ -13,12 +10,6 @@ def derive_seed(*parts: object) -> int:
     """A stable 63-bit seed from any parts, e.g. (run seed, class name, image index)."""
     h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (1 << 32))
-    torch.manual_seed(seed)
 
 
 def resolve_device(spec: str) -> torch.device:

@@ -86,8 +86,9 @@ def prompt_bank(context: dg.AssetExecutionContext, settings: PipelineSettings, m
             now = int(time.time() * 1000)
             series = [Metric("contrastive_loss", v, now, j * st.steps + i) for j, c in enumerate(curves) for i, v in enumerate(c)]
             series += [Metric("contrastive_final_loss", c[-1], now, j) for j, c in enumerate(curves)]
+            client, run_id = mlflow_tracking.client(cfg), mlflow.active_run().info.run_id
             for i in range(0, len(series), 1000):  # the whole curve (x = global step), in MLflow's batch size
-                mlflow_tracking.client(cfg).log_batch(mlflow.active_run().info.run_id, metrics=series[i : i + 1000])
+                client.log_batch(run_id, metrics=series[i : i + 1000])
             write_curves_png(out / "contrastive_loss.png", curves, f"Contrastive-Prompt InfoNCE ({len(curves)} styles)")
         mlflow.log_artifacts(str(out), "prompt_bank")
     per_style = markdown_table(diag["per_style"][:64], ["style", "class_preserved", "mean_cosine_to_other_styles"])
