@@ -100,16 +100,16 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
 def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print) -> dict:
     import torch
 
-    from dfkd_assets.core.evaluation import evaluate, scan_domainbed
+    from dfkd_assets.core.evaluation import evaluate
     from dfkd_assets.core.report import write_grid
     from dfkd_assets.core.teacher import teacher_logits, zero_shot_head
-    from dfkd_assets.loaders import device_for, teacher_for
+    from dfkd_assets.loaders import device_for, eval_sets, teacher_for
 
     out.mkdir(parents=True, exist_ok=True)
     device = device_for(cfg)
     teacher = teacher_for(cfg, device)
     head = zero_shot_head(teacher, cfg.classes, cfg.teacher.templates)
-    sets = [s for ds in cfg.evaluation.datasets for s in scan_domainbed(ds.root, cfg.classes, ds.class_map, ds.domains, cfg.evaluation.max_images_per_class, ds.name)]
+    sets = [s for group in eval_sets(cfg).values() for s in group]
     teacher_res = evaluate({"t": lambda x: teacher_logits(teacher, head, x)}, sets, len(cfg.classes), teacher.image_size, cfg.evaluation.batch_size, device)["t"]
     log("teacher zero-shot: " + " ".join(f"{d} {a:.2f}" for d, a in teacher_res.top1.items()))
     runs = []

@@ -30,7 +30,7 @@ class _Model(BaseModel):
 class TeacherConfig(_Model):
     """CLIP teacher (ALGORITHM.md §1), loaded through open_clip."""
 
-    model_name: str = "ViT-B-32"
+    model_name: str = Field("ViT-B-32", description="open_clip architecture, or 'local-dir:/path' to an open_clip bundle (open_clip_config.json + weights)")
     pretrained: str | None = Field(
         None,
         description="Local weights file (.pt/.bin/.safetensors) or an open_clip pretrained tag "
@@ -44,6 +44,9 @@ class TeacherConfig(_Model):
         description="Zero-shot head templates: the 80 OpenAI ones, open_clip's simple set, 'a photo of a {}.', or a list of '{}' strings.",
     )
     init_seed: int = Field(0, description="Seed for random init when `pretrained` is None.")
+    cache_dir: Path | None = Field(
+        None, description="Where a pretrained tag's weights are looked up (None: the Hugging Face cache, then ~/.cache/clip)."
+    )
 
     @field_validator("templates")
     @classmethod
@@ -128,6 +131,13 @@ class DistillConfig(_Model):
     temperature: float = Field(4.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
     min_crop_scale: float = Field(0.5, gt=0, le=1, description="random-resized-crop lower area bound")
+    # Augmentations of the KD input; the teacher labels the augmented image, so they widen what the
+    # student learns the teacher on (off by default = the paper's crop + flip).
+    color_jitter: float = Field(0.0, ge=0, lt=1, description="brightness/contrast/saturation factor range 1 +- this")
+    grayscale_prob: float = Field(0.0, ge=0, le=1)
+    blur_prob: float = Field(0.0, ge=0, le=1, description="probability of a 3x3 box blur")
+    mixup_alpha: float = Field(0.0, ge=0, description="> 0: mix image pairs with lambda ~ Beta(a, a)")
+    cutmix_prob: float = Field(0.0, ge=0, le=1, description="probability of pasting a square from another image")
     seed: int = 0
     control: Literal["none", "shuffle_teacher"] = Field(
         "none", description="negative control: 'shuffle_teacher' permutes teacher logits across each batch (student must fall to chance)"
@@ -137,8 +147,14 @@ class DistillConfig(_Model):
 class EvalDatasetConfig(_Model):
     name: str
     root: Path = Field(description="DomainBed layout: root/<domain>/<class>/*.(jpg|png)")
-    domains: list[str] | None = Field(None, description="Subset of domains; None = every folder under root.")
-    class_map: dict[str, str] = Field(default_factory=dict, description="folder name -> class name")
+    preset: Literal["pacs", "vlcs", "officehome", "imageclef", "visda2017"] | None = Field(
+        None, description="Known benchmark layout: its domain folders and class-folder -> prompt-name map (core/datasets.py)"
+    )
+    domains: list[str] | None = Field(None, description="Subset of domains; None = the preset's, else every folder under root.")
+    class_map: dict[str, str] = Field(default_factory=dict, description="folder name -> class name (over the preset's map)")
+    other_classes: Literal["error", "skip"] = Field(
+        "error", description="class folders that are not in `classes`: an error, or skipped (evaluate on a subset of the benchmark's classes)"
+    )
 
 
 class EvaluationConfig(_Model):

@@ -16,7 +16,7 @@ def teacher_for(cfg: DfkdConfig, device):
     from dfkd_assets.core.teacher import load_teacher
 
     t = cfg.teacher
-    return load_teacher(t.model_name, t.pretrained, t.model_config_file, t.init_seed, device)
+    return load_teacher(t.model_name, t.pretrained, t.model_config_file, t.init_seed, device, t.cache_dir)
 
 
 def generator_for(cfg: DfkdConfig, device):
@@ -82,3 +82,17 @@ def style_settings(cfg: DfkdConfig):
         style_words=words, mix_words=p.mix_words, mix_alpha=p.mix_alpha, steps=p.steps, lr=p.lr,
         temperature=p.temperature, orthogonality_weight=p.orthogonality_weight, seed=p.seed,
     )
+
+
+def eval_sets(cfg: DfkdConfig) -> dict[str, list]:
+    """Every configured evaluation dataset: name -> its DomainSets, with the preset's domains and class map applied."""
+    from dfkd_assets.core.datasets import PRESETS
+    from dfkd_assets.core.evaluation import scan_domainbed
+
+    out = {}
+    for ds in cfg.evaluation.datasets:
+        preset = PRESETS.get(ds.preset) if ds.preset else None
+        domains = ds.domains or (list(preset.domains) if preset else None)
+        class_map = {**(preset.folders if preset else {}), **ds.class_map}
+        out[ds.name] = scan_domainbed(ds.root, cfg.classes, class_map, domains, cfg.evaluation.max_images_per_class, ds.name, ds.other_classes)
+    return out

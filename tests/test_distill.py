@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from dfkd_assets.core.distill import DistillDiverged, DistillSettings, distill, kd_loss
+from dfkd_assets.core.distill import DistillDiverged, DistillSettings, augment_batch, distill, kd_loss
 from dfkd_assets.core.student import build_student, load_student
 from dfkd_assets.core.teacher import zero_shot_head
 
@@ -23,6 +23,25 @@ def test_kd_loss_hand_computed():
 def data():
     g = torch.Generator().manual_seed(0)
     return torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(24) % 3
+
+
+def test_kd_augmentations_are_seeded_bounded_and_do_what_they_say(data):
+    x = data[0][:8].permute(0, 3, 1, 2).contiguous()
+    plain = DistillSettings(min_crop_scale=1.0)
+    strong = DistillSettings(min_crop_scale=0.25, color_jitter=0.4, grayscale_prob=0.5, blur_prob=0.5, mixup_alpha=1.0, cutmix_prob=0.5)
+    a = augment_batch(x, 24, strong, torch.Generator().manual_seed(3))
+    b = augment_batch(x, 24, strong, torch.Generator().manual_seed(3))
+    assert a.shape == (8, 3, 24, 24) and torch.equal(a, b)  # the epoch seed alone decides the batch
+    assert a.min() >= 0 and a.max() <= 1
+    assert not torch.equal(a, augment_batch(x, 24, strong, torch.Generator().manual_seed(4)))
+    # the same seed draws the same crops, so each option is compared with crop + flip alone
+    p = augment_batch(x, 32, plain, torch.Generator().manual_seed(0))
+    gray = augment_batch(x, 32, DistillSettings(min_crop_scale=1.0, grayscale_prob=1.0), torch.Generator().manual_seed(0))
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    blur = augment_batch(x, 32, DistillSettings(min_crop_scale=1.0, blur_prob=1.0), torch.Generator().manual_seed(0))
+    assert blur.diff(dim=-1).abs().mean() < 0.5 * p.diff(dim=-1).abs().mean()  # noise images: blur removes most edges
+    mixed = augment_batch(x, 32, DistillSettings(min_crop_scale=1.0, mixup_alpha=1.0), torch.Generator().manual_seed(0))
+    assert (mixed - p).abs().mean() > 0.05  # pairs blended (a pair may be an image with itself)
 
 
 def test_distill_learns_the_teacher_and_resumes(teacher, data, tmp_path, cpu):

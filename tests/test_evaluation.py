@@ -58,3 +58,59 @@ def test_load_image_handles_modes_and_corruption(tmp_path):
     assert load_image(tmp_path / "c.jpg", 16).shape == (16, 16, 3)
     with pytest.raises(EvalDataError, match="bad.jpg"):
         load_image(tmp_path / "bad.jpg", 16)
+
+
+def _benchmark_tree(root, domains, folders, ext=".jpg"):
+    """Files in the layout the benchmark is distributed in: root/<domain>/<class folder>/<images>."""
+    for d in domains:
+        for i, f in enumerate(folders):
+            (root / d / f).mkdir(parents=True)
+            for j in range(2):
+                Image.fromarray(np.full((12, 20, 3), (10 * i + j) % 256, np.uint8)).save(root / d / f / f"{f}_{j:04d}{ext}")
+
+
+@pytest.mark.parametrize(
+    "preset, classes, folder_of",
+    [
+        ("pacs", ["dog", "elephant", "house"], None),
+        ("vlcs", ["bird", "chair", "person"], None),
+        ("officehome", ["alarm clock", "exit sign", "tv"], {"alarm clock": "Alarm_Clock", "exit sign": "Exit_Sign", "tv": "TV"}),
+        ("imageclef", ["aeroplane", "dog", "people"], {"aeroplane": "0", "dog": "7", "people": "11"}),
+        ("visda2017", ["aeroplane", "knife", "truck"], None),
+    ],
+)
+def test_benchmark_presets_read_their_published_layouts(tmp_path, preset, classes, folder_of):
+    from dfkd_assets.config import load_config
+    from dfkd_assets.core.datasets import PRESETS
+    from dfkd_assets.loaders import eval_sets
+
+    p = PRESETS[preset]
+    inverse = {v: k for k, v in p.folders.items()}
+    if preset == "officehome":  # DomainBed's folder names: Alarm_Clock, Exit_Sign, TV
+        folders = ["TV" if c == "tv" else "_".join(w.capitalize() for w in c.split()) for c in p.classes]
+    else:
+        folders = [inverse.get(c, c) for c in p.classes]
+    _benchmark_tree(tmp_path, p.domains, folders)
+    (tmp_path / p.domains[0] / "image_list.txt").write_text("a list file next to the class folders is ignored\n")
+    ds = {"name": preset, "root": str(tmp_path), "preset": preset}
+    with pytest.raises(EvalDataError, match="matches no class.*other_classes: skip"):
+        eval_sets(load_config("configs/ci.yaml", {"classes": classes, "evaluation": {"datasets": [ds]}}))
+    cfg = load_config("configs/ci.yaml", {"classes": classes, "evaluation": {"datasets": [{**ds, "other_classes": "skip"}]}})
+    sets = eval_sets(cfg)[preset]
+    assert [s.domain for s in sets] == list(p.domains)
+    for s in sets:
+        assert len(s.paths) == 2 * len(classes)
+        for path, y in zip(s.paths, s.labels):  # each image carries the label of the prompt its folder maps to
+            expected = (folder_of or {}).get(classes[y], classes[y])
+            assert path.parent.name == expected
+
+
+def test_class_in_config_but_not_in_benchmark_is_named(tmp_path):
+    from dfkd_assets.config import load_config
+    from dfkd_assets.core.datasets import PRESETS
+    from dfkd_assets.loaders import eval_sets
+
+    _benchmark_tree(tmp_path, PRESETS["pacs"].domains, PRESETS["pacs"].classes)
+    ds = {"name": "pacs", "root": str(tmp_path), "preset": "pacs", "other_classes": "skip"}
+    with pytest.raises(EvalDataError, match="no images for classes \\['zebra'\\]"):
+        eval_sets(load_config("configs/ci.yaml", {"classes": ["dog", "zebra"], "evaluation": {"datasets": [ds]}}))

@@ -39,7 +39,16 @@ def _lightning_ckpt(model, path, drop=None, extra=None):
         sd.pop(drop)
     if extra:
         sd[extra] = torch.zeros(1)
-    torch.save({"state_dict": sd, "epoch": 3, "global_step": 10, "pytorch-lightning_version": "1.0.8"}, path)
+    # the structure of the published vqgan_imagenet_f16_16384 last.ckpt (Lightning 1.x): the weights
+    # next to optimizer states, schedulers and a callbacks dict keyed by the ModelCheckpoint class
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+
+    opt_state = {"state": {0: {"step": 10, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
+                 "param_groups": [{"lr": 4.5e-6, "betas": (0.5, 0.9), "eps": 1e-8, "weight_decay": 0, "amsgrad": False, "params": [0]}]}
+    torch.save({"epoch": 3, "global_step": 10, "pytorch-lightning_version": "1.0.8",
+                "callbacks": {ModelCheckpoint: {"monitor": "val/rec_loss", "best_model_score": torch.tensor(0.5),
+                                                "best_model_path": "/logs/last.ckpt"}},
+                "optimizer_states": [opt_state, opt_state], "lr_schedulers": [], "state_dict": sd}, path)
 
 
 def test_checkpoint_loads_strictly(vqgan, tmp_path, cpu):
@@ -64,6 +73,34 @@ def test_checkpoint_with_foreign_pickle_global_is_refused(tmp_path, cpu):
     torch.save({"state_dict": {}, "hparams": argparse.Namespace(lr=1)}, tmp_path / "evil.ckpt")
     with pytest.raises(GeneratorLoadError, match="could not be read safely"):
         load_vqgan(TINY_VQGAN, tmp_path / "evil.ckpt", 0, cpu)
+
+
+class _Payload:
+    """Pickles as a call to os.system: what a hostile checkpoint would smuggle in."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_that_would_execute_code_is_refused_unexecuted(tmp_path, cpu):
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "callbacks": {"x": _Payload(marker)}}, tmp_path / "hostile.ckpt")
+    with pytest.raises(GeneratorLoadError, match="could not be read safely.*allow-listed"):
+        load_vqgan(TINY_VQGAN, tmp_path / "hostile.ckpt", 0, cpu)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_names_the_file(vqgan, tmp_path, cpu):
+    _lightning_ckpt(vqgan, tmp_path / "last.ckpt")
+    data = (tmp_path / "last.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GeneratorLoadError, match="cut.ckpt"):
+        load_vqgan(TINY_VQGAN, tmp_path / "cut.ckpt", 0, cpu)
 
 
 def test_missing_files_name_the_setting(tmp_path, cpu):

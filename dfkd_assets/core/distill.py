@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +35,11 @@ class DistillSettings:
     temperature: float = 4.0
     ce_weight: float = 0.0
     min_crop_scale: float = 0.5
+    color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1 - s, 1 + s]
+    grayscale_prob: float = 0.0
+    blur_prob: float = 0.0  # 3x3 box blur
+    mixup_alpha: float = 0.0  # > 0: pairs mixed with lambda ~ Beta(a, a); the teacher labels the mixture
+    cutmix_prob: float = 0.0  # a rectangle pasted from another image of the batch
     seed: int = 0
     control: str = "none"  # "shuffle_teacher": negative control, teacher logits permuted across the batch
 
@@ -50,14 +56,51 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return (t * t) * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
 
 
-def augment_batch(x_u8: torch.Tensor, size: int, min_scale: float, gen: torch.Generator) -> torch.Tensor:
-    """uint8 [B,3,H,W] on device -> float [B,3,size,size] in [0,1], random-resized-crop + horizontal flip."""
+def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [B,3,H,W] on device -> float [B,3,size,size] in [0,1].
+
+    Random-resized-crop + flip, then (each off by default) colour jitter, grayscale, blur, mixup
+    and cutmix. The teacher labels the augmented image itself, so every augmentation here widens
+    the input distribution the student learns the teacher on: the only way a student trained on
+    synthetic images meets inputs unlike them (other domains) before test time.
+    All draws come from `gen` (CPU), so an epoch is reproducible from its seed alone.
+    """
     b, _, h, w = x_u8.shape
-    u = torch.rand(b, 1, 5, generator=gen)
-    boxes = resized_crop_boxes(u, h, w, (min_scale, 1.0))
+    dev = x_u8.device
+    u = torch.rand(b, 16, generator=gen)
+    boxes = resized_crop_boxes(u[:, None, :4], h, w, (s.min_crop_scale, 1.0))
     x = crop_resize(x_u8.float() / 255, boxes, size)
-    flip = (u[:, 0, 4] < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+    ud = u.to(dev)
+    x = torch.where((ud[:, 4] < 0.5)[:, None, None, None], x.flip(-1), x)
+    if s.color_jitter > 0:
+        f = 1 + (ud[:, 5:8] * 2 - 1) * s.color_jitter
+        x = x * f[:, 0, None, None, None]
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        mean = gray.mean((2, 3), keepdim=True)
+        x = (x - mean) * f[:, 1, None, None, None] + mean
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        x = (gray + (x - gray) * f[:, 2, None, None, None]).clamp(0, 1)
+    if s.grayscale_prob > 0:
+        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+        x = torch.where((ud[:, 8] < s.grayscale_prob)[:, None, None, None], gray, x)
+    if s.blur_prob > 0:
+        blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+        x = torch.where((ud[:, 9] < s.blur_prob)[:, None, None, None], blurred, x)
+    if s.mixup_alpha > 0 or s.cutmix_prob > 0:
+        partner = x[torch.randperm(b, generator=gen).to(dev)]
+        if s.mixup_alpha > 0:
+            rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))  # Beta from `gen`, not the global RNG
+            lam = torch.from_numpy(rng.beta(s.mixup_alpha, s.mixup_alpha, b)).to(dev, x.dtype)
+            x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * partner
+        if s.cutmix_prob > 0:
+            side = (ud[:, 10] * 0.5 + 0.25) * size  # 25-75 % of the side
+            cy, cx = ud[:, 11] * (size - side), ud[:, 12] * (size - side)
+            r = torch.arange(size, device=dev, dtype=x.dtype)
+            in_y = (r[None] >= cy[:, None]) & (r[None] < (cy + side)[:, None])
+            in_x = (r[None] >= cx[:, None]) & (r[None] < (cx + side)[:, None])
+            paste = (in_y[:, :, None] & in_x[:, None, :] & (ud[:, 13] < s.cutmix_prob)[:, None, None])[:, None]
+            x = torch.where(paste, partner, x)
+    return x
 
 
 def distill(
@@ -100,7 +143,7 @@ def distill(
         tot_loss = tot_agree = seen = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
-            x = augment_batch(data[idx], size, settings.min_crop_scale, gen)
+            x = augment_batch(data[idx], size, settings, gen)
             with torch.no_grad():
                 z_t = teacher_logits(teacher, head, x)
                 if settings.control == "shuffle_teacher":  # targets no longer belong to their images

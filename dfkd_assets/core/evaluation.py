@@ -44,13 +44,15 @@ class EvalResult:
 
 def scan_domainbed(
     root: Path, classes: list[str], class_map: dict[str, str] | None = None, domains: list[str] | None = None,
-    max_per_class: int | None = None, name: str = "dataset",
+    max_per_class: int | None = None, name: str = "dataset", other_classes: str = "error",
 ) -> list[DomainSet]:
+    """Image paths and labels per domain. `other_classes='skip'` ignores class folders outside
+    `classes` (a subset of a benchmark); the default treats them as a configuration error."""
     root = Path(root)
     if not root.is_dir():
         raise EvalDataError(f"evaluation dataset {name}: root {root} does not exist")
     by_key = {class_key(c): i for i, c in enumerate(classes)}
-    mapped = {folder: classes.index(c) for folder, c in (class_map or {}).items()}
+    mapped = {folder: by_key[class_key(c)] for folder, c in (class_map or {}).items() if class_key(c) in by_key}
     found_domains = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if domains:
         missing = sorted(set(domains) - set(found_domains))
@@ -64,10 +66,12 @@ def scan_domainbed(
         paths, labels, seen = [], [], set()
         for cdir in sorted(p for p in (root / d).iterdir() if p.is_dir()):
             idx = mapped.get(cdir.name, by_key.get(class_key(cdir.name)))
+            if idx is None and other_classes == "skip":
+                continue
             if idx is None:
                 raise EvalDataError(
                     f"evaluation dataset {name}: folder {cdir} matches no class in `classes`; "
-                    f"map it with evaluation.datasets[].class_map or remove it"
+                    f"map it with evaluation.datasets[].class_map, set other_classes: skip, or remove it"
                 )
             files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if max_per_class:

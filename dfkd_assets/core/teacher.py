@@ -64,14 +64,74 @@ def _templates(kind: str | Sequence[str]) -> Sequence:
     return tuple(lambda c, t=t: t.format(c) for t in SINGLE_TEMPLATE)
 
 
+WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors"}
+LOCAL_DIR = "local-dir:"
+
+
+def resolve_pretrained(model_name: str, tag: str, cache_dir: Path | None = None) -> str:
+    """An open_clip pretrained tag -> the weights file already in the local cache, or a clear error.
+
+    open_clip would otherwise try the network (and, offline, retry the hub for a long while).
+    Looks where open_clip itself would put the file: the Hugging Face cache (safetensors first),
+    then the legacy ~/.cache/clip download folder.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        raise TeacherLoadError(
+            f"teacher.pretrained={tag!r} is neither a weights file (.pt/.pth/.bin/.safetensors) nor an open_clip tag "
+            f"of {model_name} (its tags: {tags or 'none'})"
+        )
+    tried = []
+    if cfg.get("file"):
+        tried.append(cfg["file"])
+        if Path(cfg["file"]).is_file():
+            return cfg["file"]
+    if cfg.get("hf_hub"):
+        repo, filename = cfg["hf_hub"].rsplit("/", 1)  # 'org/model/' = default file names, 'org/model/file.bin'
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if filename.endswith((".bin", ".pth")):
+            names.insert(0, filename[:-4] + ".safetensors")
+        for name in names:
+            found = try_to_load_from_cache(repo, name, cache_dir=str(cache_dir) if cache_dir else None)
+            tried.append(f"hf://{repo}/{name}")
+            if isinstance(found, str):
+                return found
+    if cfg.get("url"):
+        legacy = Path(cache_dir or Path.home() / ".cache" / "clip") / Path(cfg["url"]).name
+        tried.append(str(legacy))
+        if legacy.is_file():
+            return str(legacy)
+    raise TeacherLoadError(
+        f"teacher.pretrained={tag!r} for {model_name} is not in the local cache and nothing is downloaded at run "
+        f"time. Looked for: {', '.join(tried)}. Download it on a connected machine (e.g. "
+        f"`huggingface-cli download {cfg.get('hf_hub', '').rstrip('/')}`) and copy the cache here, or set "
+        f"teacher.pretrained to the weights file's path."
+    )
+
+
+def _check_local_dir(model_name: str) -> Path:
+    """`local-dir:/path`: an open_clip bundle (open_clip_config.json + weights); refuse a bundle without weights."""
+    path = Path(model_name[len(LOCAL_DIR):])
+    if not (path / "open_clip_config.json").is_file():
+        raise TeacherLoadError(f"teacher.model_name {model_name!r}: {path}/open_clip_config.json not found (a local-dir bundle needs it)")
+    weights = [p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if not weights:
+        raise TeacherLoadError(f"teacher.model_name {model_name!r}: no weights file (*.safetensors, *.bin, *.pth) in {path}")
+    return max(weights, key=lambda p: p.suffix == ".safetensors")
+
+
 def load_teacher(
     model_name: str,
     pretrained: str | None,
     model_config_file: Path | None,
     init_seed: int,
     device: torch.device,
+    cache_dir: Path | None = None,
 ) -> Teacher:
-    """Build the open_clip model; weights from a local file or the local open_clip/HF cache, never the network."""
+    """Build the open_clip model; weights from a local file, a local-dir bundle or the local cache, never the network."""
     cfg_hash = ""
     if model_config_file is not None:
         model_config_file = Path(model_config_file)
@@ -84,22 +144,26 @@ def load_teacher(
             )
         open_clip.add_model_config(model_config_file)
         cfg_hash = hashlib.sha256(model_config_file.read_bytes()).hexdigest()[:12]
-    if open_clip.get_model_config(model_name) is None:
+    if model_name.startswith(LOCAL_DIR):
+        weights = _check_local_dir(model_name)
+        model = _create(model_name, None, device)
+        teacher_id = f"{model_name}:{sha256_file(weights)[:16]}"
+    elif open_clip.get_model_config(model_name) is None:
         raise TeacherLoadError(f"teacher.model_name {model_name!r} is not an open_clip architecture (see open_clip.list_models())")
-    if pretrained is None:
+    elif pretrained is None:
         torch.manual_seed(init_seed)
-        model = open_clip.create_model(model_name, pretrained=None, device=device)
+        model = _create(model_name, None, device)
         teacher_id = f"{model_name}:random:{init_seed}:{cfg_hash}"
     else:
         as_path = Path(pretrained)
-        if as_path.suffix in {".pt", ".pth", ".bin", ".safetensors"} and not as_path.is_file():
-            raise TeacherLoadError(f"teacher.pretrained weights file {as_path} not found: put the checkpoint there or fix the setting")
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, device=device)
-        except Exception as e:  # open_clip raises RuntimeError/HF errors for a tag missing from the cache
-            raise TeacherLoadError(f"teacher.pretrained={pretrained!r} could not be loaded for {model_name}: {e}") from e
-        ident = sha256_file(as_path)[:16] if as_path.is_file() else pretrained
-        teacher_id = f"{model_name}:{ident}:{cfg_hash}"
+        if as_path.suffix in WEIGHT_SUFFIXES:
+            if not as_path.is_file():
+                raise TeacherLoadError(f"teacher.pretrained weights file {as_path} not found: put the checkpoint there or fix the setting")
+            weights = as_path
+        else:
+            weights = Path(resolve_pretrained(model_name, pretrained, cache_dir))
+        model = _create(model_name, str(weights), device)
+        teacher_id = f"{model_name}:{sha256_file(weights)[:16]}:{cfg_hash}"
     model.eval().requires_grad_(False)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)
@@ -107,6 +171,17 @@ def load_teacher(
     size = model.visual.image_size
     size = int(size[0] if isinstance(size, (tuple, list)) else size)
     return Teacher(model, open_clip.get_tokenizer(model_name), size, mean, std, teacher_id)
+
+
+def _create(model_name: str, weights: str | None, device: torch.device) -> torch.nn.Module:
+    """open_clip.create_model with loading errors (wrong architecture, truncated file) named as settings."""
+    try:
+        return open_clip.create_model(model_name, pretrained=weights, device=device)
+    except Exception as e:
+        first = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])[:600] or type(e).__name__
+        raise TeacherLoadError(
+            f"teacher weights {weights or model_name} could not be loaded into teacher.model_name={model_name!r}: {first}"
+        ) from e
 
 
 @torch.no_grad()

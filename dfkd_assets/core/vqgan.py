@@ -68,15 +68,52 @@ def build_vqgan(params: dict) -> torch.nn.Module:
     return vqmodel_class()(lossconfig=NO_LOSS, **kept)
 
 
+class _InertTrainingObject:
+    """Stands in for a training-time class pickled into a published checkpoint (never executed).
+
+    Lightning-era taming checkpoints key their `callbacks` dict by the ModelCheckpoint *class*;
+    unpickling needs something hashable by that name, not the class itself.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+# Globals a published taming / Lightning 1.x checkpoint may reference outside its state_dict. They
+# resolve to the inert stand-in above; any other global is refused by torch's weights-only unpickler.
+ALLOWED_TRAINING_GLOBALS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+    "pytorch_lightning.callbacks.lr_monitor.LearningRateMonitor",
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.listconfig.ListConfig",
+)
+
+
 def _load_state_dict(checkpoint: Path) -> dict:
-    """Tensors only (weights_only=True); a Lightning .ckpt holds its weights under 'state_dict'."""
+    """The checkpoint's `state_dict`, unpickled by torch's weights-only unpickler plus an allow-list.
+
+    A Lightning .ckpt holds `state_dict` next to optimizer states and callback objects; the
+    allow-listed training classes become inert stand-ins, anything else (e.g. `os.system`) is
+    refused before it could run.
+    """
+    allowed = [(_InertTrainingObject, name) for name in ALLOWED_TRAINING_GLOBALS]
     try:
-        obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(allowed):
+            obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise GeneratorLoadError(f"generator.checkpoint {checkpoint} could not be read safely: {e}") from e
+        raise GeneratorLoadError(
+            f"generator.checkpoint {checkpoint} could not be read safely (only tensors, plain containers and the "
+            f"allow-listed training objects {list(ALLOWED_TRAINING_GLOBALS)} are accepted; the file may also be "
+            f"truncated): {str(e).splitlines()[0][:400]}"
+        ) from e
     sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict):
-        raise GeneratorLoadError(f"generator.checkpoint {checkpoint} holds no state_dict")
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise GeneratorLoadError(f"generator.checkpoint {checkpoint} holds no state_dict of tensors")
     return sd
 
 

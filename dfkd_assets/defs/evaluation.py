@@ -12,7 +12,7 @@ import math
 import dagster as dg
 
 from dfkd_assets.defs.lineage import lineage, md_image
-from dfkd_assets.loaders import device_for, head_for, teacher_for
+from dfkd_assets.loaders import device_for, eval_sets, head_for, teacher_for
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 
 
@@ -35,7 +35,7 @@ def _json_safe(obj):
 def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import numpy as np
 
-    from dfkd_assets.core.evaluation import evaluate, scan_domainbed, transfer_ratio
+    from dfkd_assets.core.evaluation import evaluate, transfer_ratio
     from dfkd_assets.core.io import atomic_write_json, atomic_write_text
     from dfkd_assets.core.report import markdown_table, write_confusion_png
     from dfkd_assets.core.student import load_student
@@ -65,11 +65,10 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
     size = max(student.input_size, teacher.image_size)
     results = {m: {} for m in predictors}
     counts = {}
-    for ds_cfg in cfg.evaluation.datasets:
-        sets = scan_domainbed(ds_cfg.root, cfg.classes, ds_cfg.class_map, ds_cfg.domains, cfg.evaluation.max_images_per_class, ds_cfg.name)
-        res = evaluate(predictors, sets, len(cfg.classes), size, cfg.evaluation.batch_size, device, prefix=f"{ds_cfg.name}/")
+    for name, sets in eval_sets(cfg).items():
+        res = evaluate(predictors, sets, len(cfg.classes), size, cfg.evaluation.batch_size, device, prefix=f"{name}/")
         for m, r in res.items():
-            results[m][ds_cfg.name] = r
+            results[m][name] = r
             counts.update(r.counts)
 
     domains = list(counts)
