@@ -15,10 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def bench_synthesis(teacher_name: str, vqgan_config: Path, image_size: int, cutn: int, batch: int, iters: int, device_spec: str) -> dict:
+def bench_synthesis(teacher_name: str, vqgan_config: Path, image_size: int, cutn: int, batch: int, iters: int, device_spec: str,
+                    precision: str = "fp32") -> dict:
     import torch
 
-    from dfkd_assets.core.seeding import resolve_device
+    from dfkd_assets.core.devices import resolve_device, use_bf16
     from dfkd_assets.core.synthesis import SynthesisSettings, synthesize_batch
     from dfkd_assets.core.teacher import load_teacher
     from dfkd_assets.core.vqgan import load_vqgan
@@ -30,13 +31,14 @@ def bench_synthesis(teacher_name: str, vqgan_config: Path, image_size: int, cutn
     vqgan = load_vqgan(vqgan_config, None, 0, device)
     load_s = time.perf_counter() - t0
     targets = teacher.encode_text([f"a photo of a thing {i}" for i in range(batch)])
-    settings = SynthesisSettings(iterations=2, cutn=cutn, image_size=image_size)
+    bf16 = use_bf16(device, precision)
+    settings = SynthesisSettings(iterations=2, cutn=cutn, image_size=image_size, bf16=bf16)
     synthesize_batch(vqgan, teacher, targets, list(range(batch)), settings)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    synthesize_batch(vqgan, teacher, targets, list(range(batch)), SynthesisSettings(iterations=iters, cutn=cutn, image_size=image_size))
+    res = synthesize_batch(vqgan, teacher, targets, list(range(batch)), SynthesisSettings(iterations=iters, cutn=cutn, image_size=image_size, bf16=bf16))
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -44,6 +46,7 @@ def bench_synthesis(teacher_name: str, vqgan_config: Path, image_size: int, cutn
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "teacher": teacher_name, "vqgan": Path(vqgan_config).name, "image_size": image_size, "cutn": cutn, "batch": batch,
+        "precision": "bf16" if bf16 else "fp32", "mean_final_cosine": float(res.cosines.mean()),
         "iters": iters, "seconds_per_step": step_s, "images_per_hour_at_400_steps": 3600 * batch / (400 * step_s),
         "model_load_seconds": load_s,
         "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -59,13 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "auto"])
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     a = p.parse_args(argv)
-    results = [bench_synthesis(a.teacher, a.vqgan_config, a.image_size, a.cutn, b, a.iters, a.device) for b in a.batch]
-    print(f"{'batch':>5} {'s/step':>8} {'img/h@400':>10} {'load s':>7} {'GiB':>6}  device")
+    results = [bench_synthesis(a.teacher, a.vqgan_config, a.image_size, a.cutn, b, a.iters, a.device, prec)
+               for prec in a.precision for b in a.batch]
+    print(f"{'batch':>5} {'prec':>5} {'s/step':>8} {'img/h@400':>10} {'cos':>6} {'load s':>7} {'GiB':>6}  device")
     for r in results:
         mem = f"{r['peak_gpu_mem_gib']:.1f}" if r["peak_gpu_mem_gib"] is not None else "-"
-        print(f"{r['batch']:>5} {r['seconds_per_step']:>8.4f} {r['images_per_hour_at_400_steps']:>10.0f} {r['model_load_seconds']:>7.2f} {mem:>6}  {r['device']}")
+        print(f"{r['batch']:>5} {r['precision']:>5} {r['seconds_per_step']:>8.4f} {r['images_per_hour_at_400_steps']:>10.0f} "
+              f"{r['mean_final_cosine']:>6.3f} {r['model_load_seconds']:>7.2f} {mem:>6}  {r['device']}")
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -35,9 +35,12 @@ def _cmd_eval_set(args: argparse.Namespace) -> int:
     from dfkd_assets.config import load_config
     from dfkd_assets.toyworld.evalset import write_eval_set
 
+    from dfkd_assets.core.datasets import PRESETS
+
     cfg = load_config(args.config)
     for ds in cfg.evaluation.datasets:
-        n = write_eval_set(ds.root, cfg.classes, per_class=args.per_class, size=args.size)
+        domains = ds.domains or (PRESETS[ds.preset].domains if ds.preset else ("photo", "sketch"))
+        n = write_eval_set(ds.root, cfg.classes, domains=tuple(domains), per_class=args.per_class, size=args.size)
         print(f"wrote {n} images to {ds.root}")
     return 0
 

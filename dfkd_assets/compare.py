@@ -73,7 +73,7 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
     else:
         bank, _ = build_bank(teacher, v.classes, v.prompts.method, style_settings(v), v.prompts.vanilla_template)
         vqgan = generator_for(v, device)
-        sset = synthesis_settings(v)
+        sset = synthesis_settings(v, device)
         parts, labels = [], []
         for k, c in enumerate(v.classes):
             styles = bank.assignments(c, n)
@@ -86,7 +86,7 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
         images = np.concatenate(parts)
     t_syn = time.perf_counter() - t0
     student = build_student(v.student.arch, v.classes, v.student.input_size, v.student.init_seed)
-    distill(student, teacher, head, torch.from_numpy(images), torch.tensor(labels), distill_settings(v),
+    distill(student, teacher, head, torch.from_numpy(images), torch.tensor(labels), distill_settings(v, device),
             checkpoint_dir=work / f"{method}_s{seed}" / "student", fingerprint=f"{method}-{seed}-{v.config_hash()}")
     t_kd = time.perf_counter() - t0 - t_syn
     res = evaluate({"student": student.to(device).eval()}, sets, len(v.classes), max(v.student.input_size, teacher.image_size),

@@ -163,6 +163,27 @@ class EvaluationConfig(_Model):
     max_images_per_class: int | None = Field(None, gt=0)
 
 
+class FewShotConfig(_Model):
+    """Few-shot protocol (ALGORITHM.md §5): k labelled images per class of a domain, test on the rest of it."""
+
+    enabled: bool = Field(False, description="adds the few_shot_report asset to the graph")
+    shots: list[int] = Field([1, 5, 10], min_length=1)
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    steps: int = Field(100, gt=0, description="fine-tuning SGD steps per (start, domain, k, seed)")
+    lr: float = Field(0.01, gt=0)
+    batch_size: int = Field(32, gt=0)
+    imagenet_weights: Path | None = Field(
+        None, description="local timm weights of student.arch (.safetensors/.pth) for an 'imagenet' start; None = distilled and scratch only"
+    )
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, v: list[int]) -> list[int]:
+        if any(k <= 0 for k in v):
+            raise ValueError("shots must be positive")
+        return sorted(set(v))
+
+
 class PromotionConfig(_Model):
     metric: str = "student_mean_top1"
     tolerance: float = Field(0.01, ge=0, description="A challenger may be this much worse and still promote.")
@@ -231,7 +252,11 @@ class DfkdConfig(_Model):
 
     classes: list[str] = Field(min_length=2)
     workspace: Path = Field(Path("."), description="DVC repository root; data/ and storage/ live under it.")
-    device: str = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N; auto/cuda take a free GPU on a multi-GPU host")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA (VQ distances, losses, optimizer state stay fp32), fp32 on CPU"
+    )
+    steps_per_gpu: int = Field(1, gt=0, description="how many concurrent GPU steps may share one GPU")
     teacher: TeacherConfig = TeacherConfig()
     generator: GeneratorConfig
     prompts: PromptsConfig = PromptsConfig()
@@ -239,6 +264,7 @@ class DfkdConfig(_Model):
     student: StudentConfig = StudentConfig()
     distill: DistillConfig = DistillConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    fewshot: FewShotConfig = FewShotConfig()
     promotion: PromotionConfig = PromotionConfig()
     mlflow: MlflowConfig = MlflowConfig()
     dvc: DvcConfig = DvcConfig()

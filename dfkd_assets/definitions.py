@@ -13,6 +13,7 @@ import dagster as dg
 from dfkd_assets.config import class_key, config_path_from_env, load_config
 from dfkd_assets.defs.dataset import synthetic_dataset
 from dfkd_assets.defs.evaluation import evaluation_report
+from dfkd_assets.defs.fewshot import few_shot_report
 from dfkd_assets.defs.jobs import build_jobs
 from dfkd_assets.defs.prompts import prompt_bank, teacher_head
 from dfkd_assets.defs.promotion import champion_student
@@ -25,8 +26,11 @@ def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
     config_file = Path(config_file) if config_file else config_path_from_env()
     cfg = load_config(config_file)
     partitions = dg.StaticPartitionsDefinition([class_key(c) for c in cfg.classes])
+    assets = [teacher_head, prompt_bank, build_synthetic_images(partitions), synthetic_dataset, student_model, evaluation_report, champion_student]
+    if cfg.fewshot.enabled:
+        assets.append(few_shot_report)
     return dg.Definitions(
-        assets=[teacher_head, prompt_bank, build_synthetic_images(partitions), synthetic_dataset, student_model, evaluation_report, champion_student],
+        assets=assets,
         jobs=build_jobs(),
         resources={
             "settings": bound_settings(str(config_file)),

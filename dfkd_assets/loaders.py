@@ -7,9 +7,16 @@ from dfkd_assets.config import DfkdConfig
 
 
 def device_for(cfg: DfkdConfig):
-    from dfkd_assets.core.seeding import resolve_device
+    from dfkd_assets.core.devices import resolve_device
 
     return resolve_device(cfg.device)
+
+
+def device_lease(cfg: DfkdConfig):
+    """Context manager: the device for one GPU step, a free GPU of its own on a multi-GPU host."""
+    from dfkd_assets.core.devices import lease_device
+
+    return lease_device(cfg.device, cfg.storage_dir / "device-locks", cfg.steps_per_gpu)
 
 
 def teacher_for(cfg: DfkdConfig, device):
@@ -44,21 +51,23 @@ def head_for(cfg: DfkdConfig, teacher, device):
     return load_file(d / "head.safetensors")["head"].to(device)
 
 
-def synthesis_settings(cfg: DfkdConfig):
+def synthesis_settings(cfg: DfkdConfig, device):
     from dfkd_assets.core.augment import AugmentSpec
+    from dfkd_assets.core.devices import use_bf16
     from dfkd_assets.core.synthesis import SynthesisSettings
 
     s = cfg.synthesis
     return SynthesisSettings(
         iterations=s.iterations, lr=s.lr, cutn=s.cutn, cut_pow=s.cut_pow, image_size=s.image_size,
-        augment=AugmentSpec(p=s.augment_p, noise_max=s.noise_max),
+        augment=AugmentSpec(p=s.augment_p, noise_max=s.noise_max), bf16=use_bf16(device, cfg.precision),
     )
 
 
-def distill_settings(cfg: DfkdConfig):
+def distill_settings(cfg: DfkdConfig, device):
+    from dfkd_assets.core.devices import use_bf16
     from dfkd_assets.core.distill import DistillSettings
 
-    return DistillSettings(**cfg.distill.model_dump())
+    return DistillSettings(**cfg.distill.model_dump(), bf16=use_bf16(device, cfg.precision))
 
 
 def style_settings(cfg: DfkdConfig):
@@ -96,3 +105,11 @@ def eval_sets(cfg: DfkdConfig) -> dict[str, list]:
         class_map = {**(preset.folders if preset else {}), **ds.class_map}
         out[ds.name] = scan_domainbed(ds.root, cfg.classes, class_map, domains, cfg.evaluation.max_images_per_class, ds.name, ds.other_classes)
     return out
+
+
+def fewshot_settings(cfg: DfkdConfig):
+    from dfkd_assets.core.fewshot import FewShotSettings
+
+    f = cfg.fewshot
+    return FewShotSettings(shots=tuple(f.shots), seeds=tuple(f.seeds), steps=f.steps, lr=f.lr, batch_size=f.batch_size,
+                           min_crop_scale=cfg.distill.min_crop_scale)

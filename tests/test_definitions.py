@@ -66,3 +66,31 @@ def test_network_guard_blocks_non_local_addresses():
     client = socket.create_connection(server.getsockname(), timeout=5)  # localhost is fine
     client.close()
     server.close()
+
+
+def test_paper_configs_validate_and_fewshot_adds_its_asset(tmp_path):
+    from dfkd_assets.config import load_config
+    from dfkd_assets.definitions import build_defs
+
+    paper = load_config("configs/paper.yaml")
+    assert (paper.teacher.model_name, paper.synthesis.image_size, paper.synthesis.iterations, paper.synthesis.cutn) == ("ViT-B-32", 224, 400, 32)
+    assert paper.evaluation.datasets[0].preset == "pacs" and paper.fewshot.shots == [1, 5, 10]
+    keys = {k.to_user_string() for k in build_defs("configs/paper-smoke.yaml").resolve_asset_graph().get_all_asset_keys()}
+    assert "few_shot_report" in keys
+    keys_ci = {k.to_user_string() for k in build_defs("configs/ci.yaml").resolve_asset_graph().get_all_asset_keys()}
+    assert "few_shot_report" not in keys_ci and len(keys_ci) == 7
+
+
+def test_paper_config_without_its_weight_files_names_them(tmp_path):
+    import pytest
+
+    from dfkd_assets.config import load_config
+    from dfkd_assets.core.teacher import TeacherLoadError
+    from dfkd_assets.core.vqgan import GeneratorLoadError
+    from dfkd_assets.loaders import generator_for, teacher_for
+
+    cfg = load_config("configs/paper.yaml", {"device": "cpu", "teacher": {"cache_dir": str(tmp_path)}})
+    with pytest.raises(TeacherLoadError, match="timm/vit_base_patch32_clip_224.openai"):
+        teacher_for(cfg, "cpu")
+    with pytest.raises(GeneratorLoadError, match="generator.checkpoint storage/weights/vqgan_imagenet_f16_16384/last.ckpt not found"):
+        generator_for(cfg, "cpu")

@@ -55,3 +55,26 @@ def test_paper_size_generator_and_teacher_step_on_cuda():
     vqgan = load_vqgan(ROOT / "configs" / "models" / "vqgan_imagenet_f16_16384.yaml", None, 0, dev)
     res = synthesize_batch(vqgan, teacher, teacher.encode_text(["a photo of a dog"] * 2), [0, 1], SynthesisSettings(iterations=2, cutn=8))
     assert res.images.shape == (2, 224, 224, 3) and np.isfinite(res.cosines).all()
+
+
+def test_bf16_synthesis_keeps_the_quality_of_fp32(cuda_models):
+    """bf16 autocast changes the arithmetic of decoder and encoder, not the outcome: final cosines agree."""
+    from dfkd_assets.core.synthesis import SynthesisSettings, synthesize_batch
+
+    teacher, vqgan = cuda_models
+    t = teacher.encode_text([f"a photo of a {c}" for c in ("dog", "cat", "house", "tree")])
+    fp32 = synthesize_batch(vqgan, teacher, t, [1, 2, 3, 4], SynthesisSettings(iterations=30, cutn=8, image_size=32))
+    bf16 = synthesize_batch(vqgan, teacher, t, [1, 2, 3, 4], SynthesisSettings(iterations=30, cutn=8, image_size=32, bf16=True))
+    assert np.isfinite(bf16.cosines).all()
+    assert bf16.losses[-1] < bf16.losses[0]
+    assert abs(float(bf16.cosines.mean()) - float(fp32.cosines.mean())) < 0.05
+
+
+def test_lease_gives_each_step_a_gpu(tmp_path):
+    from dfkd_assets.core.devices import lease_device
+
+    with lease_device("cuda", tmp_path) as a:
+        assert a.type == "cuda" and a.index is not None
+        if torch.cuda.device_count() > 1:
+            with lease_device("cuda", tmp_path) as b:
+                assert b.index != a.index

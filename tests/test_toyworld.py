@@ -100,7 +100,7 @@ def test_student_learns_the_teacher_on_held_out_synthetic_images_and_the_control
     teacher = teacher_for(cfg, cpu)
     head = zero_shot_head(teacher, cfg.classes, TEMPLATES)
     bank, _ = build_bank(teacher, cfg.classes, "contrastive", style_settings(cfg))
-    vqgan, sset = generator_for(cfg, cpu), synthesis_settings(cfg)
+    vqgan, sset = generator_for(cfg, cpu), synthesis_settings(cfg, cpu)
 
     def synthetic(seed: int, n: int):
         images, labels, teacher_top1 = [], [], []
@@ -119,7 +119,7 @@ def test_student_learns_the_teacher_on_held_out_synthetic_images_and_the_control
     acc = {}
     for control in ["none", "shuffle_teacher"]:
         student = build_student("resnet18", cfg.classes, 32, 0)
-        distill(student, teacher, head, train_x, train_y, distill_settings(_pipeline_cfg(out, control=control)), tmp_path / control, control)
+        distill(student, teacher, head, train_x, train_y, distill_settings(_pipeline_cfg(out, control=control), cpu), tmp_path / control, control)
         with torch.no_grad():
             pred = student(test_x.permute(0, 3, 1, 2).float() / 255).argmax(-1)
         acc[control] = (pred == test_y).float().mean().item()

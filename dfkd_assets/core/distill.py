@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_assets.core.augment import crop_resize, resized_crop_boxes
+from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import atomic_write_bytes
 from dfkd_assets.core.teacher import Teacher, teacher_logits
 
@@ -41,6 +42,7 @@ class DistillSettings:
     mixup_alpha: float = 0.0  # > 0: pairs mixed with lambda ~ Beta(a, a); the teacher labels the mixture
     cutmix_prob: float = 0.0  # a rectangle pasted from another image of the batch
     seed: int = 0
+    bf16: bool = False  # autocast teacher and student forwards; the KD loss and SGD state stay fp32
     control: str = "none"  # "shuffle_teacher": negative control, teacher logits permuted across the batch
 
 
@@ -144,11 +146,12 @@ def distill(
         for i in range(steps_per_epoch):
             idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
             x = augment_batch(data[idx], size, settings, gen)
-            with torch.no_grad():
-                z_t = teacher_logits(teacher, head, x)
+            with torch.no_grad(), autocast(device, settings.bf16):
+                z_t = teacher_logits(teacher, head, x).float()
                 if settings.control == "shuffle_teacher":  # targets no longer belong to their images
                     z_t = z_t[torch.randperm(len(z_t), generator=gen).to(device)]
-            z_s = student(x)
+            with autocast(device, settings.bf16):
+                z_s = student(x).float()
             loss = kd_loss(z_s, z_t, settings.temperature)
             if settings.ce_weight > 0:
                 loss = loss + settings.ce_weight * F.cross_entropy(z_s, labels[idx])

@@ -86,3 +86,33 @@ def write_curves_png(path: Path, curves: list[list[float]], title: str, ylabel: 
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def write_fewshot_png(path: Path, summary: dict, title: str) -> None:
+    """Accuracy vs shots, one panel per domain, one line (mean +- std over seeds) per starting point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    domains = list(dict.fromkeys(d for _, d, _ in summary))
+    starts = list(dict.fromkeys(s for s, _, _ in summary))
+    fig, axes = plt.subplots(1, len(domains), figsize=(3.2 * len(domains), 3), dpi=100, squeeze=False)
+    for ax, d in zip(axes[0], domains):
+        for s in starts:
+            ks = sorted(k for s2, d2, k in summary if (s2, d2) == (s, d))
+            m = np.array([summary[(s, d, k)][0] for k in ks])
+            e = np.array([summary[(s, d, k)][1] for k in ks])
+            ax.errorbar(ks, m, yerr=e, marker="o", capsize=3, label=s)
+        ax.set_title(d, fontsize=9)
+        ax.set_xlabel("shots per class")
+        ax.set_xscale("log")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("top-1")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.augment import N_PARAMS, AugmentSpec, ImageRngs, augment_views, crop_resize, cutout_boxes
 from dfkd_assets.core.io import atomic_write_bytes, atomic_write_text
 from dfkd_assets.core.teacher import Teacher
@@ -35,6 +36,7 @@ class SynthesisSettings:
     cut_pow: float = 1.0
     image_size: int = 224
     augment: AugmentSpec = field(default_factory=AugmentSpec)
+    bf16: bool = False  # autocast decoder + image encoder; VQ distances, loss and Adam stay fp32
 
 
 @dataclass
@@ -104,13 +106,15 @@ def synthesize_batch(
     cut = teacher.image_size
     losses: list[torch.Tensor] = []
     for step in range(settings.iterations):
-        x = render(vqgan, z)
+        with autocast(device, settings.bf16):
+            x = render(vqgan, z).float()
         u = rngs.uniform(settings.cutn, N_PARAMS)  # [B,cutn,P]
         boxes = cutout_boxes(u, x.shape[-2], x.shape[-1], cut, settings.cut_pow)
         views = crop_resize(x, boxes, cut)  # [B*cutn,3,cut,cut]
         noise = rngs.normal_like(views.view(b, settings.cutn, *views.shape[1:])).flatten(0, 1)
         views = augment_views(views, u.flatten(0, 1), settings.augment, noise)
-        feats = teacher.encode_images(views).view(b, settings.cutn, -1)
+        with autocast(device, settings.bf16):
+            feats = teacher.encode_images(views).view(b, settings.cutn, -1)  # encode_images returns fp32
         per_image = spherical_distance(feats, targets[:, None, :]).mean(1)
         opt.zero_grad(set_to_none=True)
         per_image.sum().backward()

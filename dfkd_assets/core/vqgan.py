@@ -120,12 +120,12 @@ def _load_state_dict(checkpoint: Path) -> dict:
 def load_vqgan(config_file: Path, checkpoint: Path | None, init_seed: int, device: torch.device) -> torch.nn.Module:
     """Real taming VQModel in eval mode with frozen weights; strict key check against the checkpoint."""
     params = read_model_params(config_file)
+    if checkpoint is not None and not Path(checkpoint).is_file():  # before building a large model
+        raise GeneratorLoadError(f"generator.checkpoint {checkpoint} not found")
     torch.manual_seed(init_seed)
     model = build_vqgan(params)
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
-        if not checkpoint.is_file():
-            raise GeneratorLoadError(f"generator.checkpoint {checkpoint} not found")
         sd = {k: v for k, v in _load_state_dict(checkpoint).items() if not k.startswith(IGNORED_KEY_PREFIXES)}
         own = {k for k in model.state_dict() if not k.startswith(IGNORED_KEY_PREFIXES)}
         missing, unexpected = sorted(own - set(sd)), sorted(set(sd) - own)

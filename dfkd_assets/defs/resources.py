@@ -123,9 +123,11 @@ class DvcRepo(dg.ConfigurableResource):
     def ensure(self, cfg: DfkdConfig) -> str:
         """Initialise the repo if needed and point the default remote at the configured URL; returns that URL."""
         ws = cfg.workspace.resolve()
+        ws.mkdir(parents=True, exist_ok=True)
         if not (ws / ".dvc").is_dir():
             in_git = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=ws, capture_output=True, text=True)
-            if in_git.returncode != 0:
+            ignored = in_git.returncode == 0 and subprocess.run(["git", "check-ignore", "-q", str(ws)], cwd=ws).returncode == 0
+            if in_git.returncode != 0 or ignored:  # DVC refuses .dvc files that git ignores: keep git out of it
                 self._run(cfg, "init", "--no-scm")
             elif Path(in_git.stdout.strip()).resolve() == ws:
                 self._run(cfg, "init")

@@ -15,7 +15,7 @@ import dagster as dg
 
 from dfkd_assets.config import class_key
 from dfkd_assets.defs.lineage import lineage, md_image
-from dfkd_assets.loaders import device_for, generator_for, head_for, synthesis_settings, teacher_for
+from dfkd_assets.loaders import device_lease, generator_for, head_for, synthesis_settings, teacher_for
 from dfkd_assets.defs.resources import PipelineSettings
 
 ASSET_KEY = "synthetic_images"
@@ -55,73 +55,73 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
 
         cfg = settings.load()
         class_name = cfg.class_for_key(context.partition_key)
-        device = device_for(cfg)
-        teacher = teacher_for(cfg, device)
-        bank = PromptBank.load(cfg.path("prompt_bank"))
-        bank.check_teacher(teacher.teacher_id)
-        k = bank.class_index(class_name)
-        head = head_for(cfg, teacher, device)
-        fp = _fingerprint(cfg, sha256_file(cfg.path("prompt_bank") / BANK_TENSORS), teacher.teacher_id, class_name)
-        out_dir = cfg.class_dir(class_name)
-        grid_path = cfg.path("previews") / f"{class_key(class_name)}.png"
+        with device_lease(cfg) as device:
+            teacher = teacher_for(cfg, device)
+            bank = PromptBank.load(cfg.path("prompt_bank"))
+            bank.check_teacher(teacher.teacher_id)
+            k = bank.class_index(class_name)
+            head = head_for(cfg, teacher, device)
+            fp = _fingerprint(cfg, sha256_file(cfg.path("prompt_bank") / BANK_TENSORS), teacher.teacher_id, class_name)
+            out_dir = cfg.class_dir(class_name)
+            grid_path = cfg.path("previews") / f"{class_key(class_name)}.png"
 
-        try:
-            existing = read_manifest(out_dir)
-        except (ShardError, ValueError):
-            existing = None
-        if existing and existing.get("fingerprint") == fp and (out_dir / existing["shard"]).is_file():
-            context.log.info(f"{class_name}: shard with fingerprint {fp} already exists, reusing it")
-            manifest, elapsed, reused = existing, 0.0, True
-        else:
-            reused = False
-            n = cfg.synthesis.images_per_class
-            styles = bank.assignments(class_name, n)
-            seeds = [derive_seed(cfg.synthesis.seed, class_name, i) for i in range(n)]
-            targets = torch.stack([bank.features[s, k] for s in styles]).to(device)
-            sset = synthesis_settings(cfg)
-            prog = Progress(n * sset.iterations, f"synthesis[{class_name}]", context.log.info, unit="img-steps")
-            images, cosines, preds = synthesize_resumable(
-                generator_for(cfg, device), teacher, head, targets, seeds, sset, cfg.synthesis.batch_size,
-                work_dir=cfg.work_dir / "synthetic" / class_key(class_name), fingerprint=fp,
-                on_step=lambda m, loss: prog.update(m, **({} if loss != loss else {"loss": loss})),
-            )
-            elapsed = prog.close()
-            records = [
-                {
-                    "index": i, "class": class_name, "style_id": styles[i], "prompt": bank.prompts[styles[i]][k],
-                    "seed": seeds[i], "final_cosine": round(float(cosines[i]), 6), "teacher_top1": cfg.classes[int(preds[i])],
-                }
-                for i in range(n)
-            ]
-            items = [(f"{class_key(class_name)}_{i:06d}.png", encode_png(images[i])) for i in range(n)]
-            manifest = write_shard(
-                out_dir, items, records,
-                meta={"class": class_name, "fingerprint": fp, "teacher_id": teacher.teacher_id, "image_size": cfg.synthesis.image_size},
-            )
-            cols = bank.num_styles if 1 < bank.num_styles <= 16 else 8  # images cycle through styles: a column per style
-            write_grid(grid_path, images[: min(4 * cols, n)], cols=cols)
-            shutil.rmtree(cfg.work_dir / "synthetic" / class_key(class_name), ignore_errors=True)
+            try:
+                existing = read_manifest(out_dir)
+            except (ShardError, ValueError):
+                existing = None
+            if existing and existing.get("fingerprint") == fp and (out_dir / existing["shard"]).is_file():
+                context.log.info(f"{class_name}: shard with fingerprint {fp} already exists, reusing it")
+                manifest, elapsed, reused = existing, 0.0, True
+            else:
+                reused = False
+                n = cfg.synthesis.images_per_class
+                styles = bank.assignments(class_name, n)
+                seeds = [derive_seed(cfg.synthesis.seed, class_name, i) for i in range(n)]
+                targets = torch.stack([bank.features[s, k] for s in styles]).to(device)
+                sset = synthesis_settings(cfg, device)
+                prog = Progress(n * sset.iterations, f"synthesis[{class_name}]", context.log.info, unit="img-steps")
+                images, cosines, preds = synthesize_resumable(
+                    generator_for(cfg, device), teacher, head, targets, seeds, sset, cfg.synthesis.batch_size,
+                    work_dir=cfg.work_dir / "synthetic" / class_key(class_name), fingerprint=fp,
+                    on_step=lambda m, loss: prog.update(m, **({} if loss != loss else {"loss": loss})),
+                )
+                elapsed = prog.close()
+                records = [
+                    {
+                        "index": i, "class": class_name, "style_id": styles[i], "prompt": bank.prompts[styles[i]][k],
+                        "seed": seeds[i], "final_cosine": round(float(cosines[i]), 6), "teacher_top1": cfg.classes[int(preds[i])],
+                    }
+                    for i in range(n)
+                ]
+                items = [(f"{class_key(class_name)}_{i:06d}.png", encode_png(images[i])) for i in range(n)]
+                manifest = write_shard(
+                    out_dir, items, records,
+                    meta={"class": class_name, "fingerprint": fp, "teacher_id": teacher.teacher_id, "image_size": cfg.synthesis.image_size},
+                )
+                cols = bank.num_styles if 1 < bank.num_styles <= 16 else 8  # images cycle through styles: a column per style
+                write_grid(grid_path, images[: min(4 * cols, n)], cols=cols)
+                shutil.rmtree(cfg.work_dir / "synthetic" / class_key(class_name), ignore_errors=True)
 
-        recs = manifest["images"]
-        agree = float(np.mean([r["teacher_top1"] == class_name for r in recs]))
-        mean_cos = float(np.mean([r["final_cosine"] for r in recs]))
-        meta = {
-            "class": class_name,
-            "num_images": len(recs),
-            "mean_final_cosine": mean_cos,
-            "teacher_agreement": agree,
-            "shard": dg.MetadataValue.path(str((out_dir / manifest["shard"]).resolve())),
-            "shard_sha256": manifest["shard_sha256"],
-            "fingerprint": fp,
-            "reused": reused,
-            "seeds": f"derive_seed({cfg.synthesis.seed}, {class_name!r}, index)",
-            **lineage(cfg, context, teacher_id=teacher.teacher_id),
-        }
-        if not reused and elapsed > 0:
-            meta["images_per_second"] = len(recs) / elapsed
-        if grid_path.is_file():
-            meta["preview"] = dg.MetadataValue.md(md_image(grid_path, f"samples of {class_name}"))
-        context.log.info(f"{class_name}: {len(recs)} images, mean cosine {mean_cos:.3f}, teacher agreement {agree:.2f}")
-        return dg.MaterializeResult(metadata=meta)
+            recs = manifest["images"]
+            agree = float(np.mean([r["teacher_top1"] == class_name for r in recs]))
+            mean_cos = float(np.mean([r["final_cosine"] for r in recs]))
+            meta = {
+                "class": class_name,
+                "num_images": len(recs),
+                "mean_final_cosine": mean_cos,
+                "teacher_agreement": agree,
+                "shard": dg.MetadataValue.path(str((out_dir / manifest["shard"]).resolve())),
+                "shard_sha256": manifest["shard_sha256"],
+                "fingerprint": fp,
+                "reused": reused,
+                "seeds": f"derive_seed({cfg.synthesis.seed}, {class_name!r}, index)",
+                **lineage(cfg, context, teacher_id=teacher.teacher_id),
+            }
+            if not reused and elapsed > 0:
+                meta["images_per_second"] = len(recs) / elapsed
+            if grid_path.is_file():
+                meta["preview"] = dg.MetadataValue.md(md_image(grid_path, f"samples of {class_name}"))
+            context.log.info(f"{class_name}: {len(recs)} images, mean cosine {mean_cos:.3f}, teacher agreement {agree:.2f}")
+            return dg.MaterializeResult(metadata=meta)
 
     return synthetic_images
