@@ -65,12 +65,59 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    """The consumer side of the registry: classify image files with models:/<name>@champion."""
+    import json
+
+    from dfkd_assets.config import load_config
+    from dfkd_assets.predict import load_registered, predict_files
+
+    cfg = load_config(args.config)
+    uri = args.model_uri or f"models:/{cfg.mlflow.registered_model_name}@champion"
+    model = load_registered(cfg.resolve(cfg.mlflow.tracking_uri), uri)
+    rows = predict_files(model, [Path(f) for f in args.images], args.top_k)
+    if args.json:
+        print(json.dumps({"model_uri": uri, "predictions": rows}, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['file']}\t" + "  ".join(f"{c} {p:.3f}" for c, p in r["top"]))
+    return 0
+
+
+def _cmd_setup_pools(args: argparse.Namespace) -> int:
+    """Sets the Dagster pool `gpu` to the number of GPUs here (times steps_per_gpu), so concurrent
+    GPU steps each get a GPU of their own (core/devices.lease_device picks which)."""
+    os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+    import dagster as dg
+    import torch
+
+    from dfkd_assets.config import load_config
+
+    cfg = load_config(args.config)
+    slots = args.gpus if args.gpus is not None else max(1, torch.cuda.device_count()) * cfg.steps_per_gpu
+    with dg.DagsterInstance.get() as instance:
+        instance.event_log_storage.set_concurrency_slots("gpu", slots)
+    print(f"Dagster pool gpu = {slots} slot(s) in {os.environ['DAGSTER_HOME']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dfkd", description="Data-free distillation of CLIP into a small classifier.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="materialize the whole asset graph (prompts, every class partition, training)")
     r.add_argument("--config", default=None, help="settings YAML (default: $DFKD_CONFIG or configs/demo.yaml)")
     r.set_defaults(fn=_cmd_run)
+    pr = sub.add_parser("predict", help="classify image files with the registered champion (models:/<name>@champion)")
+    pr.add_argument("images", nargs="+", help="image files (any size, RGB/grayscale/CMYK)")
+    pr.add_argument("--config", default=None, help="settings YAML: its MLflow store and model name")
+    pr.add_argument("--model-uri", default=None, help="e.g. models:/dfkd-student@challenger or models:/dfkd-student/3")
+    pr.add_argument("--top-k", type=int, default=3)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(fn=_cmd_predict)
+    sp = sub.add_parser("setup-pools", help="set the Dagster pool `gpu` to the number of GPUs of this machine")
+    sp.add_argument("--config", default=None)
+    sp.add_argument("--gpus", type=int, default=None, help="slots to set (default: GPUs found x steps_per_gpu, at least 1)")
+    sp.set_defaults(fn=_cmd_setup_pools)
     e = sub.add_parser("make-eval-set", help="write the procedural evaluation set(s) named in the settings")
     e.add_argument("--config", default=None)
     e.add_argument("--per-class", type=int, default=4)

@@ -136,6 +136,7 @@ class DistillConfig(_Model):
     color_jitter: float = Field(0.0, ge=0, lt=1, description="brightness/contrast/saturation factor range 1 +- this")
     grayscale_prob: float = Field(0.0, ge=0, le=1)
     blur_prob: float = Field(0.0, ge=0, le=1, description="probability of a 3x3 box blur")
+    noise_std: float = Field(0.0, ge=0, le=1, description="Gaussian pixel noise, per-image sigma uniform in [0, this]")
     mixup_alpha: float = Field(0.0, ge=0, description="> 0: mix image pairs with lambda ~ Beta(a, a)")
     cutmix_prob: float = Field(0.0, ge=0, le=1, description="probability of pasting a square from another image")
     seed: int = 0
@@ -187,6 +188,33 @@ class FewShotConfig(_Model):
 class PromotionConfig(_Model):
     metric: str = "student_mean_top1"
     tolerance: float = Field(0.01, ge=0, description="A challenger may be this much worse and still promote.")
+
+
+class ChecksConfig(_Model):
+    """Thresholds of the asset checks (defs/checks.py); the ones guarding the registry are blocking."""
+
+    min_teacher_agreement: float = Field(
+        0.5, ge=0, le=1, description="least fraction of synthetic images the teacher assigns to the class they were made for"
+    )
+
+
+class OperationsConfig(_Model):
+    """How the pipeline runs for months: schedules, sensors, retries, limits (defs/automation.py)."""
+
+    retrain_cron: str = Field("0 3 * * 1", description="schedule `retrain` (cron, e.g. Mondays 03:00)")
+    timezone: str = "UTC"
+    sensor_interval_s: int = Field(60, ge=5, description="how often `stale_partitions` compares settings with what exists")
+    webhook_url_env: str = Field("DFKD_FAILURE_WEBHOOK", description="environment variable holding the failure webhook URL (never stored in config)")
+    max_retries: int = Field(2, ge=0, description="retries of a GPU step after a transient error (bad input is never retried)")
+    retry_delay_s: float = Field(30, ge=0)
+    max_runtime_s: int = Field(24 * 3600, gt=0, description="Dagster run monitoring cancels a run of a pipeline job after this long")
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError("must be a 5-field cron expression, e.g. '0 3 * * 1'")
+        return v
 
 
 class MlflowConfig(_Model):
@@ -266,6 +294,8 @@ class DfkdConfig(_Model):
     evaluation: EvaluationConfig = EvaluationConfig()
     fewshot: FewShotConfig = FewShotConfig()
     promotion: PromotionConfig = PromotionConfig()
+    checks: ChecksConfig = ChecksConfig()
+    operations: OperationsConfig = OperationsConfig()
     mlflow: MlflowConfig = MlflowConfig()
     dvc: DvcConfig = DvcConfig()
 

@@ -11,12 +11,16 @@ from pathlib import Path
 import dagster as dg
 
 from dfkd_assets.config import class_key, config_path_from_env, load_config
+from dfkd_assets.defs.automation import build_automation
+from dfkd_assets.defs.checks import CHECKS
 from dfkd_assets.defs.dataset import synthetic_dataset
 from dfkd_assets.defs.evaluation import evaluation_report
+from dfkd_assets.defs.export import champion_onnx
 from dfkd_assets.defs.fewshot import few_shot_report
 from dfkd_assets.defs.jobs import build_jobs
 from dfkd_assets.defs.prompts import prompt_bank, teacher_head
 from dfkd_assets.defs.promotion import champion_student
+from dfkd_assets.defs.registry import rollback_champion
 from dfkd_assets.defs.resources import DvcRepo, MlflowTracking, bound_settings
 from dfkd_assets.defs.student import student_model
 from dfkd_assets.defs.synthesis import build_synthetic_images
@@ -26,12 +30,17 @@ def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
     config_file = Path(config_file) if config_file else config_path_from_env()
     cfg = load_config(config_file)
     partitions = dg.StaticPartitionsDefinition([class_key(c) for c in cfg.classes])
-    assets = [teacher_head, prompt_bank, build_synthetic_images(partitions), synthetic_dataset, student_model, evaluation_report, champion_student]
+    assets = [teacher_head, prompt_bank, build_synthetic_images(partitions), synthetic_dataset, student_model, evaluation_report, champion_student, champion_onnx]
     if cfg.fewshot.enabled:
         assets.append(few_shot_report)
+    jobs = {j.name: j for j in build_jobs(cfg)}
+    schedules, sensors = build_automation(cfg, str(config_file), jobs)
     return dg.Definitions(
         assets=assets,
-        jobs=build_jobs(),
+        asset_checks=CHECKS,
+        jobs=[*jobs.values(), rollback_champion],
+        schedules=schedules,
+        sensors=sensors,
         resources={
             "settings": bound_settings(str(config_file)),
             "mlflow_tracking": MlflowTracking(),

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, NetworkAccessError
 from dfkd_assets.definitions import build_defs
 
-ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_dataset", "student_model", "evaluation_report", "champion_student"}
+ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "champion_onnx"}
 
 
 def test_definitions_import_without_heavy_modules():
@@ -49,7 +49,7 @@ def test_string_selection_parses():
     graph = build_defs(ROOT / "configs" / "ci.yaml").resolve_asset_graph()
     sel = dg.AssetSelection.from_string('key:"synthetic_dataset"+ or key:prompt_bank')
     assert {k.to_user_string() for k in sel.resolve(graph)} == {
-        "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "prompt_bank"
+        "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "champion_onnx", "prompt_bank"
     }
 
 
@@ -78,7 +78,7 @@ def test_paper_configs_validate_and_fewshot_adds_its_asset(tmp_path):
     keys = {k.to_user_string() for k in build_defs("configs/paper-smoke.yaml").resolve_asset_graph().get_all_asset_keys()}
     assert "few_shot_report" in keys
     keys_ci = {k.to_user_string() for k in build_defs("configs/ci.yaml").resolve_asset_graph().get_all_asset_keys()}
-    assert "few_shot_report" not in keys_ci and len(keys_ci) == 7
+    assert "few_shot_report" not in keys_ci and len(keys_ci) == 8  # seven pipeline assets + champion_onnx
 
 
 def test_paper_config_without_its_weight_files_names_them(tmp_path):
@@ -94,3 +94,20 @@ def test_paper_config_without_its_weight_files_names_them(tmp_path):
         teacher_for(cfg, "cpu")
     with pytest.raises(GeneratorLoadError, match="generator.checkpoint storage/weights/vqgan_imagenet_f16_16384/last.ckpt not found"):
         generator_for(cfg, "cpu")
+
+
+def test_operations_wiring_retries_runtime_checks_schedule_sensors():
+    import dagster as dg
+
+    defs = build_defs(ROOT / "configs" / "ci.yaml")
+    train = defs.resolve_job_def("distill_evaluate_promote")
+    assert train.tags["dagster/max_runtime"] == str(24 * 3600)
+    assert train.op_retry_policy is not None and train.op_retry_policy.max_retries == 2
+    graph = defs.resolve_asset_graph()
+    checks = {k.name: graph.get_check_spec(k) for k in graph.asset_check_keys}
+    for name in ("shard_integrity", "teacher_agreement", "student_weights_finite", "not_worse_than_champion", "onnx_matches_pytorch"):
+        assert checks[name].blocking, name
+    assert defs.resolve_schedule_def("retrain").cron_schedule == "0 3 * * 1"
+    assert {s.name for s in defs.sensors} == {"stale_partitions", "record_failures"}
+    assert defs.resolve_job_def("rollback_champion") is not None
+    assert defs.resolve_sensor_def("record_failures").sensor_type.name == "RUN_STATUS"

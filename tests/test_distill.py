@@ -28,7 +28,7 @@ def data():
 def test_kd_augmentations_are_seeded_bounded_and_do_what_they_say(data):
     x = data[0][:8].permute(0, 3, 1, 2).contiguous()
     plain = DistillSettings(min_crop_scale=1.0)
-    strong = DistillSettings(min_crop_scale=0.25, color_jitter=0.4, grayscale_prob=0.5, blur_prob=0.5, mixup_alpha=1.0, cutmix_prob=0.5)
+    strong = DistillSettings(min_crop_scale=0.25, color_jitter=0.4, grayscale_prob=0.5, blur_prob=0.5, noise_std=0.2, mixup_alpha=1.0, cutmix_prob=0.5)
     a = augment_batch(x, 24, strong, torch.Generator().manual_seed(3))
     b = augment_batch(x, 24, strong, torch.Generator().manual_seed(3))
     assert a.shape == (8, 3, 24, 24) and torch.equal(a, b)  # the epoch seed alone decides the batch

@@ -108,3 +108,18 @@ def test_missing_files_name_the_setting(tmp_path, cpu):
         read_model_params(tmp_path / "nope.yaml")
     with pytest.raises(GeneratorLoadError, match="generator.checkpoint"):
         load_vqgan(TINY_VQGAN, tmp_path / "nope.ckpt", 0, cpu)
+
+
+@pytest.mark.slow
+def test_full_size_imagenet_f16_checkpoint_in_its_published_structure_loads(tmp_path, cpu):
+    """vqgan_imagenet_f16_16384 with random weights, saved as the published Lightning .ckpt."""
+    from conftest import ROOT
+
+    config = ROOT / "configs" / "models" / "vqgan_imagenet_f16_16384.yaml"
+    src = load_vqgan(config, None, 5, cpu)
+    assert codebook(src).shape == (16384, 256)
+    _lightning_ckpt(src, tmp_path / "last.ckpt")
+    loaded = load_vqgan(config, tmp_path / "last.ckpt", 0, cpu)
+    for k in ("quantize.embedding.weight", "decoder.conv_out.weight", "encoder.conv_in.weight"):
+        torch.testing.assert_close(loaded.state_dict()[k], src.state_dict()[k])
+    del src, loaded

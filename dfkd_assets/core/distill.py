@@ -39,6 +39,7 @@ class DistillSettings:
     color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1 - s, 1 + s]
     grayscale_prob: float = 0.0
     blur_prob: float = 0.0  # 3x3 box blur
+    noise_std: float = 0.0  # Gaussian pixel noise, per-image sigma uniform in [0, noise_std]
     mixup_alpha: float = 0.0  # > 0: pairs mixed with lambda ~ Beta(a, a); the teacher labels the mixture
     cutmix_prob: float = 0.0  # a rectangle pasted from another image of the batch
     seed: int = 0
@@ -61,8 +62,8 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
 def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.Generator) -> torch.Tensor:
     """uint8 [B,3,H,W] on device -> float [B,3,size,size] in [0,1].
 
-    Random-resized-crop + flip, then (each off by default) colour jitter, grayscale, blur, mixup
-    and cutmix. The teacher labels the augmented image itself, so every augmentation here widens
+    Random-resized-crop + flip, then (each off by default) colour jitter, grayscale, blur, pixel
+    noise, mixup and cutmix. The teacher labels the augmented image itself, so every augmentation here widens
     the input distribution the student learns the teacher on: the only way a student trained on
     synthetic images meets inputs unlike them (other domains) before test time.
     All draws come from `gen` (CPU), so an epoch is reproducible from its seed alone.
@@ -88,6 +89,9 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
     if s.blur_prob > 0:
         blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
         x = torch.where((ud[:, 9] < s.blur_prob)[:, None, None, None], blurred, x)
+    if s.noise_std > 0:
+        noise = torch.randn(x.shape, generator=gen).to(dev, x.dtype)
+        x = (x + ud[:, 14, None, None, None] * s.noise_std * noise).clamp(0, 1)
     if s.mixup_alpha > 0 or s.cutmix_prob > 0:
         partner = x[torch.randperm(b, generator=gen).to(dev)]
         if s.mixup_alpha > 0:

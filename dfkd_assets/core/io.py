@@ -115,15 +115,18 @@ def read_shard(directory: Path, verify: bool = True) -> tuple[np.ndarray, dict]:
     if not path.is_file():
         raise ShardError(f"shard {path} is missing")
     images = []
-    with tarfile.open(path, mode="r:") as tar:
-        members = {m.name: m for m in tar.getmembers()}
-        for rec in manifest["images"]:
-            if rec["file"] not in members:
-                raise ShardError(f"{path}: image {rec['file']} listed in the manifest is not in the shard")
-            data = tar.extractfile(members[rec["file"]]).read()
-            if verify and sha256_bytes(data) != rec["sha256"]:
-                raise ShardError(f"{path}: sha256 of {rec['file']} does not match {MANIFEST_NAME}")
-            images.append(decode_png(data))
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for rec in manifest["images"]:
+                if rec["file"] not in members:
+                    raise ShardError(f"{path}: image {rec['file']} listed in the manifest is not in the shard")
+                data = tar.extractfile(members[rec["file"]]).read()
+                if verify and sha256_bytes(data) != rec["sha256"]:
+                    raise ShardError(f"{path}: sha256 of {rec['file']} does not match {MANIFEST_NAME}")
+                images.append(decode_png(data))
+    except (tarfile.TarError, OSError, ValueError) as e:  # truncated tar, undecodable PNG
+        raise ShardError(f"shard {path} is unreadable ({type(e).__name__}: {e}): re-materialize this class partition") from e
     if len(images) != manifest["count"]:
         raise ShardError(f"{path}: manifest says {manifest['count']} images, found {len(images)}")
     return np.stack(images), manifest

@@ -8,6 +8,8 @@ recorded here is what the student's MLflow tags point back to.
 
 import dagster as dg
 
+from dfkd_assets.defs.errors import no_retry_for_bad_input
+
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.resources import DvcRepo, PipelineSettings
 
@@ -19,6 +21,7 @@ from dfkd_assets.defs.resources import DvcRepo, PipelineSettings
     kinds={"dvc"},
     description="DVC snapshot (dvc add + push) of every class shard; records the DVC hash.",
 )
+@no_retry_for_bad_input
 def synthetic_dataset(context: dg.AssetExecutionContext, settings: PipelineSettings, dvc: DvcRepo) -> dg.MaterializeResult:
     from dfkd_assets.core.io import ShardError, atomic_write_json, read_manifest, sha256_file
 

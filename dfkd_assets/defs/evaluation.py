@@ -11,6 +11,8 @@ import math
 
 import dagster as dg
 
+from dfkd_assets.defs.errors import no_retry_for_bad_input
+
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.loaders import device_lease, eval_sets, head_for, teacher_for
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
@@ -32,6 +34,7 @@ def _json_safe(obj):
     kinds={"pytorch", "mlflow"},
     description="Per-domain top-1 of student (challenger), teacher and champion; markdown report + confusion matrices.",
 )
+@no_retry_for_bad_input
 def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import numpy as np
 
@@ -114,6 +117,8 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
                 client.log_metric(registry["run_id"], f"eval_{m}_top1.{d.replace('/', '.')}", top1[m][d])
         if np.isfinite(mean_ratio):
             client.log_metric(registry["run_id"], "eval_mean_transfer_ratio", mean_ratio)
+        if cfg.promotion.metric in metrics:  # marks the version as evaluated: rollback only accepts such versions
+            client.set_model_version_tag(registry["model_name"], registry["version"], f"evaluated_{cfg.promotion.metric}", str(metrics[cfg.promotion.metric]))
         client.log_artifacts(registry["run_id"], str(out), "evaluation")
         context.log.info("\n" + table)
         first_png = out / f"confusion_{domains[0].replace('/', '_')}.png"

@@ -10,6 +10,8 @@ import json
 
 import dagster as dg
 
+from dfkd_assets.defs.errors import no_retry_for_bad_input
+
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 from dfkd_assets.loaders import device_lease, eval_sets, fewshot_settings
@@ -22,6 +24,7 @@ from dfkd_assets.loaders import device_lease, eval_sets, fewshot_settings
     kinds={"pytorch", "mlflow"},
     description="Few-shot fine-tuning curves (accuracy vs shots per domain): distilled student vs scratch (vs ImageNet).",
 )
+@no_retry_for_bad_input
 def few_shot_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import numpy as np
 

@@ -1,21 +1,32 @@
 """Jobs over the asset graph. Selections are strings on purpose: they exercise Dagster's
-selection parser, which breaks silently when dvc's antlr4 pin wins (DEPENDENCIES.md #1)."""
+selection parser, which breaks silently when dvc's antlr4 pin wins (DEPENDENCIES.md #1).
+
+Every pipeline job retries failed steps (`operations.max_retries`, exponential backoff; bad input
+is never retried, see defs/errors.py) and carries `dagster/max_runtime`, which run monitoring
+enforces.
+"""
 
 from __future__ import annotations
 
 import dagster as dg
+
+from dfkd_assets.config import DfkdConfig
 
 PREPARE = "prepare_prompts"
 SYNTHESIZE = "synthesize_class"
 TRAIN = "distill_evaluate_promote"
 
 
-def build_jobs() -> list:
+def build_jobs(cfg: DfkdConfig) -> list:
+    ops = cfg.operations
+    retry = dg.RetryPolicy(max_retries=ops.max_retries, delay=ops.retry_delay_s, backoff=dg.Backoff.EXPONENTIAL)
+    tags = {"dagster/max_runtime": str(ops.max_runtime_s)}
+
+    def job(name: str, selection: str, description: str) -> dg.UnresolvedAssetJobDefinition:
+        return dg.define_asset_job(name, selection=selection, description=description, tags=tags, op_retry_policy=retry)
+
     return [
-        dg.define_asset_job(PREPARE, selection="key:teacher_head or key:prompt_bank", description="Teacher head and prompt bank."),
-        dg.define_asset_job(
-            SYNTHESIZE, selection='key:"synthetic_images"',
-            description="VQGAN-CLIP images of one class (one run per class partition, or a backfill).",
-        ),
-        dg.define_asset_job(TRAIN, selection="key:synthetic_dataset+", description="Snapshot (DVC), distil, evaluate, promote."),
+        job(PREPARE, "key:teacher_head or key:prompt_bank", "Teacher head and prompt bank."),
+        job(SYNTHESIZE, 'key:"synthetic_images"', "VQGAN-CLIP images of one class (one run per class partition, or a backfill)."),
+        job(TRAIN, "key:synthetic_dataset+", "Snapshot (DVC), distil, evaluate, promote (blocking checks guard each step)."),
     ]

@@ -6,6 +6,8 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from dfkd_assets.defs.errors import no_retry_for_bad_input
+
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 
@@ -16,6 +18,7 @@ from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
     kinds={"mlflow"},
     description="Champion/challenger promotion: moves alias `champion` when the challenger is not worse beyond tolerance.",
 )
+@no_retry_for_bad_input
 def champion_student(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     from dfkd_assets.core.promotion import decide_promotion
 

@@ -7,12 +7,16 @@ style keep its class?).
 
 import dagster as dg
 
+from dfkd_assets.defs.errors import no_retry_for_bad_input
+
+from dfkd_assets.defs.fingerprints import prompt_settings_hash
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.loaders import device_lease, head_for, style_settings, teacher_for
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 
 
 @dg.asset(group_name="prompts", kinds={"pytorch"}, description="Zero-shot classifier: template-ensembled class text embeddings of the teacher.")
+@no_retry_for_bad_input
 def teacher_head(context: dg.AssetExecutionContext, settings: PipelineSettings) -> dg.MaterializeResult:
     import torch
     from safetensors.torch import save
@@ -48,6 +52,7 @@ def teacher_head(context: dg.AssetExecutionContext, settings: PipelineSettings) 
     kinds={"pytorch", "mlflow"},
     description="Class names x diversified styles (prompts.method) with their teacher text features (synthesis targets) and diagnostics.",
 )
+@no_retry_for_bad_input
 def prompt_bank(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import mlflow
 
@@ -94,6 +99,7 @@ def prompt_bank(context: dg.AssetExecutionContext, settings: PipelineSettings, m
         per_style = markdown_table(diag["per_style"][:64], ["style", "class_preserved", "mean_cosine_to_other_styles"])
         rows = [{"style": s, "class": c, "prompt": bank.prompts[i][k]} for i, s in enumerate(bank.styles) for k, c in enumerate(bank.classes)]
         meta = {
+            "settings_hash": prompt_settings_hash(cfg),  # the stale_partitions sensor compares it with the current settings
             "path": dg.MetadataValue.path(str(out.resolve())),
             "method": bank.method,
             "num_styles": bank.num_styles,

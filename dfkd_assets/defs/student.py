@@ -10,6 +10,8 @@ import hashlib
 import json
 
 import dagster as dg
+
+from dfkd_assets.defs.errors import no_retry_for_bad_input
 import yaml
 
 from dfkd_assets.defs.lineage import lineage
@@ -37,6 +39,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     kinds={"pytorch", "mlflow"},
     description="Student distilled from the teacher on the synthetic snapshot; new MLflow model version, alias `challenger`.",
 )
+@no_retry_for_bad_input
 def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import mlflow
     import mlflow.pytorch

@@ -7,29 +7,19 @@ A shard whose manifest already carries the current fingerprint is reused as it i
 """
 
 
-import hashlib
-import json
 import shutil
 
 import dagster as dg
 
+from dfkd_assets.defs.errors import no_retry_for_bad_input
+
 from dfkd_assets.config import class_key
+from dfkd_assets.defs.fingerprints import class_fingerprint, class_targets_hash
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.loaders import device_lease, generator_for, head_for, synthesis_settings, teacher_for
 from dfkd_assets.defs.resources import PipelineSettings
 
 ASSET_KEY = "synthetic_images"
-
-
-def _fingerprint(cfg, bank_features_sha: str, teacher_id: str, class_name: str) -> str:
-    parts = {
-        "synthesis": cfg.synthesis.model_dump(mode="json", exclude={"batch_size", "log_every"}),
-        "generator": cfg.generator.model_dump(mode="json"),
-        "teacher_id": teacher_id,
-        "bank": bank_features_sha,
-        "class": class_name,
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.AssetsDefinition:
@@ -42,13 +32,14 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
         kinds={"pytorch"},
         description="VQGAN-CLIP images of one class: one tar shard of PNGs + manifest (sha256 per image).",
     )
+    @no_retry_for_bad_input
     def synthetic_images(context: dg.AssetExecutionContext, settings: PipelineSettings) -> dg.MaterializeResult:
         import numpy as np
         import torch
 
-        from dfkd_assets.core.io import ShardError, encode_png, read_manifest, sha256_file, write_shard
+        from dfkd_assets.core.io import ShardError, encode_png, read_manifest, write_shard
         from dfkd_assets.core.progress import Progress
-        from dfkd_assets.core.prompts import BANK_TENSORS, PromptBank
+        from dfkd_assets.core.prompts import PromptBank
         from dfkd_assets.core.report import write_grid
         from dfkd_assets.core.seeding import derive_seed
         from dfkd_assets.core.synthesis import synthesize_resumable
@@ -61,7 +52,7 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
             bank.check_teacher(teacher.teacher_id)
             k = bank.class_index(class_name)
             head = head_for(cfg, teacher, device)
-            fp = _fingerprint(cfg, sha256_file(cfg.path("prompt_bank") / BANK_TENSORS), teacher.teacher_id, class_name)
+            fp = class_fingerprint(cfg, class_targets_hash(bank, class_name, cfg.synthesis.images_per_class), teacher.teacher_id, class_name)
             out_dir = cfg.class_dir(class_name)
             grid_path = cfg.path("previews") / f"{class_key(class_name)}.png"
 

@@ -1,0 +1,39 @@
+"""Which failures a retry can fix. Jobs retry steps (`operations.max_retries`) for transient
+trouble (a busy GPU, a dropped MLflow connection); bad input fails at once instead, as a
+`dagster.Failure` that forbids retries, so a wrong path is reported in seconds, not after
+three attempts."""
+
+import functools
+
+import dagster as dg
+
+
+def _permanent_types() -> tuple[type, ...]:
+    # imported when an error happens (the modules are loaded by then); definitions stay torch-free
+    from dfkd_assets.config import ConfigError
+    from dfkd_assets.core.distill import DistillDiverged
+    from dfkd_assets.core.evaluation import EvalDataError
+    from dfkd_assets.core.io import ShardError
+    from dfkd_assets.core.prompts import PromptBankMismatch, PromptError
+    from dfkd_assets.core.teacher import TeacherLoadError
+    from dfkd_assets.core.vqgan import GeneratorLoadError
+
+    return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
+            ShardError, FileNotFoundError)
+
+
+def no_retry_for_bad_input(fn):
+    """Asset decorator (under @dg.asset): errors caused by settings or files become non-retryable Failures."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except dg.Failure:
+            raise
+        except Exception as e:
+            if isinstance(e, _permanent_types()):
+                raise dg.Failure(description=f"{type(e).__name__}: {e}", allow_retries=False) from e
+            raise
+
+    return wrapper

@@ -1,0 +1,40 @@
+"""Using a registered student: load `models:/<name>@<alias>` from MLflow and classify files.
+
+The registered model owns its preprocessing and class names (core/student.StudentClassifier),
+so this is all a consumer needs: images in, class probabilities out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load_registered(tracking_uri: str, model_uri: str):
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
+    except MlflowException as e:
+        raise SystemExit(f"error: cannot load {model_uri} from {tracking_uri}: {e.message}") from None
+
+
+def predict_files(model, files: list[Path], top_k: int = 3, batch_size: int = 32) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from dfkd_assets.core.evaluation import load_image
+
+    rows = []
+    for i in range(0, len(files), batch_size):
+        chunk = files[i : i + batch_size]
+        x = torch.from_numpy(np.stack([load_image(f, model.input_size) for f in chunk])).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            probs = model(x).softmax(-1)
+        for f, p in zip(chunk, probs):
+            top = p.topk(min(top_k, len(model.classes)))
+            rows.append({"file": str(f), "top": [(model.classes[j], float(v)) for v, j in zip(top.values, top.indices)]})
+    return rows
