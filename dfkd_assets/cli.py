@@ -96,8 +96,11 @@ def _cmd_setup_pools(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     slots = args.gpus if args.gpus is not None else max(1, torch.cuda.device_count()) * cfg.steps_per_gpu
     with dg.DagsterInstance.get() as instance:
+        # explicit rows for both pools: Dagster otherwise creates them lazily when the first step
+        # asks, and two runs starting at the same moment on Postgres can race on that insert
         instance.event_log_storage.set_concurrency_slots("gpu", slots)
-    print(f"Dagster pool gpu = {slots} slot(s) in {os.environ['DAGSTER_HOME']}")
+        instance.event_log_storage.set_concurrency_slots("dvc", 1)
+    print(f"Dagster pools: gpu = {slots} slot(s), dvc = 1, in {os.environ['DAGSTER_HOME']}")
     return 0
 
 

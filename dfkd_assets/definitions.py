@@ -26,6 +26,28 @@ from dfkd_assets.defs.student import student_model
 from dfkd_assets.defs.synthesis import build_synthetic_images
 
 
+EXECUTOR_ENV = "DFKD_EXECUTOR"
+
+
+def executor_from_env():
+    """`DFKD_EXECUTOR`: empty = Dagster's default (multiprocess), `k8s` = one pod per step
+    (dagster-k8s), `celery` = Celery workers with a `gpu` queue (dagster-celery). See infra/."""
+    import os
+
+    kind = os.environ.get(EXECUTOR_ENV, "")
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    if kind == "celery":
+        from dagster_celery import celery_executor
+
+        return celery_executor
+    if kind:
+        raise ValueError(f"{EXECUTOR_ENV}={kind!r}: expected empty, 'k8s' or 'celery'")
+    return None
+
+
 def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
     config_file = Path(config_file) if config_file else config_path_from_env()
     cfg = load_config(config_file)
@@ -41,6 +63,7 @@ def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
         jobs=[*jobs.values(), rollback_champion],
         schedules=schedules,
         sensors=sensors,
+        executor=executor_from_env(),
         resources={
             "settings": bound_settings(str(config_file)),
             "mlflow_tracking": MlflowTracking(),

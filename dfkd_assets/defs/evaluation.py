@@ -12,6 +12,7 @@ import math
 import dagster as dg
 
 from dfkd_assets.defs.errors import no_retry_for_bad_input
+from dfkd_assets.defs.placement import GPU_OP_TAGS
 
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.loaders import device_lease, eval_sets, head_for, teacher_for
@@ -31,6 +32,7 @@ def _json_safe(obj):
     group_name="training",
     deps=["student_model"],
     pool="gpu",
+    op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
     description="Per-domain top-1 of student (challenger), teacher and champion; markdown report + confusion matrices.",
 )

@@ -11,6 +11,7 @@ import json
 import dagster as dg
 
 from dfkd_assets.defs.errors import no_retry_for_bad_input
+from dfkd_assets.defs.placement import GPU_OP_TAGS
 
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
@@ -21,6 +22,7 @@ from dfkd_assets.loaders import device_lease, eval_sets, fewshot_settings
     group_name="training",
     deps=["student_model"],
     pool="gpu",
+    op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
     description="Few-shot fine-tuning curves (accuracy vs shots per domain): distilled student vs scratch (vs ImageNet).",
 )

@@ -12,6 +12,7 @@ import json
 import dagster as dg
 
 from dfkd_assets.defs.errors import no_retry_for_bad_input
+from dfkd_assets.defs.placement import GPU_OP_TAGS
 import yaml
 
 from dfkd_assets.defs.lineage import lineage
@@ -36,6 +37,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
     group_name="training",
     deps=["synthetic_dataset", "teacher_head"],
     pool="gpu",
+    op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
     description="Student distilled from the teacher on the synthetic snapshot; new MLflow model version, alias `challenger`.",
 )

@@ -12,6 +12,7 @@ import shutil
 import dagster as dg
 
 from dfkd_assets.defs.errors import no_retry_for_bad_input
+from dfkd_assets.defs.placement import GPU_OP_TAGS
 
 from dfkd_assets.config import class_key
 from dfkd_assets.defs.fingerprints import class_fingerprint, class_targets_hash
@@ -29,6 +30,7 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
         partitions_def=partitions_def,
         deps=["prompt_bank", "teacher_head"],
         pool="gpu",
+        op_tags=GPU_OP_TAGS,
         kinds={"pytorch"},
         description="VQGAN-CLIP images of one class: one tar shard of PNGs + manifest (sha256 per image).",
     )
