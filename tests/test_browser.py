@@ -70,6 +70,7 @@ def test_dagster_and_mlflow_uis_show_assets_materializations_and_the_champion(tm
         catalog = _dom(f"http://127.0.0.1:{ui_port}/assets", tmp_path, "dagster-assets")
         missing = [a for a in ASSETS if a not in catalog]
         assert not missing, f"asset catalog lacks {missing}; see {tmp_path / 'dagster-assets.png'}"
+        assert "Materialized" in catalog
         page = _dom(f"http://127.0.0.1:{ui_port}/assets/student_model", tmp_path, "dagster-student")
         assert "student_model" in page and "model_version" in page  # the latest materialization's metadata
 
