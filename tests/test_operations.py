@@ -174,3 +174,43 @@ def test_failure_sensor_records_and_posts_to_the_webhook(tmp_path, monkeypatch):
     assert json.loads(lines[-1])["run_id"] == r.run_id and json.loads(lines[-1])["job"] == TRAIN
     assert received and received[0]["run_id"] == r.run_id
     assert "s3cret" not in (cfg.storage_dir / "run_failures.jsonl").read_text()
+
+
+def test_bad_input_fails_at_once_without_retries(tmp_path, monkeypatch):
+    """A wrong path is a Failure that forbids retries: one attempt, then the run fails naming the setting."""
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.jobs import PREPARE
+
+    cfg_path = make_workspace(tmp_path, {"operations": {"max_retries": 2, "retry_delay_s": 0}})
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    bad = {"resources": {"settings": {"config": {"overrides": {"teacher": {"model_config_file": str(tmp_path / "nope.json")}}}}}}
+    with dg.DagsterInstance.get() as instance:
+        r = build_defs(cfg_path).resolve_job_def(PREPARE).execute_in_process(instance=instance, run_config=bad, raise_on_error=False)
+        assert not r.success
+        kinds = [e.dagster_event.event_type_value for e in instance.all_logs(r.run_id) if e.dagster_event]
+        assert "STEP_UP_FOR_RETRY" not in kinds and kinds.count("STEP_START") == 1
+        assert "teacher.model_config_file" in r.failure_data_for_node("teacher_head").error.message
+
+
+def test_transient_tracking_outage_is_retried(tmp_path, monkeypatch):
+    """MLflow unreachable (a closed port) is transient: the step is retried, then fails clearly."""
+    import socket
+
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.jobs import PREPARE
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket is closed
+    cfg_path = make_workspace(tmp_path, {"operations": {"max_retries": 2, "retry_delay_s": 0},
+                                         "mlflow": {"tracking_uri": f"http://127.0.0.1:{port}", "artifact_location": None}})
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with dg.DagsterInstance.get() as instance:
+        r = build_defs(cfg_path).resolve_job_def(PREPARE).execute_in_process(instance=instance, raise_on_error=False)
+        assert not r.success and r.asset_materializations_for_node("teacher_head")
+        logs = [e for e in instance.all_logs(r.run_id) if e.dagster_event]
+        retries = [e for e in logs if e.dagster_event.event_type_value == "STEP_UP_FOR_RETRY" and e.step_key == "prompt_bank"]
+        assert len(retries) == 2  # max_retries, then the failure
+        assert str(port) in r.failure_data_for_node("prompt_bank").error.message
