@@ -33,7 +33,7 @@ def test_operations_checks_rollback_predict_onnx_and_sensors(tmp_path, monkeypat
     from dfkd_assets.defs.resources import MlflowTracking
     from dfkd_assets.defs.runner import run_pipeline
 
-    cfg_path = make_workspace(tmp_path, {"prompts": {"method": "random", "num_styles": 3}})
+    cfg_path = make_workspace(tmp_path)  # Contrastive-Prompt, as in the demo
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     cfg = load_config(cfg_path)
     defs = build_defs(cfg_path)

@@ -15,7 +15,7 @@ from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.placement import GPU_OP_TAGS
 
 from dfkd_assets.config import class_key
-from dfkd_assets.defs.fingerprints import class_fingerprint, class_targets_hash
+from dfkd_assets.defs.fingerprints import class_fingerprint
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.loaders import device_lease, generator_for, head_for, synthesis_settings, teacher_for
 from dfkd_assets.defs.resources import PipelineSettings
@@ -54,7 +54,7 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
             bank.check_teacher(teacher.teacher_id)
             k = bank.class_index(class_name)
             head = head_for(cfg, teacher, device)
-            fp = class_fingerprint(cfg, class_targets_hash(bank, class_name, cfg.synthesis.images_per_class), teacher.teacher_id, class_name)
+            fp = class_fingerprint(cfg, teacher.teacher_id, class_name)
             out_dir = cfg.class_dir(class_name)
             grid_path = cfg.path("previews") / f"{class_key(class_name)}.png"
 
