@@ -56,19 +56,3 @@ def load_student(directory: Path) -> StudentClassifier:
     model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
     return model.eval()
 
-
-def load_weights_file(path: Path, setting: str) -> dict[str, torch.Tensor]:
-    """A tensor dict from .safetensors, or from a .pth/.bin through the weights-only unpickler."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{setting}: {path} not found")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{setting}: {path} could not be read safely: {str(e).splitlines()[0][:300]}") from e
-    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{setting}: {path} holds no state dict of tensors")
-    return obj

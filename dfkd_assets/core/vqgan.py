@@ -101,20 +101,15 @@ def _load_state_dict(checkpoint: Path) -> dict:
     allow-listed training classes become inert stand-ins, anything else (e.g. `os.system`) is
     refused before it could run.
     """
-    allowed = [(_InertTrainingObject, name) for name in ALLOWED_TRAINING_GLOBALS]
+    from dfkd_assets.core.weights import WeightsReadError, read_state_dict
+
     try:
-        with torch.serialization.safe_globals(allowed):
-            obj = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    except Exception as e:
+        return read_state_dict(checkpoint, [(_InertTrainingObject, name) for name in ALLOWED_TRAINING_GLOBALS])
+    except WeightsReadError as e:
         raise GeneratorLoadError(
-            f"generator.checkpoint {checkpoint} could not be read safely (only tensors, plain containers and the "
-            f"allow-listed training objects {list(ALLOWED_TRAINING_GLOBALS)} are accepted; the file may also be "
-            f"truncated): {str(e).splitlines()[0][:400]}"
+            f"generator.checkpoint: {e} (only tensors, plain containers and the allow-listed training objects "
+            f"{list(ALLOWED_TRAINING_GLOBALS)} are accepted; the file may also be truncated)"
         ) from e
-    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise GeneratorLoadError(f"generator.checkpoint {checkpoint} holds no state_dict of tensors")
-    return sd
 
 
 def load_vqgan(config_file: Path, checkpoint: Path | None, init_seed: int, device: torch.device) -> torch.nn.Module:

@@ -17,9 +17,10 @@ def _permanent_types() -> tuple[type, ...]:
     from dfkd_assets.core.prompts import PromptBankMismatch, PromptError
     from dfkd_assets.core.teacher import TeacherLoadError
     from dfkd_assets.core.vqgan import GeneratorLoadError
+    from dfkd_assets.core.weights import WeightsReadError
 
     return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
-            ShardError, FileNotFoundError)
+            ShardError, WeightsReadError, FileNotFoundError)
 
 
 def no_retry_for_bad_input(fn):

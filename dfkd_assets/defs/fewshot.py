@@ -34,7 +34,8 @@ def few_shot_report(context: dg.AssetExecutionContext, settings: PipelineSetting
     from dfkd_assets.core.fewshot import copy_of, few_shot_curves, load_backbone_weights, summarize
     from dfkd_assets.core.io import atomic_write_json, atomic_write_text
     from dfkd_assets.core.report import markdown_table, write_fewshot_png
-    from dfkd_assets.core.student import build_student, load_student, load_weights_file
+    from dfkd_assets.core.student import build_student, load_student
+    from dfkd_assets.core.weights import read_state_dict
 
     cfg = settings.load()
     fs = cfg.fewshot
@@ -48,7 +49,9 @@ def few_shot_report(context: dg.AssetExecutionContext, settings: PipelineSetting
 
     starts = {"distilled": copy_of(student), "scratch": scratch}
     if fs.imagenet_weights is not None:
-        imagenet = load_weights_file(fs.imagenet_weights, "fewshot.imagenet_weights")
+        if not fs.imagenet_weights.is_file():
+            raise FileNotFoundError(f"fewshot.imagenet_weights {fs.imagenet_weights} not found")
+        imagenet = read_state_dict(fs.imagenet_weights)
         starts["imagenet"] = lambda: load_backbone_weights(scratch(), imagenet, str(fs.imagenet_weights))
     domains = {
         f"{name}/{ds.domain}": (np.stack([load_image(p, size) for p in ds.paths]), np.asarray(ds.labels))
