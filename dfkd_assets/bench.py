@@ -1,79 +1,371 @@
-"""Synthesis cost benchmark: `python -m dfkd_assets.bench` prints seconds per step and images/hour.
+"""`dfkd bench` / `python -m dfkd_assets.bench`: where the time goes, measured side by side.
 
-Random weights have the same cost as real ones, so this runs anywhere at paper settings
-(ViT-B-32 teacher, f16 VQGAN, 224 px, cutn 32). The engine comparison against a reference loop,
-MFU and distillation/latency numbers are issue #7; this is the baseline measurement.
+Sections (each prints a table and is written to the JSON as soon as it is done):
+  synthesis  the reference loop (one image at a time, Python-loop cutouts, fp32, eager) against the
+             engine (batched, vectorised cutouts, channels-last + bf16 on GPU, optionally compiled)
+             on the same models, prompts, seeds, iterations and image count: images/s, the ratio,
+             and the mean final text-image cosine of both (speed must not cost quality).
+  flops      FLOPs of one synthesis step (torch.utils.flop_counter), achieved TFLOP/s and MFU.
+  distill    KD images/s, with the step split into augmentation / teacher / student, and with
+             cached teacher logits (augmentation off).
+  load       per-partition model loading (from weight files written here) against the partition's
+             synthesis compute at the measured engine speed.
+  latency    CPU inference latency of students against the teacher's image encoder, batch 1 and 32,
+             eager PyTorch and ONNX Runtime.
+Random weights cost the same as trained ones, so `--config configs/paper-smoke.yaml` measures the
+paper's shapes (ViT-B-32, f16 VQGAN, 224 px) anywhere; `configs/ci.yaml` is the tiny CPU case.
+Numbers, machine and command are recorded in docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = ("synthesis", "flops", "distill", "load", "latency")
+# dense bf16 tensor-core peak by the vendor's datasheets, TFLOP/s (MFU denominator)
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 
 
-def bench_synthesis(teacher_name: str, vqgan_config: Path, image_size: int, cutn: int, batch: int, iters: int, device_spec: str,
-                    precision: str = "fp32") -> dict:
+def _sync(device) -> None:
     import torch
 
-    from dfkd_assets.core.devices import resolve_device, use_bf16
-    from dfkd_assets.core.synthesis import SynthesisSettings, synthesize_batch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device):
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - t0
+
+
+def _machine(device) -> dict:
+    import torch
+
+    info = {"platform": platform.platform(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _targets(teacher, n: int):
+    return teacher.encode_text([f"a photo of a thing number {i}" for i in range(n)])
+
+
+def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters: int, try_compile: bool) -> dict:
+    """Reference loop vs engine variants on the same targets and seeds."""
+    import dataclasses
+
+    import numpy as np
+
+    from dfkd_assets.core.reference_synthesis import reference_synthesize
+    from dfkd_assets.core.synthesis import synthesize_batch
+    from dfkd_assets.loaders import synthesis_settings
+
+    base = dataclasses.replace(synthesis_settings(cfg, device), iterations=iters, compile=False)
+    targets, seeds = _targets(teacher, images), list(range(images))
+    reference = dataclasses.replace(base, bf16=False, channels_last=False)
+
+    def engine_run(s, gen, tea):
+        return [synthesize_batch(gen, tea, targets[i : i + batch], seeds[i : i + batch], s) for i in range(0, images, batch)]
+
+    rows = []
+    warm = dataclasses.replace(reference, iterations=1)
+    reference_synthesize(vqgan, teacher, targets[:1], seeds[:1], warm)  # warm-up (allocator, kernels)
+    ref, dt = _timed(lambda: reference_synthesize(vqgan, teacher, targets, seeds, reference), device)
+    ref_cos = ref.cosines
+    rows.append({"variant": "reference loop (batch 1, fp32, eager)", "batch": 1, "seconds": dt, "cosine": float(ref_cos.mean())})
+
+    variants = [("engine fp32 (batched, vectorised)", dataclasses.replace(base, bf16=False, channels_last=False))]
+    if base.bf16 or base.channels_last:
+        variants.append((f"engine default ({'bf16' if base.bf16 else 'fp32'}{', channels-last' if base.channels_last else ''})", base))
+    if try_compile:
+        variants.append(("engine default + torch.compile", dataclasses.replace(base, compile=True)))
+    for name, s in variants:
+        models = (vqgan, teacher)
+        if s.compile:  # compilation is applied in place and for good: give it its own copies
+            from dfkd_assets.loaders import generator_for, teacher_for
+
+            models = (generator_for(cfg, device), teacher_for(cfg, device))
+        t0 = time.perf_counter()
+        synthesize_batch(*models, targets[:batch], seeds[:batch], dataclasses.replace(s, iterations=2))  # warm-up / compile
+        _sync(device)
+        warm_s = time.perf_counter() - t0
+        out, dt = _timed(lambda: engine_run(s, *models), device)
+        cos = np.concatenate([r.cosines for r in out])
+        rows.append({"variant": name, "batch": batch, "seconds": dt, "warmup_seconds": warm_s, "cosine": float(cos.mean()),
+                     "max_cosine_diff_vs_reference": float(np.abs(cos - ref_cos).max())})
+    for r in rows:
+        r["images_per_s"] = images / r["seconds"]
+        r["seconds_per_step"] = r["seconds"] / iters / (images / r["batch"])
+        r["images_per_hour_at_400_steps"] = 3600 * images * iters / (400 * r["seconds"])
+        r["speedup_vs_reference"] = rows[0]["seconds"] / r["seconds"]
+    spread = float(np.std(ref_cos) / np.sqrt(len(ref_cos)))
+    return {"images": images, "iterations": iters, "cutn": base.cutn, "image_size": base.image_size,
+            "reference_cosine_sem": spread, "rows": rows}
+
+
+def count_step_flops(teacher, vqgan, batch: int, settings) -> float:
+    """FLOPs (matmul/conv/attention, forward + backward) of one optimisation step at `batch` images."""
+    import dataclasses
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dfkd_assets.core.synthesis import synthesize_batch
+
+    targets = _targets(teacher, batch)
+    s = dataclasses.replace(settings, compile=False)
+    counts = []
+    for iters in (0, 1):  # iterations=0 is the final render + encode alone; the difference is one step
+        with FlopCounterMode(display=False) as fc:
+            synthesize_batch(vqgan, teacher, targets, list(range(batch)), dataclasses.replace(s, iterations=iters))
+        counts.append(fc.get_total_flops())
+    return float(counts[1] - counts[0])
+
+
+def bench_flops(synth: dict, teacher, vqgan, cfg, device, batch: int, peak_tflops: float | None) -> dict:
+    from dfkd_assets.loaders import synthesis_settings
+
+    flops = count_step_flops(teacher, vqgan, batch, synthesis_settings(cfg, device))
+    rows = []
+    for r in synth["rows"]:
+        per_step = flops / batch * r["batch"]
+        achieved = per_step / r["seconds_per_step"] / 1e12
+        rows.append({"variant": r["variant"], "tflops_per_step": per_step / 1e12, "achieved_tflops": achieved,
+                     "mfu": achieved / peak_tflops if peak_tflops else None})
+    return {"flops_per_image_step": flops / batch, "peak_bf16_tflops": peak_tflops, "rows": rows}
+
+
+def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: int, batch_size: int | None) -> dict:
+    """Whole-loop KD images/s (augmented, and with cached logits), then one step split by stage."""
+    import dataclasses
+
+    import torch
+
+    from dfkd_assets.core.distill import augment_batch, distill
+    from dfkd_assets.core.student import build_student
+    from dfkd_assets.core.teacher import teacher_logits
+    from dfkd_assets.loaders import distill_settings
+
+    classes = [f"class{i}" for i in range(len(cfg.classes))]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n_images, image_size, image_size, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(len(classes), (n_images,), generator=g)
+    head = torch.nn.functional.normalize(torch.randn(len(classes), _targets(teacher, 1).shape[-1], generator=g), dim=-1).to(device)
+    base = dataclasses.replace(distill_settings(cfg, device), epochs=epochs)
+    if batch_size:
+        base = dataclasses.replace(base, batch_size=batch_size)
+    out = {"images": n_images, "epochs": epochs, "student": cfg.student.arch, "input_size": cfg.student.input_size,
+           "batch_size": base.batch_size, "bf16": base.bf16}
+    for name, s in (("augmented", base), ("cached_teacher_logits", dataclasses.replace(base, augment=False))):
+        student = build_student(cfg.student.arch, classes, cfg.student.input_size, 0)
+        with tempfile.TemporaryDirectory() as tmp:
+            _, dt = _timed(lambda: distill(student, teacher, head, images, labels, s, Path(tmp), name), device)
+        out[f"{name}_images_per_s"] = n_images * epochs / dt
+
+    student = build_student(cfg.student.arch, classes, cfg.student.input_size, 0).to(device).train()
+    opt = torch.optim.SGD(student.parameters(), lr=base.lr, momentum=base.momentum)
+    data = images.to(device).permute(0, 3, 1, 2).contiguous()
+    stages = {"augment": 0.0, "teacher": 0.0, "student": 0.0}
+    steps = max(1, n_images // base.batch_size)
+    from dfkd_assets.core.devices import autocast
+    from dfkd_assets.core.distill import kd_loss
+
+    for i in range(steps + 1):  # the first step is a warm-up
+        idx = torch.arange(i % steps * base.batch_size, (i % steps + 1) * base.batch_size, device=device) % n_images
+        x, t_aug = _timed(lambda: augment_batch(data[idx], cfg.student.input_size, base, g), device)
+        with torch.no_grad(), autocast(device, base.bf16):
+            z_t, t_teacher = _timed(lambda: teacher_logits(teacher, head, x).float(), device)
+
+        def student_step():
+            with autocast(device, base.bf16):
+                z_s = student(x).float()
+            loss = kd_loss(z_s, z_t, base.temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        _, t_student = _timed(student_step, device)
+        if i:
+            stages["augment"] += t_aug
+            stages["teacher"] += t_teacher
+            stages["student"] += t_student
+    total = sum(stages.values())
+    out["step_share"] = {k: v / total for k, v in stages.items()}
+    out["step_seconds"] = total / steps
+    return out
+
+
+def bench_load(cfg, device, teacher, vqgan, engine_images_per_s_at_400: float, partition_images: int) -> dict:
+    """Write the models' weights as the pipeline reads them, then time a partition's loading."""
+    import torch
+    from safetensors.torch import save_file
+
     from dfkd_assets.core.teacher import load_teacher
     from dfkd_assets.core.vqgan import load_vqgan
 
-    device = resolve_device(device_spec)
-    cfg_file = ROOT / "configs" / "models" / f"{teacher_name}.json"
-    t0 = time.perf_counter()
-    teacher = load_teacher(teacher_name, None, cfg_file if cfg_file.is_file() else None, 0, device)
-    vqgan = load_vqgan(vqgan_config, None, 0, device)
-    load_s = time.perf_counter() - t0
-    targets = teacher.encode_text([f"a photo of a thing {i}" for i in range(batch)])
-    bf16 = use_bf16(device, precision)
-    settings = SynthesisSettings(iterations=2, cutn=cutn, image_size=image_size, bf16=bf16)
-    synthesize_batch(vqgan, teacher, targets, list(range(batch)), settings)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    res = synthesize_batch(vqgan, teacher, targets, list(range(batch)), SynthesisSettings(iterations=iters, cutn=cutn, image_size=image_size, bf16=bf16))
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    step_s = dt / iters
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "teacher": teacher_name, "vqgan": Path(vqgan_config).name, "image_size": image_size, "cutn": cutn, "batch": batch,
-        "precision": "bf16" if bf16 else "fp32", "mean_final_cosine": float(res.cosines.mean()),
-        "iters": iters, "seconds_per_step": step_s, "images_per_hour_at_400_steps": 3600 * batch / (400 * step_s),
-        "model_load_seconds": load_s,
-        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tw = Path(tmp) / "teacher.safetensors"
+        save_file({k: v.detach().cpu().contiguous() for k, v in teacher.model.state_dict().items()}, str(tw))
+        gw = Path(tmp) / "vqgan.ckpt"
+        torch.save({"state_dict": {k: v.detach().cpu() for k, v in vqgan.state_dict().items()}}, gw)
+        t = cfg.teacher
+        _, t_teacher = _timed(lambda: load_teacher(t.model_name, str(tw), t.model_config_file, 0, device), device)
+        _, t_vqgan = _timed(lambda: load_vqgan(cfg.generator.config_file, gw, 0, device), device)
+        sizes = {"teacher_mib": tw.stat().st_size / 2**20, "vqgan_mib": gw.stat().st_size / 2**20}
+    compute = partition_images / engine_images_per_s_at_400
+    return {"teacher_load_s": t_teacher, "vqgan_load_s": t_vqgan, **sizes, "partition_images": partition_images,
+            "partition_compute_s_at_400_steps": compute, "load_share_of_compute": (t_teacher + t_vqgan) / compute}
+
+
+def bench_latency(cfg, teacher, students: list[str], input_size: int, batches=(1, 32), repeats: int = 10) -> dict:
+    """CPU latency (ms per batch, median of `repeats`): students (eager, ONNX Runtime) vs the teacher's image encoder."""
+    import statistics
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from dfkd_assets.core.export import export_onnx
+    from dfkd_assets.core.student import build_student
+    from dfkd_assets.core.teacher import load_teacher
+
+    cpu = torch.device("cpu")
+    t = cfg.teacher
+    cpu_teacher = load_teacher(t.model_name, None, t.model_config_file, 0, cpu) if teacher.device.type != "cpu" else teacher
+
+    def median_ms(fn, x):
+        with torch.inference_mode():
+            fn(x)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn(x)
+                times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    rows = []
+    for b in batches:
+        x = torch.rand(b, 3, input_size, input_size)
+        rows.append({"model": f"teacher image encoder ({t.model_name})", "runtime": "pytorch", "batch": b,
+                     "ms": median_ms(cpu_teacher.encode_images, torch.rand(b, 3, cpu_teacher.image_size, cpu_teacher.image_size))})
+        for arch in students:
+            student = build_student(arch, cfg.classes, input_size, 0).eval()
+            rows.append({"model": arch, "runtime": "pytorch", "batch": b, "ms": median_ms(student, x)})
+            with tempfile.TemporaryDirectory() as tmp:
+                export_onnx(student, Path(tmp) / "s.onnx")
+                sess = ort.InferenceSession(str(Path(tmp) / "s.onnx"), providers=["CPUExecutionProvider"])
+            xn = np.ascontiguousarray(x.numpy())
+            rows.append({"model": arch, "runtime": "onnxruntime", "batch": b,
+                         "ms": median_ms(lambda v: sess.run(["logits"], {"images": v}), xn)})
+    for r in rows:
+        ref = next(q["ms"] for q in rows if q["batch"] == r["batch"] and q["model"].startswith("teacher"))
+        r["speedup_vs_teacher"] = ref / r["ms"]
+    return {"input_size": input_size, "torch_threads": torch.get_num_threads(), "rows": rows}
+
+
+def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
+    print(f"\n## {title}")
+    print(" | ".join(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else ("-" if v is None else str(v)))
+        print(" | ".join(cells))
+
+
+def run(a) -> dict:
+    import torch
+
+    from dfkd_assets.config import load_config
+    from dfkd_assets.core.devices import resolve_device
+    from dfkd_assets.loaders import generator_for, teacher_for
+
+    cfg = load_config(a.config, {"device": a.device} if a.device else None)
+    device = resolve_device(cfg.device)
+    result = {"command": "dfkd bench " + " ".join(a.argv), "config": str(a.config), "machine": _machine(device)}
+
+    def save():
+        if a.json:
+            a.json.parent.mkdir(parents=True, exist_ok=True)
+            a.json.write_text(json.dumps(result, indent=2))
+
+    (teacher, vqgan), t_load = _timed(lambda: (teacher_for(cfg, device), generator_for(cfg, device)), device)
+    result["model_build_s"] = t_load
+    peak = a.peak_tflops
+    if peak is None and device.type == "cuda":
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+    batch = a.batch or cfg.synthesis.batch_size
+    images = a.images or batch
+    for section in a.sections:
+        t0 = time.perf_counter()
+        try:
+            if section == "synthesis":
+                out = bench_synthesis(cfg, device, teacher, vqgan, images, batch, a.iters, a.compile)
+                _print_table(f"synthesis: {images} images, {a.iters} iterations, cutn {out['cutn']}, {out['image_size']} px",
+                             out["rows"], ["variant", "batch", "images_per_s", "images_per_hour_at_400_steps", "speedup_vs_reference",
+                                           "cosine", "max_cosine_diff_vs_reference", "warmup_seconds"])
+            elif section == "flops":
+                if "synthesis" not in result:
+                    raise RuntimeError("the flops section needs the synthesis section's timings")
+                out = bench_flops(result["synthesis"], teacher, vqgan, cfg, device, batch, peak)
+                _print_table(f"flops: {out['flops_per_image_step'] / 1e9:.1f} GFLOP per image-step, peak {peak} TFLOP/s",
+                             out["rows"], ["variant", "tflops_per_step", "achieved_tflops", "mfu"])
+            elif section == "distill":
+                out = bench_distill(cfg, device, teacher, a.distill_images, a.distill_epochs, cfg.synthesis.image_size, a.distill_batch)
+                print(f"\n## distill: {json.dumps(out)}")
+            elif section == "load":
+                best = max(r["images_per_hour_at_400_steps"] for r in result["synthesis"]["rows"]) / 3600
+                out = bench_load(cfg, device, teacher, vqgan, best, a.partition_images)
+                print(f"\n## load: {json.dumps(out)}")
+            elif section == "latency":
+                out = bench_latency(cfg, teacher, a.students, a.latency_size or cfg.student.input_size)
+                _print_table(f"CPU latency at {out['input_size']} px, {out['torch_threads']} threads (ms per batch)",
+                             out["rows"], ["model", "runtime", "batch", "ms", "speedup_vs_teacher"])
+            out["section_seconds"] = time.perf_counter() - t0
+            result[section] = out
+        except Exception as e:  # keep the other sections' numbers
+            result[section] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"\n## {section}: FAILED {type(e).__name__}: {e}")
+        save()
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dfkd-bench", description=__doc__)
-    p.add_argument("--teacher", default="ViT-B-32")
-    p.add_argument("--vqgan-config", type=Path, default=ROOT / "configs" / "models" / "vqgan_imagenet_f16_16384.yaml")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--cutn", type=int, default=32)
-    p.add_argument("--batch", type=int, nargs="+", default=[8])
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "auto"])
-    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="dfkd bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "ci.yaml",
+                   help="models and settings to measure (configs/paper-smoke.yaml = paper shapes, random weights)")
+    p.add_argument("--device", default=None, help="override the config's device (auto|cpu|cuda|cuda:N)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--images", type=int, default=None, help="images per synthesis variant (default: one batch)")
+    p.add_argument("--batch", type=int, default=None, help="engine batch size (default: synthesis.batch_size)")
+    p.add_argument("--iters", type=int, default=10, help="optimisation steps per image (rates are per step; x/400 for the paper)")
+    p.add_argument("--compile", action="store_true", help="also measure the engine with torch.compile")
+    p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: datasheet bf16 peak of known GPUs)")
+    p.add_argument("--distill-images", type=int, default=512)
+    p.add_argument("--distill-epochs", type=int, default=2)
+    p.add_argument("--distill-batch", type=int, default=None, help="KD batch size (default: distill.batch_size)")
+    p.add_argument("--partition-images", type=int, default=64, help="images per class partition for the load share")
+    p.add_argument("--students", nargs="+", default=["resnet18", "mobilenetv3_large_100"])
+    p.add_argument("--latency-size", type=int, default=None, help="student input side for latency (default: student.input_size)")
+    p.add_argument("--json", type=Path, default=None, help="write all numbers here")
     a = p.parse_args(argv)
-    results = [bench_synthesis(a.teacher, a.vqgan_config, a.image_size, a.cutn, b, a.iters, a.device, prec)
-               for prec in a.precision for b in a.batch]
-    print(f"{'batch':>5} {'prec':>5} {'s/step':>8} {'img/h@400':>10} {'cos':>6} {'load s':>7} {'GiB':>6}  device")
-    for r in results:
-        mem = f"{r['peak_gpu_mem_gib']:.1f}" if r["peak_gpu_mem_gib"] is not None else "-"
-        print(f"{r['batch']:>5} {r['precision']:>5} {r['seconds_per_step']:>8.4f} {r['images_per_hour_at_400_steps']:>10.0f} "
-              f"{r['mean_final_cosine']:>6.3f} {r['model_load_seconds']:>7.2f} {mem:>6}  {r['device']}")
-    if a.json:
-        a.json.write_text(json.dumps(results, indent=2))
+    a.argv = argv
+    run(a)
     return 0
 
 

@@ -17,6 +17,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from dfkd_assets.config import load_config
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.runner import run_pipeline
+    from dfkd_assets.redaction import redact
 
     cfg = load_config(args.config)
     defs = build_defs(args.config)
@@ -26,8 +27,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print("\n" + report.read_text())
     print(f"Report:        {report.resolve()}")
     print(f"Dagster runs:  DAGSTER_HOME={os.environ['DAGSTER_HOME']}  (make ui -> http://127.0.0.1:3000)")
-    print(f"MLflow store:  {cfg.resolve(cfg.mlflow.tracking_uri)}  (model {cfg.mlflow.registered_model_name}@champion)")
-    print(f"DVC remote:    {cfg.resolve(cfg.dvc.remote_url)}")
+    print(redact(f"MLflow store:  {cfg.resolve(cfg.mlflow.tracking_uri)}  (model {cfg.mlflow.registered_model_name}@champion)"))
+    print(redact(f"DVC remote:    {cfg.resolve(cfg.dvc.remote_url)}"))
     return 0
 
 
@@ -105,6 +106,11 @@ def _cmd_setup_pools(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from dfkd_assets.bench import main as bench_main
+
+        return bench_main(argv[1:])
     p = argparse.ArgumentParser(prog="dfkd", description="Data-free distillation of CLIP into a small classifier.")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="materialize the whole asset graph (prompts, every class partition, training)")
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--settings", default=None, help="YAML with ToyworldConfig values (default: the built-in defaults)")
     b.add_argument("--force", action="store_true", help="rebuild even when the settings are unchanged")
     b.set_defaults(fn=_cmd_toyworld_build)
+    # listed for --help; its own parser (dfkd_assets.bench) takes the arguments, see below
+    sub.add_parser("bench", add_help=False, help="reference loop vs engine, FLOPs/MFU, KD throughput, load share, latency (dfkd bench --help)")
     c = sub.add_parser("compare", help="vanilla/mix/random/contrastive (+ noopt, real baselines) over seeds, same budget")
     from dfkd_assets.compare import main_args
 

@@ -40,7 +40,10 @@ def _synthesis_fingerprint(v: DfkdConfig, method: str, seed: int) -> str:
     """Everything that determines the synthetic images (not the distillation settings)."""
     import hashlib
 
-    parts = {k: v.model_dump(mode="json")[k] for k in ("classes", "teacher", "generator", "prompts", "synthesis")}
+    from dfkd_assets.defs.fingerprints import SCHEDULING_ONLY
+
+    dump = v.model_dump(mode="json", exclude={"synthesis": SCHEDULING_ONLY - {"batch_size", "log_every"}})
+    parts = {k: dump[k] for k in ("classes", "teacher", "generator", "prompts", "synthesis")}
     return hashlib.sha256(json.dumps({"method": method, "seed": seed, **parts}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -80,7 +83,7 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
             targets = torch.stack([bank.features[s, k] for s in styles]).to(device)
             seeds = [derive_seed(v.synthesis.seed, c, i) for i in range(n)]
             fp = _synthesis_fingerprint(v, method, seed)
-            ims, _, _ = synthesize_resumable(vqgan, teacher, head, targets, seeds, sset, v.synthesis.batch_size, work / f"{method}_s{seed}" / class_key(c), fp)
+            ims = synthesize_resumable(vqgan, teacher, head, targets, seeds, sset, v.synthesis.batch_size, work / f"{method}_s{seed}" / class_key(c), fp).images
             parts.append(ims)
             labels += [k] * n
         images = np.concatenate(parts)

@@ -12,19 +12,45 @@ import hashlib
 import json
 import os
 import re
+import types
 import unicodedata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dfkd_assets.redaction import redact
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 CONFIG_ENV = "DFKD_CONFIG"
 
 
+def _leaf_types(annotation) -> set:
+    """The scalar types an annotation admits (`int | None` -> {int, NoneType}); containers count as themselves."""
+    origin = get_origin(annotation)
+    if origin is None:
+        return {annotation}
+    if origin in (Union, types.UnionType, Annotated):
+        args = get_args(annotation)[:1] if origin is Annotated else get_args(annotation)
+        return set().union(*(_leaf_types(a) for a in args))
+    return {origin}
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_silent_type_coercion(cls, v, info):
+        """pydantic's lax mode reads `true` as 1 and `"8"` as 8; in a YAML file both are type
+        mistakes (a flag where a count belongs, a quoted number), so they are refused by name."""
+        leaves = _leaf_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(v, bool) and bool not in leaves and leaves & {int, float}:
+            raise ValueError(f"expected a number, got the boolean {str(v).lower()}")
+        if isinstance(v, str) and leaves and leaves <= {int, float, type(None)}:
+            raise ValueError(f"expected a number, got the string {v!r} (remove the quotes)")
+        return v
 
 
 class TeacherConfig(_Model):
@@ -110,6 +136,8 @@ class SynthesisConfig(_Model):
     augment_p: float = Field(0.7, ge=0, le=1, description="Probability of each augmentation per view.")
     noise_max: float = Field(0.1, ge=0)
     log_every: int = Field(50, gt=0)
+    channels_last: bool | None = Field(None, description="NHWC decoder/image tower; None = on CUDA only")
+    compile: bool = Field(False, description="torch.compile decoder + image tower: faster steps after a warm-up per partition")
 
 
 class StudentConfig(_Model):
@@ -130,6 +158,7 @@ class DistillConfig(_Model):
     weight_decay: float = Field(5e-4, ge=0)
     temperature: float = Field(4.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
+    augment: bool = Field(True, description="False: whole images, no crop/flip/jitter; the teacher's logits are cached once")
     min_crop_scale: float = Field(0.5, gt=0, le=1, description="random-resized-crop lower area bound")
     # Augmentations of the KD input; the teacher labels the augmented image, so they widen what the
     # student learns the teacher on (off by default = the paper's crop + flip).
@@ -218,7 +247,11 @@ class OperationsConfig(_Model):
 
 
 class MlflowConfig(_Model):
-    tracking_uri: str = Field("sqlite:///{workspace}/storage/mlflow.db", description="'{workspace}' is substituted.")
+    tracking_uri: str = Field(
+        "sqlite:///{workspace}/storage/mlflow.db",
+        description="'{workspace}' and '{env:NAME}' are substituted; put a password in the environment, e.g. "
+        "'postgresql+psycopg2://mlflow:{env:MLFLOW_DB_PASSWORD}@db/mlflow' (it is masked wherever the URI is recorded)",
+    )
     artifact_location: str | None = Field("{workspace}/storage/mlartifacts", description="For new experiments.")
     experiment_name: str = "dfkd"
     registered_model_name: str = "dfkd-student"
@@ -275,6 +308,11 @@ class ToyworldConfig(_Model):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# zero-width (non-)joiners glue emoji sequences and Indic scripts; every other control or format
+# character (NUL, escapes, bidi overrides that make a name read differently than it is) is refused
+_JOINERS = {"\u200c", "\u200d"}
+
+
 class DfkdConfig(_Model):
     """Root of the settings tree. Paths are relative to the current directory unless absolute."""
 
@@ -314,8 +352,9 @@ class DfkdConfig(_Model):
             clean = " ".join(name.split())
             if not clean:
                 raise ValueError("class names must not be empty")
-            if any(unicodedata.category(ch).startswith("C") for ch in clean):
-                raise ValueError(f"class name {name!r} contains control characters")
+            bad = [ch for ch in clean if unicodedata.category(ch).startswith("C") and ch not in _JOINERS]
+            if bad:
+                raise ValueError(f"class name {name!r} contains the control/format character U+{ord(bad[0]):04X}")
             key = class_key(clean)
             if key in seen:
                 raise ValueError(f"class names {seen[key]!r} and {name!r} are duplicates (case/space/punctuation-insensitive)")
@@ -357,7 +396,15 @@ class DfkdConfig(_Model):
         return self.data_dir / name
 
     def resolve(self, template: str) -> str:
-        return template.replace("{workspace}", str(self.workspace.resolve()))
+        """`{workspace}` -> the workspace path; `{env:NAME}` -> $NAME, so a password reaches a store
+        URL from the environment and the settings file (hashed, logged as params) never holds it."""
+
+        def env(m: re.Match) -> str:
+            if m[1] not in os.environ:
+                raise ConfigError(f"environment variable {m[1]} is not set (the settings use {{env:{m[1]}}} in {template!r})")
+            return os.environ[m[1]]
+
+        return _ENV_REF.sub(env, template.replace("{workspace}", str(self.workspace.resolve())))
 
     def class_for_key(self, key: str) -> str:
         for c in self.classes:
@@ -365,18 +412,40 @@ class DfkdConfig(_Model):
                 return c
         raise KeyError(f"partition key {key!r} matches no class in `classes` {self.classes}")
 
+    def public_dump(self) -> dict:
+        """The settings as JSON-able data with URL passwords masked: what may be logged, hashed,
+        stored as MLflow params or written next to the data (the secret is not a setting of the run)."""
+        return _redact_strings(self.model_dump(mode="json"))
+
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.public_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ENV_REF = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
+KEY_MAX = 64
+
+
+def _redact_strings(obj):
+    if isinstance(obj, str):
+        return redact(obj)
+    if isinstance(obj, dict):
+        return {k: _redact_strings(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_redact_strings(v) for v in obj]
+    return obj
 
 
 def class_key(name: str) -> str:
     """Filesystem- and partition-safe key of a class name: stays inside the data root whatever the name.
 
     Lowercase ASCII words joined by '_'; names with no ASCII letters/digits get a hash-based key.
+    A key longer than KEY_MAX ends in a hash of the whole key, so two long names that share their
+    first 64 characters keep distinct folders and partitions.
     """
     norm = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
-    words = re.findall(r"[a-z0-9]+", norm)
-    key = "_".join(words)[:64]
+    key = "_".join(re.findall(r"[a-z0-9]+", norm))
+    if len(key) > KEY_MAX:
+        key = key[: KEY_MAX - 13].rstrip("_") + "_" + hashlib.sha256(key.encode()).hexdigest()[:12]
     if not key:
         key = "c_" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return key

@@ -6,6 +6,7 @@ so this is all a consumer needs: images in, class probabilities out.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -14,12 +15,17 @@ def load_registered(tracking_uri: str, model_uri: str):
     import mlflow.pytorch
     from mlflow.exceptions import MlflowException
 
+    from dfkd_assets.redaction import redact, split_credentials
+
+    tracking_uri, user, password = split_credentials(tracking_uri)  # a server's credentials go to MLflow's variables
+    if user is not None:
+        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
         return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
     except MlflowException as e:
-        raise SystemExit(f"error: cannot load {model_uri} from {tracking_uri}: {e.message}") from None
+        raise SystemExit(redact(f"error: cannot load {model_uri} from {tracking_uri}: {e.message}")) from None
 
 
 def predict_files(model, files: list[Path], top_k: int = 3, batch_size: int = 32) -> list[dict]:

@@ -88,3 +88,20 @@ def test_student_save_load_round_trip(tmp_path):
 def test_unknown_arch_is_named():
     with pytest.raises(ValueError, match="student.arch"):
         build_student("resnet-does-not-exist", ["a", "b"], 32, 0)
+
+
+def test_without_augmentation_teacher_logits_are_cached_and_equal(teacher, data, tmp_path):
+    """augment=False trains on whole images; the cached teacher logits are the ones computed per batch."""
+    from dfkd_assets.core.distill import cached_teacher_logits, resize_batch
+    from dfkd_assets.core.teacher import teacher_logits
+
+    head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
+    images, labels = data
+    x = images.permute(0, 3, 1, 2).contiguous()
+    cached = cached_teacher_logits(teacher, head, x, 32, 5, False)
+    with torch.no_grad():
+        direct = teacher_logits(teacher, head, resize_batch(x[3:9], 32))
+    torch.testing.assert_close(cached[3:9], direct, atol=1e-5, rtol=1e-5)
+    s = DistillSettings(epochs=3, batch_size=8, lr=0.05, augment=False)
+    hist = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, s, tmp_path / "ck", "fp")
+    assert hist[-1]["kd_loss"] < hist[0]["kd_loss"]

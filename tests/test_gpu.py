@@ -78,3 +78,22 @@ def test_lease_gives_each_step_a_gpu(tmp_path):
         if torch.cuda.device_count() > 1:
             with lease_device("cuda", tmp_path) as b:
                 assert b.index != a.index
+
+
+def test_engine_defaults_on_cuda_keep_the_reference_quality():
+    """bf16 + channels-last change the schedule, not the result: final cosines stay close."""
+    import dataclasses
+
+    from dfkd_assets.core.reference_synthesis import reference_synthesize
+    from dfkd_assets.core.synthesis import SynthesisSettings, synthesize_batch
+    from dfkd_assets.core.teacher import load_teacher
+    from dfkd_assets.core.vqgan import load_vqgan
+
+    dev = torch.device("cuda")
+    teacher, vqgan = load_teacher("dfkd-tiny-clip", None, TINY_CLIP, 0, dev), load_vqgan(TINY_VQGAN, None, 0, dev)
+    t = teacher.encode_text(["a photo of a dog", "a sketch of a cat", "a house"])
+    s = SynthesisSettings(iterations=20, cutn=8, image_size=32)
+    ref = reference_synthesize(vqgan, teacher, t, [1, 2, 3], s)
+    fast = synthesize_batch(vqgan, teacher, t, [1, 2, 3], dataclasses.replace(s, bf16=True, channels_last=True))
+    assert np.isfinite(fast.cosines).all()
+    assert abs(float(ref.cosines.mean()) - float(fast.cosines.mean())) < 0.05

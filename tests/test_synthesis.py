@@ -82,9 +82,40 @@ def test_resume_recomputes_only_missing_batches(vqgan, teacher, tmp_path):
     mtimes = {p.name: p.stat().st_mtime_ns for p in batches if p.exists()}
     calls = []
     again = synthesize_resumable(vqgan, teacher, head, t, seeds, FAST, 2, tmp_path / "w", "fp1", on_step=lambda m, loss: calls.append(m))
-    for a, b in zip(full, again):
+    for a, b in zip(full[:4], again[:4]):  # images, cosines, preds, seeds
         np.testing.assert_array_equal(a, b)
+    assert (full.resumed, again.resumed) == (0, 3)  # kept: the batches of images 0-1 and 4
     assert {p.name: p.stat().st_mtime_ns for p in batches if p.name in mtimes} == mtimes  # kept, not recomputed
     assert sum(calls) == 5 * FAST.iterations
     synthesize_resumable(vqgan, teacher, head, t[:1], seeds[:1], FAST, 2, tmp_path / "w", "fp2")
     assert len(list((tmp_path / "w").glob("batch_*.npz"))) == 1  # other settings: stale batches dropped
+
+
+def test_engine_equals_reference_loop_at_batch_one(vqgan, teacher):
+    """The engine changes scheduling only: at batch 1 it makes the reference loop's image, bit for bit."""
+    from dfkd_assets.core.reference_synthesis import reference_synthesize
+
+    t = targets(teacher, 2)
+    s = SynthesisSettings(iterations=10, cutn=6, image_size=32)
+    ref = reference_synthesize(vqgan, teacher, t, [21, 22], s)
+    for i, seed in enumerate([21, 22]):
+        eng = synthesize_batch(vqgan, teacher, t[i : i + 1], [seed], s)
+        assert np.array_equal(eng.images[0], ref.images[i])
+        assert abs(eng.cosines[0] - ref.cosines[i]) < 1e-5
+    assert not np.array_equal(ref.images[0], ref.images[1])  # different seeds, different images
+
+
+def test_channels_last_engine_keeps_the_image(tmp_path):
+    """NHWC layout is a scheduling choice: same latents, same image (to float rounding)."""
+    from conftest import TINY_CLIP, TINY_VQGAN
+    from dfkd_assets.core.teacher import load_teacher
+    from dfkd_assets.core.vqgan import load_vqgan
+
+    cpu = torch.device("cpu")
+    teacher, vqgan = load_teacher("dfkd-tiny-clip", None, TINY_CLIP, 0, cpu), load_vqgan(TINY_VQGAN, None, 0, cpu)
+    t = targets(teacher, 2)
+    plain = synthesize_batch(vqgan, teacher, t, [3, 4], FAST)
+    nhwc = synthesize_batch(vqgan, teacher, t, [3, 4], SynthesisSettings(iterations=6, cutn=4, image_size=32, channels_last=True))
+    assert vqgan.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not vqgan.decoder.conv_in.weight.is_contiguous()
+    assert np.abs(plain.images.astype(int) - nhwc.images).max() <= 2

@@ -107,7 +107,7 @@ def test_student_learns_the_teacher_on_held_out_synthetic_images_and_the_control
         for k, c in enumerate(cfg.classes):
             targets = torch.stack([bank.features[s, k] for s in bank.assignments(c, n)])
             seeds = [derive_seed(seed, c, i) for i in range(n)]
-            ims, _, preds = synthesize_resumable(vqgan, teacher, head, targets, seeds, sset, 48, tmp_path / f"s{seed}" / c, "fp")
+            ims, _, preds, *_ = synthesize_resumable(vqgan, teacher, head, targets, seeds, sset, 48, tmp_path / f"s{seed}" / c, "fp")
             images.append(ims)
             labels += [k] * n
             teacher_top1.append(preds)

@@ -41,6 +41,18 @@ class ImageRngs:
         return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in self.dev])
 
 
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host -> device without a host sync: a pinned staging copy and an asynchronous transfer.
+
+    A plain `.to("cuda")` of a pageable tensor waits for the stream, so the CPU could not queue the
+    next step while the GPU works; the random view parameters cross every step, so this matters.
+    """
+    t = t.to(dtype) if dtype is not None else t
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
     """x: [B,C,H,W]; boxes: [B,n,4] (x1,y1,x2,y2 in pixels) -> [B*n,C,size,size], differentiable w.r.t. x.
 
@@ -49,7 +61,7 @@ def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor
     """
     b, n = boxes.shape[:2]
     idx = torch.arange(b, device=x.device, dtype=x.dtype).repeat_interleave(n)[:, None]
-    rois = torch.cat([idx, boxes.reshape(-1, 4).to(x.device, x.dtype)], dim=1)
+    rois = torch.cat([idx, to_device(boxes.reshape(-1, 4), x.device, x.dtype)], dim=1)
     return roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
@@ -121,7 +133,7 @@ def augment_views(views: torch.Tensor, u: torch.Tensor, spec: AugmentSpec, noise
     """views: [N,3,S,S] in [0,1]; u: [N, N_PARAMS] uniforms (CPU); noise: standard normal like views or None."""
     n, _, size, _ = views.shape
     dev, dt = views.device, views.dtype
-    mats = _view_transforms(u.double(), spec).to(dev, torch.float32)
+    mats = to_device(_view_transforms(u.double(), spec), dev, torch.float32)
     lin = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=dev)
     gy, gx = torch.meshgrid(lin, lin, indexing="ij")
     base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, -1, 3)  # 1,S*S,3
@@ -129,7 +141,7 @@ def augment_views(views: torch.Tensor, u: torch.Tensor, spec: AugmentSpec, noise
     grid = (mapped[..., :2] / mapped[..., 2:].clamp_min(1e-6)).view(n, size, size, 2)
     out = F.grid_sample(views, grid.to(dt), mode="bilinear", padding_mode="border", align_corners=False)
 
-    uu = u.to(dev, dt)
+    uu = to_device(u, dev, dt)
     on_jit = (uu[:, 16] < spec.p).to(dt)[:, None, None, None]
     factors = 1 + (uu[:, 17:20] * 2 - 1) * spec.jitter  # brightness, contrast, saturation
     bri, con, sat = (1 + (factors[:, i] - 1)[:, None, None, None] * on_jit for i in range(3))

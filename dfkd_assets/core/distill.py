@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfkd_assets.core.augment import crop_resize, resized_crop_boxes
+from dfkd_assets.core.augment import crop_resize, resized_crop_boxes, to_device
 from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import atomic_write_bytes
 from dfkd_assets.core.teacher import Teacher, teacher_logits
@@ -35,6 +35,7 @@ class DistillSettings:
     weight_decay: float = 5e-4
     temperature: float = 4.0
     ce_weight: float = 0.0
+    augment: bool = True  # False: whole images, no flip; the teacher's logits are then computed once and cached
     min_crop_scale: float = 0.5
     color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1 - s, 1 + s]
     grayscale_prob: float = 0.0
@@ -73,7 +74,7 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
     u = torch.rand(b, 16, generator=gen)
     boxes = resized_crop_boxes(u[:, None, :4], h, w, (s.min_crop_scale, 1.0))
     x = crop_resize(x_u8.float() / 255, boxes, size)
-    ud = u.to(dev)
+    ud = to_device(u, dev)
     x = torch.where((ud[:, 4] < 0.5)[:, None, None, None], x.flip(-1), x)
     if s.color_jitter > 0:
         f = 1 + (ud[:, 5:8] * 2 - 1) * s.color_jitter
@@ -90,13 +91,13 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
         blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
         x = torch.where((ud[:, 9] < s.blur_prob)[:, None, None, None], blurred, x)
     if s.noise_std > 0:
-        noise = torch.randn(x.shape, generator=gen).to(dev, x.dtype)
+        noise = to_device(torch.randn(x.shape, generator=gen), dev, x.dtype)
         x = (x + ud[:, 14, None, None, None] * s.noise_std * noise).clamp(0, 1)
     if s.mixup_alpha > 0 or s.cutmix_prob > 0:
-        partner = x[torch.randperm(b, generator=gen).to(dev)]
+        partner = x[to_device(torch.randperm(b, generator=gen), dev)]
         if s.mixup_alpha > 0:
             rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=gen)))  # Beta from `gen`, not the global RNG
-            lam = torch.from_numpy(rng.beta(s.mixup_alpha, s.mixup_alpha, b)).to(dev, x.dtype)
+            lam = to_device(torch.from_numpy(rng.beta(s.mixup_alpha, s.mixup_alpha, b)), dev, x.dtype)
             x = lam[:, None, None, None] * x + (1 - lam[:, None, None, None]) * partner
         if s.cutmix_prob > 0:
             side = (ud[:, 10] * 0.5 + 0.25) * size  # 25-75 % of the side
@@ -107,6 +108,23 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
             paste = (in_y[:, :, None] & in_x[:, None, :] & (ud[:, 13] < s.cutmix_prob)[:, None, None])[:, None]
             x = torch.where(paste, partner, x)
     return x
+
+
+def resize_batch(x_u8: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float [B,3,size,size] in [0,1], the whole image (no augmentation)."""
+    x = x_u8.float() / 255
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def cached_teacher_logits(teacher: Teacher, head: torch.Tensor, data: torch.Tensor, size: int, batch_size: int, bf16: bool) -> torch.Tensor:
+    """Teacher logits of every clean image, once: without augmentation they never change."""
+    out = []
+    with torch.no_grad(), autocast(head.device, bf16):
+        for start in range(0, data.shape[0], batch_size):
+            out.append(teacher_logits(teacher, head, resize_batch(data[start : start + batch_size], size)).float())
+    return torch.cat(out)
 
 
 def distill(
@@ -143,27 +161,25 @@ def distill(
             sched.load_state_dict(state["scheduler"])
             start_epoch, history = int(state["epoch"]), list(state["history"])
     size = student.input_size
+    cached = None if settings.augment else cached_teacher_logits(teacher, head, data, size, settings.batch_size, settings.bf16)
     for epoch in range(start_epoch, settings.epochs):
         gen = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)  # resumable: depends on the epoch only
-        order = torch.randperm(n, generator=gen).to(device)
+        order = to_device(torch.randperm(n, generator=gen), device)
         tot_loss = tot_agree = seen = 0.0
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # checked once per epoch: no host sync per step
         for i in range(steps_per_epoch):
             idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
-            x = augment_batch(data[idx], size, settings, gen)
+            x = augment_batch(data[idx], size, settings, gen) if settings.augment else resize_batch(data[idx], size)
             with torch.no_grad(), autocast(device, settings.bf16):
-                z_t = teacher_logits(teacher, head, x).float()
+                z_t = teacher_logits(teacher, head, x).float() if cached is None else cached[idx]
                 if settings.control == "shuffle_teacher":  # targets no longer belong to their images
-                    z_t = z_t[torch.randperm(len(z_t), generator=gen).to(device)]
+                    z_t = z_t[to_device(torch.randperm(len(z_t), generator=gen), device)]
             with autocast(device, settings.bf16):
                 z_s = student(x).float()
             loss = kd_loss(z_s, z_t, settings.temperature)
             if settings.ce_weight > 0:
                 loss = loss + settings.ce_weight * F.cross_entropy(z_s, labels[idx])
-            if not torch.isfinite(loss):
-                raise DistillDiverged(
-                    f"distillation loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; "
-                    f"the last good checkpoint ({ckpt_path}) is kept. Lower distill.lr or check the synthetic data."
-                )
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), first_bad.new_full((), i), first_bad)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -173,6 +189,11 @@ def distill(
             seen += len(idx)
             if on_step is not None:
                 on_step(1)
+        if int(first_bad) >= 0:  # nothing of this epoch is saved
+            raise DistillDiverged(
+                f"distillation loss became non-finite at epoch {epoch + 1}, step {int(first_bad) + 1}; "
+                f"the last good checkpoint ({ckpt_path}) is kept. Lower distill.lr or check the synthetic data."
+            )
         record = {"epoch": epoch + 1, "kd_loss": float(tot_loss) / seen, "teacher_agreement": float(tot_agree) / seen, "lr": sched.get_last_lr()[0]}
         history.append(record)
         buf = io.BytesIO()

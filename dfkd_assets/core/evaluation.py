@@ -73,7 +73,8 @@ def scan_domainbed(
                     f"evaluation dataset {name}: folder {cdir} matches no class in `classes`; "
                     f"map it with evaluation.datasets[].class_map, set other_classes: skip, or remove it"
                 )
-            files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            # dot files are never images: macOS `._name.jpg` resource forks ship inside benchmark zips
+            files = sorted(p for p in cdir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
             if max_per_class:
                 files = files[:max_per_class]
             paths += files
@@ -87,18 +88,51 @@ def scan_domainbed(
     return out
 
 
+# Decoding cost is width x height of the *header*, whatever the file size: a 20000 x 20000 PNG of a
+# few kilobytes would need 1.2 GB as RGB. Larger images are refused by name before decoding (no
+# evaluation image needs them; PIL's own bomb error, at twice its 89 Mpx warning, is reported the same way).
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # 8192 x 8192, 192 MiB as RGB
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with the full 8-bit range. PIL clips 16/32-bit integer images to 0..255 on convert
+    (a 16-bit scan turns almost white), so their values are scaled down first; float images are
+    taken as [0, 1]."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im, dtype=np.int64)  # I;16 variants and 16-bit data in mode I: 0..65535
+        return Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), mode="L").convert("RGB")
+    if im.mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float32))
+        return Image.fromarray((np.clip(a, 0, 1) * 255 + 0.5).astype(np.uint8), mode="L").convert("RGB")
+    return im.convert("RGB")  # L, LA, P, RGBA, CMYK, YCbCr, 1, ...: PIL's conversions are exact here
+
+
 def load_image(path: Path, size: int) -> np.ndarray:
-    """RGB uint8 [size,size,3]: shorter side resized to `size`, centre crop."""
+    """RGB uint8 [size,size,3]: shorter side resized to `size`, centre crop.
+
+    Any mode (grayscale, palette, CMYK, 16-bit) becomes 8-bit RGB; an unreadable file or one whose
+    header declares more than MAX_IMAGE_PIXELS is an EvalDataError naming the file.
+    """
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            w, h = im.size
+            if w * h > MAX_IMAGE_PIXELS:
+                raise EvalDataError(
+                    f"image {path} is {w} x {h} pixels, more than the {MAX_IMAGE_PIXELS} evaluation decodes "
+                    f"(core/evaluation.MAX_IMAGE_PIXELS): downscale it or remove it"
+                )
+            im = _to_rgb(im)
             w, h = im.size
             s = size / min(w, h)
             im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
             w, h = im.size
             left, top = (w - size) // 2, (h - size) // 2
             return np.asarray(im.crop((left, top, left + size, top + size)))
-    except OSError as e:
+    except EvalDataError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise EvalDataError(f"image {path} is too large to decode safely: {e}") from e
+    except (OSError, ValueError, SyntaxError) as e:  # unidentified/truncated files; PIL parsers raise all three
         raise EvalDataError(f"image {path} cannot be decoded: {e}") from e
 
 

@@ -101,10 +101,23 @@ class ShardError(RuntimeError):
 
 
 def read_manifest(directory: Path) -> dict:
+    """The manifest of a class shard, checked for shape: unreadable JSON, missing fields or a shard
+    name that points outside the class folder are ShardErrors naming the file (never a KeyError
+    three calls later, never a read of another file)."""
     path = Path(directory) / MANIFEST_NAME
     if not path.is_file():
         raise ShardError(f"manifest {path} is missing: re-materialize this class partition")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"manifest {path} is not valid JSON ({e}): re-materialize this class partition") from None
+    if not isinstance(manifest, dict) or not {"shard", "shard_sha256", "count", "images"} <= set(manifest):
+        raise ShardError(f"manifest {path} lacks shard, shard_sha256, count or images: re-materialize this class partition")
+    if manifest["shard"] != Path(str(manifest["shard"])).name or manifest["shard"] in ("", ".", ".."):
+        raise ShardError(f"manifest {path} names shard {manifest['shard']!r}, not a file in its own folder")
+    if not isinstance(manifest["images"], list) or not all(isinstance(r, dict) and {"file", "sha256"} <= set(r) for r in manifest["images"]):
+        raise ShardError(f"manifest {path}: every entry of images needs file and sha256")
+    return manifest
 
 
 def read_shard(directory: Path, verify: bool = True) -> tuple[np.ndarray, dict]:

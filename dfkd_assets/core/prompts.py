@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 from dfkd_assets.core.io import atomic_write_bytes, atomic_write_json
-from dfkd_assets.core.teacher import Teacher
+from dfkd_assets.core.teacher import PromptTooLong, Teacher, check_prompts_fit
 
 BANK_TENSORS = "bank.safetensors"
 BANK_META = "bank.json"
@@ -132,12 +132,10 @@ def word_embedding(teacher: Teacher, words: str) -> torch.Tensor:
 
 def tokenize_checked(teacher: Teacher, texts: Sequence[str]) -> torch.Tensor:
     """Tokenize, refusing prompts longer than the context instead of letting the tokenizer cut them."""
-    ctx = teacher.tokenizer.context_length
-    for t in texts:
-        n = len(teacher.tokenizer.encode(t)) + 2  # + start and end tokens
-        if n > ctx:
-            raise PromptError(f"prompt {t!r} has {n} tokens, more than the text encoder's context of {ctx}: shorten the class name")
-    return teacher.tokenizer(list(texts)).to(teacher.device)
+    try:
+        return teacher.tokenize(texts)
+    except PromptTooLong as e:
+        raise PromptError(f"{e}: shorten the class name") from None
 
 
 def encode_styled(teacher: Teacher, texts: Sequence[str], vectors: torch.Tensor) -> torch.Tensor:
@@ -285,8 +283,22 @@ def contrastive_vectors(teacher: Teacher, classes: list[str], st: StyleSettings,
     return torch.stack(vectors), curves
 
 
+def check_bank_prompts_fit(teacher: Teacher, classes: Sequence[str], method: str, st: StyleSettings, vanilla_template: str) -> None:
+    """Every class's prompts of `method` fit the text context; else an error naming the class and template setting."""
+    if method == "vanilla":
+        templates = [("prompts.vanilla_template", vanilla_template)]
+    else:
+        templates = [("prompts.style_template", st.style_template.replace("{style}", PLACEHOLDER))]
+        if method == "contrastive":
+            templates.append(("prompts.positive_template", st.positive_template))
+    for c in classes:
+        for setting, template in templates:
+            check_prompts_fit(teacher, c, [template.format(c)], setting)
+
+
 def build_bank(teacher: Teacher, classes: list[str], method: str, st: StyleSettings, vanilla_template: str = "a photo of a {}", on_style=None) -> tuple[PromptBank, list[list[float]]]:
     """The bank of `method` (vanilla | mix | random | contrastive) and, for contrastive, its loss curves."""
+    check_bank_prompts_fit(teacher, classes, method, st, vanilla_template)
     if method == "vanilla":
         return vanilla_bank(teacher, classes, vanilla_template), []
     if method == "mix":

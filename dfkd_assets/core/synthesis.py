@@ -16,7 +16,7 @@ import io
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.augment import N_PARAMS, AugmentSpec, ImageRngs, augment_views, crop_resize, cutout_boxes
 from dfkd_assets.core.io import atomic_write_bytes, atomic_write_text
+from dfkd_assets.core.seeding import derive_seed
 from dfkd_assets.core.teacher import Teacher
 from dfkd_assets.core.vqgan import codebook, decode, downsample_factor, quantize_st
 
@@ -37,6 +38,8 @@ class SynthesisSettings:
     image_size: int = 224
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     bf16: bool = False  # autocast decoder + image encoder; VQ distances, loss and Adam stay fp32
+    channels_last: bool = False  # NHWC weights/activations for the decoder and the image tower (faster convs on GPU)
+    compile: bool = False  # torch.compile the decoder and the image tower (pays off over many steps, costs a warm-up)
 
 
 @dataclass
@@ -81,9 +84,28 @@ def init_latents(vqgan: torch.nn.Module, rngs: ImageRngs, image_size: int) -> to
     return book[idx].view(len(rngs.cpu), side, side, -1).permute(0, 3, 1, 2).contiguous()
 
 
-def render(vqgan: torch.nn.Module, z: torch.Tensor) -> torch.Tensor:
+def render(vqgan: torch.nn.Module, z: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """Latents -> images in [0,1] through straight-through VQ and clamp."""
-    return clamp_st((decode(vqgan, quantize_st(z, codebook(vqgan))) + 1) / 2)
+    zq = quantize_st(z, codebook(vqgan))
+    if channels_last:
+        zq = zq.contiguous(memory_format=torch.channels_last)
+    return clamp_st((decode(vqgan, zq) + 1) / 2)
+
+
+def prepare_models(vqgan: torch.nn.Module, teacher: Teacher, settings: SynthesisSettings) -> None:
+    """Apply the engine's layout and compilation to the frozen models, in place and only once.
+
+    Both change how the same arithmetic is scheduled, not what is computed: weights keep their
+    values and state_dict keys (`Module.compile` wraps the forward, not the module).
+    """
+    if settings.channels_last and not getattr(vqgan, "_dfkd_channels_last", False):
+        for m in (vqgan, teacher.model.visual):
+            m.to(memory_format=torch.channels_last)
+            m._dfkd_channels_last = True
+    if settings.compile and not getattr(vqgan.decoder, "_dfkd_compiled", False):
+        for m in (vqgan.decoder, teacher.model.visual):
+            m.compile()
+            m._dfkd_compiled = True
 
 
 def synthesize_batch(
@@ -96,6 +118,7 @@ def synthesize_batch(
 ) -> BatchResult:
     """Optimise one latent per target feature; returns the final images and their cosines."""
     device = targets.device
+    prepare_models(vqgan, teacher, settings)
     rngs = ImageRngs(seeds, device)
     b = len(seeds)
     z = init_latents(vqgan, rngs, settings.image_size).requires_grad_(True)
@@ -107,7 +130,7 @@ def synthesize_batch(
     losses: list[torch.Tensor] = []
     for step in range(settings.iterations):
         with autocast(device, settings.bf16):
-            x = render(vqgan, z).float()
+            x = render(vqgan, z, settings.channels_last).float()
         u = rngs.uniform(settings.cutn, N_PARAMS)  # [B,cutn,P]
         boxes = cutout_boxes(u, x.shape[-2], x.shape[-1], cut, settings.cut_pow)
         views = crop_resize(x, boxes, cut)  # [B*cutn,3,cut,cut]
@@ -146,12 +169,19 @@ def synthesize_resumable(
     work_dir: Path,
     fingerprint: str,
     on_step: Callable[[int, float], None] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    max_nonfinite_retries: int = MAX_NONFINITE_RETRIES,
+) -> ClassImages:
     """All images of one class in batches; each finished batch is kept in `work_dir` (atomically).
 
     Batches already present with the same `fingerprint` are not recomputed, so a killed run
-    resumes; a different fingerprint discards them. Returns (images uint8 [N,H,W,3], final
-    cosines [N], teacher top-1 class index on the clean image [N]).
+    resumes; a different fingerprint discards them.
+
+    An image whose optimisation ends non-finite (NaN/Inf pixels) is never kept: it is made again
+    from `nonfinite_retry_seed(seed, attempt)`, a seed derived from its own, so a re-run makes
+    the same choice and the seed actually used is returned (and stored with the batch) for the
+    manifest. One unlucky latent thus costs one image's retries, not the class partition; an
+    image still non-finite after `max_nonfinite_retries` new seeds is an error (NonFiniteError),
+    because then the generator or the settings are at fault, not the seed.
     """
     work_dir = Path(work_dir)
     fp_file = work_dir / "fingerprint"
@@ -160,23 +190,94 @@ def synthesize_resumable(
     work_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(fp_file, fingerprint)
     n = len(seeds)
-    parts = []
+    parts, resumed = [], 0
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         path = work_dir / f"batch_{start:06d}_{stop:06d}.npz"
         if not path.is_file():
-            res = synthesize_batch(
-                vqgan, teacher, targets[start:stop], seeds[start:stop], settings,
-                on_step=None if on_step is None else (lambda step, loss, m=stop - start: on_step(m, loss)),
+            images, cosines, used = _finite_batch(
+                vqgan, teacher, targets[start:stop], seeds[start:stop], settings, on_step, max_nonfinite_retries
             )
             with torch.no_grad():
-                clean = torch.from_numpy(res.images).to(head.device).permute(0, 3, 1, 2).float() / 255
+                clean = torch.from_numpy(images).to(head.device).permute(0, 3, 1, 2).float() / 255
                 preds = (teacher.encode_images(clean) @ head.t()).argmax(-1).cpu().numpy()
             buf = io.BytesIO()
-            np.savez(buf, images=res.images, cosines=res.cosines, preds=preds)
+            np.savez(buf, images=images, cosines=cosines, preds=preds, seeds=np.asarray(used, dtype=np.int64))
             atomic_write_bytes(path, buf.getvalue())
-        elif on_step is not None:
-            on_step((stop - start) * settings.iterations, float("nan"))
+        else:
+            resumed += stop - start
+            if on_step is not None:
+                on_step((stop - start) * settings.iterations, float("nan"))
         with np.load(path) as z:
-            parts.append((z["images"], z["cosines"], z["preds"]))
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+            # batches kept by an older version carry no seeds: they were made from the requested ones
+            used = z["seeds"] if "seeds" in z.files else np.asarray(seeds[start:stop], dtype=np.int64)
+            parts.append((z["images"], z["cosines"], z["preds"], used))
+    images, cosines, preds, used = (np.concatenate([p[i] for p in parts]) for i in range(4))
+    return ClassImages(images, cosines, preds, used, resumed)
+
+
+MAX_NONFINITE_RETRIES = 3  # new seeds per image before a non-finite image is an error
+
+
+class ClassImages(NamedTuple):
+    """One class's images from `synthesize_resumable`, in image order."""
+
+    images: np.ndarray  # uint8 [N,H,W,3]
+    cosines: np.ndarray  # final cosine of the written (uint8) image to its target, [N]
+    preds: np.ndarray  # teacher top-1 class index on the written image, [N]
+    seeds: np.ndarray  # int64 [N]: the seed each image was made from (the requested one or its retry seed)
+    resumed: int  # images taken from batches an earlier, interrupted run had finished
+
+
+def nonfinite_retry_seed(seed: int, attempt: int) -> int:
+    """Seed of retry `attempt` (1, 2, ...) of the image requested with `seed`: derived, not drawn,
+    so a re-run of the class makes the same images and the manifest can say where each came from."""
+    return derive_seed(seed, "nonfinite-retry", attempt)
+
+
+def _finite_batch(
+    vqgan: torch.nn.Module,
+    teacher: Teacher,
+    targets: torch.Tensor,
+    seeds: list[int],
+    settings: SynthesisSettings,
+    on_step: Callable[[int, float], None] | None,
+    max_retries: int,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """One batch with finite pixels only: (images, cosines, seeds used).
+
+    `synthesize_batch` refuses a batch with any non-finite pixel. The images of a batch are
+    independent (per-image loss, element-wise Adam), so each is then made on its own: the ones
+    that stay finite keep their seed, the others are reseeded. The batch path stays the fast,
+    common one; this costs one extra pass over a batch that went wrong.
+    """
+
+    def steps(m: int):
+        return None if on_step is None else (lambda step, loss: on_step(m, loss))
+
+    try:
+        res = synthesize_batch(vqgan, teacher, targets, list(seeds), settings, on_step=steps(len(seeds)))
+        return res.images, res.cosines, list(seeds)
+    except NonFiniteError:
+        pass
+    images, cosines, used = [], [], []
+    for j, seed in enumerate(seeds):
+        tried = []
+        for attempt in range(max_retries + 1):
+            s = seed if attempt == 0 else nonfinite_retry_seed(seed, attempt)
+            tried.append(s)
+            try:
+                res = synthesize_batch(vqgan, teacher, targets[j : j + 1], [s], settings, on_step=steps(1))
+            except NonFiniteError:
+                continue
+            images.append(res.images[0])
+            cosines.append(res.cosines[0])
+            used.append(s)
+            break
+        else:
+            raise NonFiniteError(
+                f"synthesis of the image requested with seed {seed} produced non-finite pixels with every seed tried "
+                f"({tried}: the seed and {max_retries} derived retry seeds); the generator or the synthesis settings "
+                "are at fault (check generator.checkpoint, lower synthesis.lr)"
+            )
+    return np.stack(images), np.asarray(cosines, dtype=np.float32), used

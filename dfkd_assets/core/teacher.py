@@ -25,6 +25,18 @@ class TeacherLoadError(RuntimeError):
     pass
 
 
+class PromptTooLong(ValueError):
+    """A prompt longer than the text encoder's context. open_clip's tokenizer would cut it without a
+    word, and the class would then be encoded from a fragment of its name; refused instead."""
+
+
+def token_count(tokenizer, text: str) -> int:
+    """Tokens of `text` including the start and end tokens, as the text encoder sees them."""
+    if hasattr(tokenizer, "encode"):  # open_clip's SimpleTokenizer (CLIP BPE): start/end are added on call
+        return len(tokenizer.encode(text)) + 2
+    return len(tokenizer.tokenizer(text)["input_ids"])  # Hugging Face tokenizers add their own specials
+
+
 @dataclass
 class Teacher:
     model: torch.nn.Module
@@ -42,10 +54,21 @@ class Teacher:
     def logit_scale(self) -> float:
         return float(self.model.logit_scale.exp())
 
+    @property
+    def context_length(self) -> int:
+        return int(self.tokenizer.context_length)
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Token ids [N, context]; a text that would be cut is refused (PromptTooLong) instead."""
+        for t in texts:
+            n = token_count(self.tokenizer, t)
+            if n > self.context_length:
+                raise PromptTooLong(f"prompt {t!r} is {n} tokens, more than the text encoder's context of {self.context_length}")
+        return self.tokenizer(list(texts)).to(self.device)
+
     @torch.no_grad()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(self.model.encode_text(self.tokenize(texts)).float(), dim=-1)
 
     def encode_images(self, x01: torch.Tensor) -> torch.Tensor:
         """x01: [B,3,H,W] in [0,1] -> L2-normalised image features [B,D] (differentiable w.r.t. x01)."""
@@ -184,10 +207,24 @@ def _create(model_name: str, weights: str | None, device: torch.device) -> torch
         ) from e
 
 
+def check_prompts_fit(teacher: Teacher, class_name: str, prompts: Sequence[str], setting: str) -> None:
+    """Refuse, naming the class and the setting, a class whose prompts exceed the text context."""
+    for p in prompts:
+        n = token_count(teacher.tokenizer, p)
+        if n > teacher.context_length:
+            raise PromptTooLong(
+                f"class {class_name!r} (in `classes`) does not fit the teacher's text encoder: with {setting} its prompt "
+                f"{p!r} is {n} tokens, more than the encoder's context of {teacher.context_length}; it would be cut silently. "
+                f"Shorten the class name (or {setting})."
+            )
+
+
 @torch.no_grad()
 def zero_shot_head(teacher: Teacher, classes: Sequence[str], templates: str | Sequence[str] = "openai") -> torch.Tensor:
     """t_k = normalize(mean over templates of g(template(c_k))): [K, D]."""
     temps = _templates(templates)
+    for c in classes:  # every class checked before any encoding: a refused name costs no compute
+        check_prompts_fit(teacher, c, [t(c) for t in temps], "teacher.templates")
     rows = []
     for c in classes:
         feats = teacher.encode_text([t(c) for t in temps])

@@ -12,6 +12,7 @@ from dfkd_assets.defs.errors import no_retry_for_bad_input
 
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.resources import DvcRepo, PipelineSettings
+from dfkd_assets.redaction import redact
 
 
 @dg.asset(
@@ -42,11 +43,11 @@ def synthetic_dataset(context: dg.AssetExecutionContext, settings: PipelineSetti
     atomic_write_json(cfg.synthetic_dir / "index.json", {"classes": cfg.classes, "counts": counts})
     remote = dvc.ensure(cfg)
     dvc_hash = dvc.add_and_push(cfg, cfg.synthetic_dir)
-    context.log.info(f"dvc add + push of {cfg.synthetic_dir} -> {remote}: {dvc_hash}")
+    context.log.info(redact(f"dvc add + push of {cfg.synthetic_dir} -> {remote}: {dvc_hash}"))
     return dg.MaterializeResult(
         metadata={
             "dvc_hash": dvc_hash,
-            "dvc_remote": remote,
+            "dvc_remote": redact(remote),
             "path": dg.MetadataValue.path(str(cfg.synthetic_dir.resolve())),
             "num_images": sum(counts.values()),
             "per_class": dg.MetadataValue.json(counts),

@@ -7,6 +7,8 @@ import functools
 
 import dagster as dg
 
+from dfkd_assets.redaction import redact
+
 
 def _permanent_types() -> tuple[type, ...]:
     # imported when an error happens (the modules are loaded by then); definitions stay torch-free
@@ -15,12 +17,12 @@ def _permanent_types() -> tuple[type, ...]:
     from dfkd_assets.core.evaluation import EvalDataError
     from dfkd_assets.core.io import ShardError
     from dfkd_assets.core.prompts import PromptBankMismatch, PromptError
-    from dfkd_assets.core.teacher import TeacherLoadError
+    from dfkd_assets.core.teacher import PromptTooLong, TeacherLoadError
     from dfkd_assets.core.vqgan import GeneratorLoadError
     from dfkd_assets.core.weights import WeightsReadError
 
     return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
-            ShardError, WeightsReadError, FileNotFoundError)
+            ShardError, WeightsReadError, PromptTooLong, FileNotFoundError)
 
 
 def no_retry_for_bad_input(fn):
@@ -34,7 +36,7 @@ def no_retry_for_bad_input(fn):
             raise
         except Exception as e:
             if isinstance(e, _permanent_types()):
-                raise dg.Failure(description=f"{type(e).__name__}: {e}", allow_retries=False) from e
+                raise dg.Failure(description=redact(f"{type(e).__name__}: {e}"), allow_retries=False) from e
             raise
 
     return wrapper

@@ -40,7 +40,7 @@ def _json_safe(obj):
 def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import numpy as np
 
-    from dfkd_assets.core.evaluation import evaluate, transfer_ratio
+    from dfkd_assets.core.evaluation import EvalDataError, evaluate, transfer_ratio
     from dfkd_assets.core.io import atomic_write_json, atomic_write_text
     from dfkd_assets.core.report import markdown_table, write_confusion_png
     from dfkd_assets.core.student import load_student
@@ -48,7 +48,7 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
 
     cfg = settings.load()
     if not cfg.evaluation.datasets:
-        raise ValueError("evaluation.datasets is empty: add at least one DomainBed-style folder to evaluate on")
+        raise EvalDataError("evaluation.datasets is empty: add at least one DomainBed-style folder to evaluate on")
     with device_lease(cfg) as device:
         teacher = teacher_for(cfg, device)
         head = head_for(cfg, teacher, device)

@@ -14,6 +14,10 @@ import json
 from dfkd_assets.config import DfkdConfig
 
 
+# settings that change how images are computed, not which images (batching, layout, compilation)
+SCHEDULING_ONLY = {"batch_size", "log_every", "channels_last", "compile"}
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -25,7 +29,7 @@ def prompt_settings_hash(cfg: DfkdConfig) -> str:
 
 def class_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str) -> str:
     return _hash({
-        "synthesis": cfg.synthesis.model_dump(mode="json", exclude={"batch_size", "log_every"}),
+        "synthesis": cfg.synthesis.model_dump(mode="json", exclude=SCHEDULING_ONLY),
         "generator": cfg.generator.model_dump(mode="json"),
         "prompts": cfg.prompts.model_dump(mode="json"),
         "teacher_id": teacher_id,

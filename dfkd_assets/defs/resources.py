@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field
 
 from dfkd_assets.config import DfkdConfig, config_path_from_env, load_config
+from dfkd_assets.redaction import redact, split_credentials
 
 
 class PipelineSettings(dg.ConfigurableResource):
@@ -48,13 +49,17 @@ def bound_settings(config_file: str) -> PipelineSettings:
 class MlflowTracking(dg.ConfigurableResource):
     """A thin wrapper around `MlflowClient` (we do not use the op-era dagster-mlflow resource).
 
-    `tracking_uri` overrides the settings file (e.g. an `mlflow server` when scaling out).
+    `tracking_uri` overrides the settings file (e.g. an `mlflow server` when scaling out). A server's
+    `user:password@` is handed to MLflow through MLFLOW_TRACKING_USERNAME/PASSWORD, not the URI:
+    MLflow quotes the URI in its errors, which end up in the Dagster event log.
     """
 
-    tracking_uri: str = Field("", description="empty = mlflow.tracking_uri of the settings")
+    tracking_uri: str = Field("", description="empty = mlflow.tracking_uri of the settings; '{env:NAME}' is substituted")
 
     def uri(self, cfg: DfkdConfig) -> str:
-        uri = self.tracking_uri or cfg.resolve(cfg.mlflow.tracking_uri)
+        """The URI MLflow is given (an http(s) server's credentials removed). Record it only through `redact`:
+        a database URI keeps its password."""
+        uri, _, _ = split_credentials(cfg.resolve(self.tracking_uri or cfg.mlflow.tracking_uri))
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return uri
@@ -64,6 +69,9 @@ class MlflowTracking(dg.ConfigurableResource):
         import mlflow
         from mlflow import MlflowClient
 
+        _, user, password = split_credentials(cfg.resolve(self.tracking_uri or cfg.mlflow.tracking_uri))
+        if user is not None:
+            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
         uri = self.uri(cfg)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
@@ -117,7 +125,8 @@ class DvcRepo(dg.ConfigurableResource):
         env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
         proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cfg.workspace, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise DvcError(f"`dvc {' '.join(args)}` failed in {cfg.workspace} (exit {proc.returncode}):\n{proc.stderr.strip() or proc.stdout.strip()}")
+            out = proc.stderr.strip() or proc.stdout.strip()
+            raise DvcError(redact(f"`dvc {' '.join(args)}` failed in {cfg.workspace} (exit {proc.returncode}):\n{out}"))
         return proc.stdout
 
     def ensure(self, cfg: DfkdConfig) -> str:

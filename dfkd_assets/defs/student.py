@@ -18,6 +18,7 @@ import yaml
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.loaders import device_lease, distill_settings, head_for, teacher_for
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
+from dfkd_assets.redaction import redact
 
 PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "dfkd-assets"]
 
@@ -79,8 +80,9 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         steps = dset.epochs * ((len(labels) + dset.batch_size - 1) // dset.batch_size)
 
         with mlflow_tracking.run(cfg, run_name=f"student-{context.run.run_id[:8]}", tags=tags) as run:
-            mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
-            mlflow.log_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+            public = cfg.public_dump()  # URL passwords masked: params, artifacts and params.yaml are read by people
+            mlflow.log_params(_flatten(public))
+            mlflow.log_text(yaml.safe_dump(public, sort_keys=False), "config.yaml")
             prog = Progress(steps, "distillation", context.log.info, unit="steps")
 
             def on_epoch(rec: dict) -> None:
@@ -95,7 +97,7 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
             student.save(out)
             csv = "epoch,kd_loss,teacher_agreement,lr\n" + "".join(f"{h['epoch']},{h['kd_loss']},{h['teacher_agreement']},{h['lr']}\n" for h in history)
             atomic_write_text(out / "history.csv", csv)
-            atomic_write_text(cfg.data_dir / "params.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+            atomic_write_text(cfg.data_dir / "params.yaml", yaml.safe_dump(public, sort_keys=False))
             example = np.random.default_rng(0).random((1, 3, cfg.student.input_size, cfg.student.input_size), dtype=np.float32)
             info = mlflow.pytorch.log_model(
                 student, name="student", registered_model_name=cfg.mlflow.registered_model_name,
@@ -115,7 +117,7 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
             metadata={
                 "model_version": version,
                 "mlflow_run_id": run_id,
-                "mlflow_tracking_uri": mlflow_tracking.uri(cfg),
+                "mlflow_tracking_uri": redact(mlflow_tracking.uri(cfg)),
                 "model_uri": f"models:/{cfg.mlflow.registered_model_name}/{version}",
                 "path": dg.MetadataValue.path(str(out.resolve())),
                 "final_kd_loss": last["kd_loss"],
