@@ -169,7 +169,7 @@ def synthesize_resumable(
     work_dir: Path,
     fingerprint: str,
     on_step: Callable[[int, float], None] | None = None,
-    max_nonfinite_retries: int = MAX_NONFINITE_RETRIES,
+    max_nonfinite_retries: int = 3,
 ) -> ClassImages:
     """All images of one class in batches; each finished batch is kept in `work_dir` (atomically).
 
@@ -214,9 +214,6 @@ def synthesize_resumable(
             parts.append((z["images"], z["cosines"], z["preds"], used))
     images, cosines, preds, used = (np.concatenate([p[i] for p in parts]) for i in range(4))
     return ClassImages(images, cosines, preds, used, resumed)
-
-
-MAX_NONFINITE_RETRIES = 3  # new seeds per image before a non-finite image is an error
 
 
 class ClassImages(NamedTuple):
