@@ -7,6 +7,8 @@ byte-identically. The manifest (JSON) holds one record per image with its sha256
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -14,7 +16,7 @@ import os
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -40,6 +42,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if missing) until the block ends.
+
+    Why: two runs of the same class partition can start at once where no run queue is in
+    between (two `dagster asset materialize`, two Dagster instances, a GPU pool above one); both
+    would then resume from, write and delete the same work folder. With the lock, the second
+    waits and finds the shard the first wrote. An flock belongs to the open file, so the OS
+    drops it when its holder dies (kill -9 included): a crashed run never blocks the next one.
+    `on_wait` gets one message when the lock is busy, naming the holder's pid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                on_wait(f"{path} is held by pid {holder}; waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
 
 
 def atomic_write_text(path: Path, text: str) -> None:

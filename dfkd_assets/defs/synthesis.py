@@ -39,7 +39,7 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
         import numpy as np
         import torch
 
-        from dfkd_assets.core.io import ShardError, encode_png, read_manifest, write_shard
+        from dfkd_assets.core.io import ShardError, encode_png, exclusive_lock, read_manifest, write_shard
         from dfkd_assets.core.progress import Progress
         from dfkd_assets.core.prompts import PromptBank
         from dfkd_assets.core.report import write_grid
@@ -48,7 +48,9 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
 
         cfg = settings.load()
         class_name = cfg.class_for_key(context.partition_key)
-        with device_lease(cfg) as device:
+        # one run per class at a time, taken before a device: the second run of a class waits, then reuses the first's shard
+        class_lock = cfg.work_dir / "synthetic" / f"{class_key(class_name)}.lock"
+        with exclusive_lock(class_lock, on_wait=context.log.info), device_lease(cfg) as device:
             teacher = teacher_for(cfg, device)
             bank = PromptBank.load(cfg.path("prompt_bank"))
             bank.check_teacher(teacher.teacher_id)
@@ -64,7 +66,7 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
                 existing = None
             if existing and existing.get("fingerprint") == fp and (out_dir / existing["shard"]).is_file():
                 context.log.info(f"{class_name}: shard with fingerprint {fp} already exists, reusing it")
-                manifest, elapsed, reused = existing, 0.0, True
+                manifest, elapsed, reused, resumed = existing, 0.0, True, 0
             else:
                 reused = False
                 n = cfg.synthesis.images_per_class
@@ -73,16 +75,22 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
                 targets = torch.stack([bank.features[s, k] for s in styles]).to(device)
                 sset = synthesis_settings(cfg, device)
                 prog = Progress(n * sset.iterations, f"synthesis[{class_name}]", context.log.info, unit="img-steps")
-                images, cosines, preds = synthesize_resumable(
+                out = synthesize_resumable(
                     generator_for(cfg, device), teacher, head, targets, seeds, sset, cfg.synthesis.batch_size,
                     work_dir=cfg.work_dir / "synthetic" / class_key(class_name), fingerprint=fp,
                     on_step=lambda m, loss: prog.update(m, **({} if loss != loss else {"loss": loss})),
                 )
                 elapsed = prog.close()
+                images, resumed = out.images, out.resumed
+                if resumed:
+                    context.log.info(f"{class_name}: {resumed} of {n} images kept from an interrupted run's finished batches")
                 records = [
                     {
                         "index": i, "class": class_name, "style_id": styles[i], "prompt": bank.prompts[styles[i]][k],
-                        "seed": seeds[i], "final_cosine": round(float(cosines[i]), 6), "teacher_top1": cfg.classes[int(preds[i])],
+                        "seed": int(out.seeds[i]), "final_cosine": round(float(out.cosines[i]), 6),
+                        "teacher_top1": cfg.classes[int(out.preds[i])],
+                        # non-finite with its own seed: remade from a seed derived from it (core.synthesis.nonfinite_retry_seed)
+                        **({"requested_seed": seeds[i]} if int(out.seeds[i]) != seeds[i] else {}),
                     }
                     for i in range(n)
                 ]
@@ -107,6 +115,8 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
                 "shard_sha256": manifest["shard_sha256"],
                 "fingerprint": fp,
                 "reused": reused,
+                "resumed_images": resumed,
+                "reseeded_nonfinite": sum("requested_seed" in r for r in recs),
                 "seeds": f"derive_seed({cfg.synthesis.seed}, {class_name!r}, index)",
                 **lineage(cfg, context, teacher_id=teacher.teacher_id),
             }
