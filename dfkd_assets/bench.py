@@ -317,7 +317,7 @@ def run(a) -> dict:
                              out["rows"], ["variant", "batch", "images_per_s", "images_per_hour_at_400_steps", "speedup_vs_reference",
                                            "cosine", "max_cosine_diff_vs_reference", "warmup_seconds"])
             elif section == "flops":
-                if "synthesis" not in result:
+                if "rows" not in result.get("synthesis", {}):
                     raise RuntimeError("the flops section needs the synthesis section's timings")
                 out = bench_flops(result["synthesis"], teacher, vqgan, cfg, device, batch, peak)
                 _print_table(f"flops: {out['flops_per_image_step'] / 1e9:.1f} GFLOP per image-step, peak {peak} TFLOP/s",
@@ -326,6 +326,8 @@ def run(a) -> dict:
                 out = bench_distill(cfg, device, teacher, a.distill_images, a.distill_epochs, cfg.synthesis.image_size, a.distill_batch)
                 print(f"\n## distill: {json.dumps(out)}")
             elif section == "load":
+                if "rows" not in result.get("synthesis", {}):
+                    raise RuntimeError("the load section needs the synthesis section's engine speed")
                 best = max(r["images_per_hour_at_400_steps"] for r in result["synthesis"]["rows"]) / 3600
                 out = bench_load(cfg, device, teacher, vqgan, best, a.partition_images)
                 print(f"\n## load: {json.dumps(out)}")
