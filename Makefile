@@ -10,6 +10,8 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export DFKD_CONFIG ?= configs/demo.yaml
 UI_PORT ?= 3000
+# the UI serves anyone who can reach it (no login): loopback only unless you choose otherwise
+UI_HOST ?= 127.0.0.1
 
 .PHONY: install demo test ui compare clean-data
 
@@ -34,7 +36,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ui: $(STAMP)
-	$(BIN)/dagster dev --host 127.0.0.1 --port $(UI_PORT) -m dfkd_assets.definitions
+	$(BIN)/dagster dev --host $(UI_HOST) --port $(UI_PORT) -m dfkd_assets.definitions
 
 clean-data:
 	rm -rf data/synthetic data/.work data/student data/reports data/prompt_bank data/teacher_head data/previews data/synthetic.dvc storage dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/.logs_queue dagster_home/.nux dagster_home/.telemetry

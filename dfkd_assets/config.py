@@ -37,6 +37,16 @@ def _leaf_types(annotation) -> set:
     return {origin}
 
 
+def _check_formats(template: str) -> str:
+    """A template is filled with str.format: any other '{...}' field would fail only when the first
+    prompt is built, far from the setting; refused here (write literal braces as '{{' '}}')."""
+    try:
+        template.format("class")
+    except (IndexError, KeyError, ValueError) as e:
+        raise ValueError(f"{template!r} cannot be filled with a class name ({type(e).__name__}: {e}); only '{{}}' is a field") from None
+    return template
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -79,6 +89,8 @@ class TeacherConfig(_Model):
     def _templates(cls, v):
         if isinstance(v, list) and (not v or any(t.count("{}") != 1 for t in v)):
             raise ValueError("a template list must be non-empty and every template must contain '{}' once")
+        for t in v if isinstance(v, list) else ():
+            _check_formats(t)
         return v
 
 
@@ -112,13 +124,14 @@ class PromptsConfig(_Model):
     def _has_slot(cls, v: str) -> str:
         if v.count("{}") != 1:
             raise ValueError("must contain exactly one '{}' where the class name goes")
-        return v
+        return _check_formats(v)
 
     @field_validator("style_template")
     @classmethod
     def _has_style_slot(cls, v: str) -> str:
         if v.count("{style}") != 1 or v.replace("{style}", "").count("{}") != 1:
             raise ValueError("must contain '{style}' once (the style token) and '{}' once (the class name)")
+        _check_formats(v.replace("{style}", "*"))
         return v
 
 
@@ -446,8 +459,9 @@ def class_key(name: str) -> str:
     key = "_".join(re.findall(r"[a-z0-9]+", norm))
     if len(key) > KEY_MAX:
         key = key[: KEY_MAX - 13].rstrip("_") + "_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-    if not key:
-        key = "c_" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    if not key:  # CJK, emoji, Greek...: a hash of the name as a person compares it (case, width, spaces)
+        folded = " ".join(unicodedata.normalize("NFKC", name).casefold().split())
+        key = "c_" + hashlib.sha256(folded.encode()).hexdigest()[:12]
     return key
 
 

@@ -1,4 +1,4 @@
-"""The Definitions object Dagster loads (`dagster dev -m dfkd_assets.definitions`).
+"""The Definitions object Dagster loads (`make ui` = `dagster dev --host 127.0.0.1 -m dfkd_assets.definitions`).
 
 Only the class list is read at load time (it defines the partitions); everything else is read
 by each run from the settings resource. No torch/mlflow import happens here.

@@ -133,7 +133,7 @@ def load_vqgan(config_file: Path, checkpoint: Path | None, init_seed: int, devic
         try:
             model.load_state_dict(sd, strict=False)  # strictness checked above, modulo the ignored loss keys
         except RuntimeError as e:
-            raise GeneratorLoadError(f"generator.checkpoint {checkpoint}: shapes do not match the config: {e}") from e
+            raise GeneratorLoadError(f"generator.checkpoint {checkpoint}: shapes do not match generator.config_file {config_file}: {e}") from e
     return model.to(device).eval().requires_grad_(False)
 
 
