@@ -11,10 +11,8 @@ import json
 import os
 import re
 import resource
-import shutil
 import struct
 import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -26,7 +24,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, TINY_CLIP, TINY_VQGAN
-from dfkd_assets.config import ConfigError, DfkdConfig, class_key, load_config
+from dfkd_assets.config import ConfigError, class_key, load_config
 from dfkd_assets.core.evaluation import MAX_IMAGE_PIXELS, EvalDataError, evaluate, load_image, scan_domainbed
 
 CI = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
@@ -527,7 +525,8 @@ def test_mlflow_server_password_never_reaches_the_event_log(tmp_path, monkeypatc
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(var, raising=False)  # the resource sets them for MLflow; monkeypatch restores
+        monkeypatch.setenv(var, "")  # recorded, so the values the resource sets for MLflow are undone after the test
+        monkeypatch.delenv(var)
     with dg.DagsterInstance.get() as instance:
         r = build_defs(cfg_path).resolve_job_def(PREPARE).execute_in_process(instance=instance, raise_on_error=False)
         assert not r.success
@@ -540,11 +539,9 @@ def test_mlflow_server_password_never_reaches_the_event_log(tmp_path, monkeypatc
 
 
 def _leaks_in_dagster(instance, secrets: list[str]) -> list[str]:
-    from dagster._serdes import serialize_value
-
     found = []
     for run in instance.get_runs():
-        blobs = [serialize_value(run)] + [serialize_value(e) for e in instance.all_logs(run.run_id)]
+        blobs = [dg.serialize_value(run)] + [dg.serialize_value(e) for e in instance.all_logs(run.run_id)]
         for s in secrets:
             found += [f"run {run.run_id[:8]} holds {s[:8]}..." for b in blobs if s in b][:1]
     return found
