@@ -292,7 +292,10 @@ def run(a) -> dict:
     from dfkd_assets.core.devices import resolve_device
     from dfkd_assets.loaders import generator_for, teacher_for
 
-    cfg = load_config(a.config, {"device": a.device} if a.device else None)
+    overrides = {"device": a.device} if a.device else {}
+    if a.cutn:
+        overrides["synthesis"] = {"cutn": a.cutn}
+    cfg = load_config(a.config, overrides or None)
     device = resolve_device(cfg.device)
     result = {"command": "dfkd bench " + " ".join(a.argv), "config": str(a.config), "machine": _machine(device)}
 
@@ -355,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--images", type=int, default=None, help="images per synthesis variant (default: one batch)")
     p.add_argument("--batch", type=int, default=None, help="engine batch size (default: synthesis.batch_size)")
+    p.add_argument("--cutn", type=int, default=None, help="override synthesis.cutn (the paper: 32)")
     p.add_argument("--iters", type=int, default=10, help="optimisation steps per image (rates are per step; x/400 for the paper)")
     p.add_argument("--compile", action="store_true", help="also measure the engine with torch.compile")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: datasheet bf16 peak of known GPUs)")
