@@ -47,3 +47,21 @@ def test_per_image_streams_do_not_depend_on_batch():
     b = ImageRngs([2], torch.device("cpu")).uniform(4, N_PARAMS)
     torch.testing.assert_close(a[1], b[0])
     assert not torch.allclose(a[0], a[1])
+
+
+def test_whole_image_boxes_take_the_copy_path_with_roi_align_values_and_gradients():
+    """At synthesis side == cut side every cutout is the whole image: the shortcut must equal roi_align."""
+    from torchvision.ops import roi_align
+
+    from dfkd_assets.core.augment import crop_resize
+
+    x = torch.rand(3, 3, 16, 16, requires_grad=True)
+    boxes = torch.tensor([0.0, 0.0, 16.0, 16.0]).expand(3, 4, 4).clone()
+    fast = crop_resize(x, boxes, 16)
+    (fast * torch.arange(fast.numel()).view_as(fast)).sum().backward()
+    g_fast, x.grad = x.grad.clone(), None
+    rois = torch.cat([torch.arange(3.0).repeat_interleave(4)[:, None], boxes.reshape(-1, 4)], 1)
+    slow = roi_align(x, rois, output_size=16, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    (slow * torch.arange(slow.numel()).view_as(slow)).sum().backward()
+    assert torch.equal(fast, slow)
+    torch.testing.assert_close(g_fast, x.grad)
