@@ -18,7 +18,7 @@ export HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 PYTHONU
 timeout 150 "$PY" -m pytest tests/test_gpu.py tests/test_synthesis.py tests/test_distill.py tests/test_augment.py \
   -p no:cacheprovider -q -x 2>&1 | tail -n 25 | tee -a "$OUT/gpu_check.txt"
 tests_rc=${PIPESTATUS[0]}
-BENCH=(-m dfkd_assets.bench --config configs/paper-smoke.yaml --images 32 --batch 32 --iters 10)
+BENCH=(-m dfkd_assets.bench --config configs/paper-smoke.yaml --cutn 32 --images 32 --batch 32 --iters 10)
 timeout 240 "$PY" "${BENCH[@]}" --distill-images 1024 --distill-batch 256 --json "$OUT/bench.json" 2>&1 \
   | grep -v "^WARNING" | tee -a "$OUT/gpu_check.txt"
 bench_rc=${PIPESTATUS[0]}
