@@ -181,6 +181,8 @@ class DistillConfig(_Model):
     noise_std: float = Field(0.0, ge=0, le=1, description="Gaussian pixel noise, per-image sigma uniform in [0, this]")
     mixup_alpha: float = Field(0.0, ge=0, description="> 0: mix image pairs with lambda ~ Beta(a, a)")
     cutmix_prob: float = Field(0.0, ge=0, le=1, description="probability of pasting a square from another image")
+    zoom_out_prob: float = Field(0.0, ge=0, le=1, description="probability of shrinking the image onto a procedural textured background")
+    zoom_out_min_scale: float = Field(0.5, gt=0, le=1, description="smallest shrunk side, as a fraction of the input side")
     seed: int = 0
     control: Literal["none", "shuffle_teacher"] = Field(
         "none", description="negative control: 'shuffle_teacher' permutes teacher logits across each batch (student must fall to chance)"

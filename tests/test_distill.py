@@ -105,3 +105,20 @@ def test_without_augmentation_teacher_logits_are_cached_and_equal(teacher, data,
     s = DistillSettings(epochs=3, batch_size=8, lr=0.05, augment=False)
     hist = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, s, tmp_path / "ck", "fp")
     assert hist[-1]["kd_loss"] < hist[0]["kd_loss"]
+
+
+def test_zoom_out_shrinks_onto_a_background_and_is_seeded():
+    """The image lands inside the frame, smaller; outside it a background unlike the image; same seed, same result."""
+    from dfkd_assets.core.distill import zoom_out
+
+    x = torch.zeros(4, 3, 32, 32)
+    x[:, 0] = 1.0  # pure red images
+    a = zoom_out(x, 1.0, 0.5, torch.Generator().manual_seed(3))
+    b = zoom_out(x, 1.0, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    red = (a[:, 0] > 0.99) & (a[:, 1] < 0.01) & (a[:, 2] < 0.01)
+    frac = red.float().mean((1, 2))
+    assert ((frac > 0.2) & (frac < 0.95)).all()  # shrunk to 0.5-1.0 of the side: 25-100 % of the area, minus edges
+    assert (a[:, 1:].amax((1, 2, 3)) > 0.05).all()  # the background is not the image's colour
+    kept = zoom_out(x, 0.0, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(kept, x)

@@ -43,6 +43,8 @@ class DistillSettings:
     noise_std: float = 0.0  # Gaussian pixel noise, per-image sigma uniform in [0, noise_std]
     mixup_alpha: float = 0.0  # > 0: pairs mixed with lambda ~ Beta(a, a); the teacher labels the mixture
     cutmix_prob: float = 0.0  # a rectangle pasted from another image of the batch
+    zoom_out_prob: float = 0.0  # the image shrunk onto a procedural background (random colour + smooth texture + grain)
+    zoom_out_min_scale: float = 0.5  # smallest side of the shrunk image, as a fraction of the output side
     seed: int = 0
     bf16: bool = False  # autocast teacher and student forwards; the KD loss and SGD state stay fp32
     control: str = "none"  # "shuffle_teacher": negative control, teacher logits permuted across the batch
@@ -107,7 +109,38 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
             in_x = (r[None] >= cx[:, None]) & (r[None] < (cx + side)[:, None])
             paste = (in_y[:, :, None] & in_x[:, None, :] & (ud[:, 13] < s.cutmix_prob)[:, None, None])[:, None]
             x = torch.where(paste, partner, x)
+    if s.zoom_out_prob > 0:
+        x = zoom_out(x, s.zoom_out_prob, s.zoom_out_min_scale, gen)
     return x
+
+
+def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+    """Shrink each image (with probability `prob`) to a random scale in [min_scale, 1] and place it
+    at a random position on a procedural background: a random colour, a smooth low-frequency
+    texture and pixel grain.
+
+    Why: VQGAN-CLIP images fill the frame with the object on a pale, untextured surround, while
+    real domains (photos, paintings) show smaller objects on coloured, textured backgrounds. The
+    teacher labels the composite itself, so the student learns the teacher on object-in-context
+    inputs without any real image. Draws come from `gen` after all other augmentations' draws.
+    """
+    b, c, size, _ = x.shape
+    dev, dt = x.device, x.dtype
+    u = to_device(torch.rand(b, 4, generator=gen), dev, dt)
+    base = torch.rand(b, c, 1, 1, generator=gen)
+    texture = F.interpolate(torch.randn(b, c, 4, 4, generator=gen) * 0.15, size=(size, size), mode="bilinear", align_corners=False)
+    grain = torch.randn(b, c, size, size, generator=gen) * 0.04
+    background = to_device((base + texture + grain).clamp(0, 1), dev, dt)
+    on = u[:, 0] < prob
+    scale = torch.where(on, min_scale + u[:, 1] * (1 - min_scale), torch.ones_like(u[:, 1]))
+    tx, ty = (u[:, 2] * 2 - 1) * (1 - scale), (u[:, 3] * 2 - 1) * (1 - scale)
+    theta = torch.zeros(b, 2, 3, device=dev, dtype=dt)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, 0, 2], theta[:, 1, 2] = -tx / scale, -ty / scale
+    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+    shrunk = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    inside = (grid.abs() <= 1).all(-1)[:, None]
+    return torch.where(on[:, None, None, None], torch.where(inside, shrunk, background), x)
 
 
 def resize_batch(x_u8: torch.Tensor, size: int) -> torch.Tensor:
