@@ -101,7 +101,8 @@ def _cmd_setup_pools(args: argparse.Namespace) -> int:
         # asks, and two runs starting at the same moment on Postgres can race on that insert
         instance.event_log_storage.set_concurrency_slots("gpu", slots)
         instance.event_log_storage.set_concurrency_slots("dvc", 1)
-    print(f"Dagster pools: gpu = {slots} slot(s), dvc = 1, in {os.environ['DAGSTER_HOME']}")
+        instance.event_log_storage.set_concurrency_slots("registry", 1)  # promotions and rollbacks one at a time
+    print(f"Dagster pools: gpu = {slots} slot(s), dvc = 1, registry = 1, in {os.environ['DAGSTER_HOME']}")
     return 0
 
 

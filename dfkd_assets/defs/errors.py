@@ -4,6 +4,7 @@ trouble (a busy GPU, a dropped MLflow connection); bad input fails at once inste
 three attempts."""
 
 import functools
+import re
 
 import dagster as dg
 
@@ -37,6 +38,35 @@ def no_retry_for_bad_input(fn):
         except Exception as e:
             if isinstance(e, _permanent_types()):
                 raise dg.Failure(description=redact(f"{type(e).__name__}: {e}"), allow_retries=False) from e
+            unreachable = _tracking_unreachable(e)
+            if unreachable is not None:
+                raise unreachable from e
             raise
 
     return wrapper
+
+
+_API_FAILURE = re.compile(r"API request to (?P<base>https?://[^/\s]+)\S* failed with exception")
+_REASON = re.compile(r"\[Errno -?\d+\] [^'\")]+|Read timed out|Connection aborted")
+
+
+def _tracking_unreachable(e: BaseException):
+    """An MLflow client error that means "the tracking server did not answer", restated so the
+    step's error names the server and says what to do; None for any other error.
+
+    MLflow reports an outage as a generic MlflowException whose message buries the server under
+    an endpoint URL and urllib3's retry text; the step is retried either way (transient)."""
+    from dfkd_assets.defs.resources import TrackingUnavailable
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        m = _API_FAILURE.search(str(e))
+        if m:
+            reason = _REASON.search(str(e))
+            return TrackingUnavailable(redact(
+                f"MLflow tracking server {m['base']} is unreachable ({reason.group(0) if reason else 'no answer'}); "
+                "start it or fix mlflow.tracking_uri: the step is retried up to operations.max_retries times"
+            ))
+        e = e.__cause__ or e.__context__
+    return None

@@ -119,9 +119,11 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
                 client.log_metric(registry["run_id"], f"eval_{m}_top1.{d.replace('/', '.')}", top1[m][d])
         if np.isfinite(mean_ratio):
             client.log_metric(registry["run_id"], "eval_mean_transfer_ratio", mean_ratio)
-        if cfg.promotion.metric in metrics:  # marks the version as evaluated: rollback only accepts such versions
-            client.set_model_version_tag(registry["model_name"], registry["version"], f"evaluated_{cfg.promotion.metric}", str(metrics[cfg.promotion.metric]))
         client.log_artifacts(registry["run_id"], str(out), "evaluation")
+        # last: marks the version as evaluated, the only kind promotion and rollback accept (an
+        # outage before this line leaves the version unevaluated, never half-evaluated)
+        if cfg.promotion.metric in metrics:
+            client.set_model_version_tag(registry["model_name"], registry["version"], f"evaluated_{cfg.promotion.metric}", str(metrics[cfg.promotion.metric]))
         context.log.info("\n" + table)
         first_png = out / f"confusion_{domains[0].replace('/', '_')}.png"
         return dg.MaterializeResult(

@@ -1,4 +1,12 @@
-"""Asset `champion_student`: applies the pure promotion rule and moves the MLflow alias `champion`."""
+"""Asset `champion_student`: applies the pure promotion rule and moves the MLflow alias `champion`.
+
+Promotions run one at a time (Dagster pool `registry`, limit 1, shared by the rollback job): the
+rule reads the current champion, then moves the alias, and two promotions interleaved there would
+both believe they replace the same champion. Serialized, the second one sees the alias moved
+after its evaluation and stops, asking for a new evaluation against the new champion. Only a
+version the registry marks as evaluated (`evaluated_<metric>`, set by evaluation_report after
+everything else of the evaluation is recorded) can become champion.
+"""
 
 
 import json
@@ -16,6 +24,7 @@ from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
     group_name="training",
     deps=["evaluation_report"],
     kinds={"mlflow"},
+    pool="registry",
     description="Champion/challenger promotion: moves alias `champion` when the challenger is not worse beyond tolerance.",
 )
 @no_retry_for_bad_input
@@ -31,11 +40,21 @@ def champion_student(context: dg.AssetExecutionContext, settings: PipelineSettin
     champ_key = key.replace("student_", "champion_", 1)
     name = cfg.mlflow.registered_model_name
     client = mlflow_tracking.client(cfg)
+    evaluated = f"evaluated_{key}"
+    recorded = client.get_model_version(name, challenger).tags.get(evaluated)
+    if recorded is None or (metrics[key] is not None and recorded != str(metrics[key])):
+        raise dg.Failure(
+            f"v{challenger} has not passed evaluation: the registry has {evaluated}={recorded!r}, "
+            f"{cfg.path('reports') / 'metrics.json'} says {metrics[key]!r}; re-materialize evaluation_report",
+            allow_retries=False,
+        )
     current = mlflow_tracking.alias_version(cfg, "champion")
     if current is not None and current != metrics["champion_version"] and current != challenger:
-        raise RuntimeError(
-            f"alias champion moved to v{current} after evaluation_report compared against v{metrics['champion_version']}: "
-            "re-materialize evaluation_report"
+        compared = f"v{metrics['champion_version']}" if metrics["champion_version"] else "no champion"
+        raise dg.Failure(
+            f"alias champion moved to v{current} after evaluation_report compared v{challenger} against {compared} "
+            "(another promotion or a rollback since): re-materialize evaluation_report",
+            allow_retries=False,
         )
     champion_score = metrics.get(champ_key) if current not in (None, challenger) else None
     decision = decide_promotion(metrics[key], champion_score, cfg.promotion.tolerance)

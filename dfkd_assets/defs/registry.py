@@ -19,7 +19,7 @@ class RollbackConfig(dg.Config):
     to_version: str = Field("", description="version to make champion; empty = the current champion's previous_champion")
 
 
-@dg.op(description="Move alias `champion` back to an earlier evaluated version and record why in the registry.")
+@dg.op(pool="registry", description="Move alias `champion` back to an earlier evaluated version and record why in the registry.")
 def move_champion_back(context: dg.OpExecutionContext, config: RollbackConfig, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> str:
     from mlflow.exceptions import MlflowException
 

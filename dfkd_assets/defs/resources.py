@@ -101,12 +101,23 @@ class MlflowTracking(dg.ConfigurableResource):
             mlflow.end_run(status="FINISHED")
 
     def alias_version(self, cfg: DfkdConfig, alias: str) -> str | None:
+        """The version `alias` points at; None only when the registry says the model or the alias does not exist.
+
+        Any other error (an unreachable or failing server) is raised: read as "no champion", an
+        outage would let evaluation skip the champion and promotion treat a challenger as the first model.
+        """
         from mlflow.exceptions import MlflowException
 
         try:
             return str(self.client(cfg).get_model_version_by_alias(cfg.mlflow.registered_model_name, alias).version)
-        except MlflowException:
-            return None
+        except MlflowException as e:
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no such model / no such alias
+                return None
+            raise
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server did not answer: transient, so the step is retried (operations.max_retries)."""
 
 
 class DvcError(RuntimeError):
@@ -144,7 +155,10 @@ class DvcRepo(dg.ConfigurableResource):
                 self._run(cfg, "init", "--subdir")
         url = self.remote_url or cfg.resolve(cfg.dvc.remote_url)
         if "://" not in url:
-            Path(url).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(url).mkdir(parents=True, exist_ok=True)
+            except OSError as e:  # e.g. a path under a file, an unmounted or read-only volume
+                raise DvcError(redact(f"DVC remote {url} (dvc.remote_url) cannot be created: {e}")) from e
         # --local: the remote location is a machine setting, not committed project config
         self._run(cfg, "remote", "add", "--local", "--force", "--default", cfg.dvc.remote_name, url)
         return url
@@ -153,7 +167,14 @@ class DvcRepo(dg.ConfigurableResource):
         """`dvc add` + `dvc push` of `path` (relative to the workspace); returns the DVC hash of the output."""
         rel = Path(path).resolve().relative_to(cfg.workspace.resolve())
         self._run(cfg, "add", str(rel))
-        self._run(cfg, "push", "-r", cfg.dvc.remote_name, f"{rel}.dvc")
+        try:
+            self._run(cfg, "push", "-r", cfg.dvc.remote_name, f"{rel}.dvc")
+        except DvcError as e:
+            url = self.remote_url or cfg.resolve(cfg.dvc.remote_url)
+            raise DvcError(
+                redact(f"push to the DVC remote {cfg.dvc.remote_name!r} at {url} (dvc.remote_url) failed; the shards and the local "
+                       f"DVC cache are kept, so a retry once the remote is writable uploads them. {e}")
+            ) from e
         meta = yaml.safe_load((cfg.workspace / f"{rel}.dvc").read_text())
         out = meta["outs"][0]
         return out.get("md5") or out.get("hash") or ""
