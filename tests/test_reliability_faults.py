@@ -186,6 +186,9 @@ def test_kill_9_during_synthesis_keeps_finished_batches_and_the_shard_is_byte_id
     kept = sorted(work.glob("batch_*.npz"))
     assert 1 <= len(kept) < 4, f"the kill should land between batches, found {len(kept)} of 4"
     assert not shard_dir.exists()  # nothing of the class was published
+    # what a kill during the shard's own (atomic) write leaves: a temp file, never a partial images.tar
+    shard_dir.mkdir()
+    (shard_dir / ".images.tar.k9xq2v.tmp").write_bytes(reference["images.tar"][:1000])
 
     with dg.DagsterInstance.get() as instance:  # the re-run, as `dfkd run` makes it (the class lock died with the run)
         _reap_the_killed_run(instance)
@@ -193,6 +196,7 @@ def test_kill_9_during_synthesis_keeps_finished_batches_and_the_shard_is_byte_id
         meta = _latest_metadata(instance, "synthetic_images")[0]
     assert meta["resumed_images"] == 2 * len(kept)  # finished batches were kept, not recomputed
     assert {n: (shard_dir / n).read_bytes() for n in reference} == reference
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["images.tar", "manifest.json"]  # the stale temp file is gone
     images, manifest = read_shard(shard_dir)
     assert len(images) == 8 and not work.exists()
 

@@ -59,6 +59,10 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
             fp = class_fingerprint(cfg, teacher.teacher_id, class_name)
             out_dir = cfg.class_dir(class_name)
             grid_path = cfg.path("previews") / f"{class_key(class_name)}.png"
+            # temp files of a run killed while writing this class (atomic writes only rename complete
+            # files); safe under the class lock, and `dvc add` would otherwise version them
+            for stale in out_dir.glob(".*.tmp"):
+                stale.unlink()
 
             try:
                 existing = read_manifest(out_dir)
