@@ -135,6 +135,16 @@ def test_operations_checks_rollback_predict_onnx_and_sensors(tmp_path, monkeypat
         reqs = _sensor_requests(defs, instance, "stale_partitions")
         assert [(r.job_name, r.partition_key) for r in reqs] == [(SYNTHESIZE, "tree")]
 
+        # --- and trains a model for the new class list: the old champion (other classes) is seen, not
+        # compared, and the new version replaces it (it must not read as "the alias moved") ---
+        before = tracking.alias_version(cfg, "champion")
+        assert defs.resolve_job_def(SYNTHESIZE).execute_in_process(instance=instance, partition_key="tree").success
+        assert defs.resolve_job_def(TRAIN).execute_in_process(instance=instance).success
+        new_cfg = load_config(cfg_path)
+        metrics = json.loads((new_cfg.path("reports") / "metrics.json").read_text())
+        assert metrics["champion_version"] is None and str(metrics["champion_seen"]) == str(before)
+        assert tracking.alias_version(new_cfg, "champion") == str(metrics["challenger_version"]) != str(before)
+
 
 def test_failure_sensor_records_and_posts_to_the_webhook(tmp_path, monkeypatch):
     from dfkd_assets.definitions import build_defs

@@ -85,7 +85,8 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
         out = cfg.path("reports")
         metrics = {
             "challenger_version": registry["version"],
-            "champion_version": champion_version if "champion" in predictors else None,
+            "champion_version": champion_version if "champion" in predictors else None,  # the champion compared against
+            "champion_seen": champion_version,  # the alias at evaluation time, compared or not (other classes)
             "chance": chance,
             **{f"{m}_mean_top1": mean[m] for m in predictors},
             "mean_transfer_ratio": mean_ratio,

@@ -49,7 +49,9 @@ def champion_student(context: dg.AssetExecutionContext, settings: PipelineSettin
             allow_retries=False,
         )
     current = mlflow_tracking.alias_version(cfg, "champion")
-    if current is not None and current != metrics["champion_version"] and current != challenger:
+    # a champion trained for other classes is seen but not compared: it must not read as "moved"
+    seen = metrics.get("champion_seen", metrics["champion_version"])
+    if current is not None and current != seen and current != challenger:
         compared = f"v{metrics['champion_version']}" if metrics["champion_version"] else "no champion"
         raise dg.Failure(
             f"alias champion moved to v{current} after evaluation_report compared v{challenger} against {compared} "
