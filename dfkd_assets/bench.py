@@ -152,7 +152,8 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
 
     import torch
 
-    from dfkd_assets.core.distill import augment_batch, distill
+    from dfkd_assets.core.devices import autocast
+    from dfkd_assets.core.distill import augment_batch, distill, kd_loss
     from dfkd_assets.core.student import build_student
     from dfkd_assets.core.teacher import teacher_logits
     from dfkd_assets.loaders import distill_settings
@@ -178,9 +179,6 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
     data = images.to(device).permute(0, 3, 1, 2).contiguous()
     stages = {"augment": 0.0, "teacher": 0.0, "student": 0.0}
     steps = max(1, n_images // base.batch_size)
-    from dfkd_assets.core.devices import autocast
-    from dfkd_assets.core.distill import kd_loss
-
     for i in range(steps + 1):  # the first step is a warm-up
         idx = torch.arange(i % steps * base.batch_size, (i % steps + 1) * base.batch_size, device=device) % n_images
         x, t_aug = _timed(lambda: augment_batch(data[idx], cfg.student.input_size, base, g), device)

@@ -80,3 +80,34 @@ def vqgan(cpu):
     from dfkd_assets.core.vqgan import load_vqgan
 
     return load_vqgan(TINY_VQGAN, None, 0, cpu)
+
+
+POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def create_postgres_db(name: str, password: str | None = None) -> str | None:
+    """A fresh database on this machine's Postgres (trust auth, as on the CI machine), as a
+    `postgresql+psycopg2://` URL (SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3, which the
+    project does not ship); `password` only appears in the URL. None when no Postgres answers."""
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(POSTGRES_ADMIN, connect_timeout=3)
+    except Exception:
+        return None
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    user = "postgres" if password is None else f"postgres:{password}"
+    return f"postgresql+psycopg2://{user}@127.0.0.1:5432/{name}"
+
+
+def drop_postgres_db(name: str) -> None:
+    import psycopg2
+
+    conn = psycopg2.connect(POSTGRES_ADMIN, connect_timeout=3)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    conn.close()

@@ -23,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, TINY_CLIP, TINY_VQGAN
+from conftest import ROOT, TINY_CLIP, TINY_VQGAN, create_postgres_db, drop_postgres_db
 from dfkd_assets.config import ConfigError, class_key, load_config
 from dfkd_assets.core.evaluation import MAX_IMAGE_PIXELS, EvalDataError, evaluate, load_image, scan_domainbed
 
@@ -556,31 +556,6 @@ def _leaks_in_files(root: Path, secrets: list[str], skip: set[Path]) -> list[str
     return found
 
 
-def _postgres(dbname: str, password: str) -> str | None:
-    """A fresh database on this machine's Postgres (trust auth: the password is accepted and unused)."""
-    try:
-        import psycopg2
-
-        conn = psycopg2.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3)
-    except Exception:
-        return None
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{dbname}"')
-    conn.close()
-    return f"postgresql+psycopg2://postgres:{password}@127.0.0.1:5432/{dbname}"
-
-
-def _drop(dbname: str) -> None:
-    import psycopg2
-
-    conn = psycopg2.connect("postgresql://postgres@127.0.0.1:5432/postgres", connect_timeout=3)
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-    conn.close()
-
-
 @pytest.mark.e2e
 def test_secrets_never_reach_logs_metadata_mlflow_or_files(tmp_path, monkeypatch, capfd):
     """The whole tiny pipeline with a webhook token, S3 keys and database passwords in the
@@ -595,8 +570,8 @@ def test_secrets_never_reach_logs_metadata_mlflow_or_files(tmp_path, monkeypatch
     tag = os.urandom(4).hex()
     secrets = {k: f"{k}-{os.urandom(8).hex()}" for k in ("webhook", "aws", "dagsterpw", "mlflowpw")}
     dagster_db, mlflow_db = f"dfkd_sec_dagster_{tag}", f"dfkd_sec_mlflow_{tag}"
-    dagster_url = _postgres(dagster_db, secrets["dagsterpw"])
-    mlflow_url = _postgres(mlflow_db, secrets["mlflowpw"]) if dagster_url else None
+    dagster_url = create_postgres_db(dagster_db, secrets["dagsterpw"])
+    mlflow_url = create_postgres_db(mlflow_db, secrets["mlflowpw"]) if dagster_url else None
     with __import__("socket").socket() as s:
         s.bind(("127.0.0.1", 0))
         dead_port = s.getsockname()[1]
@@ -659,5 +634,5 @@ def test_secrets_never_reach_logs_metadata_mlflow_or_files(tmp_path, monkeypatch
             assert student_meta["mlflow_tracking_uri"].value.startswith("postgresql+psycopg2://postgres:***@127.0.0.1")
     finally:
         if dagster_url:
-            _drop(dagster_db)
-            _drop(mlflow_db)
+            drop_postgres_db(dagster_db)
+            drop_postgres_db(mlflow_db)

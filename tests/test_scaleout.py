@@ -14,27 +14,10 @@ import dagster as dg
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, create_postgres_db
 from test_e2e import make_workspace
 
 pytestmark = pytest.mark.e2e
-
-PG = "postgresql://postgres@127.0.0.1:5432"
-
-
-def _postgres_db(name: str) -> str | None:
-    try:
-        import psycopg2
-
-        conn = psycopg2.connect(f"{PG}/postgres", connect_timeout=3)
-    except Exception:
-        return None
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    return f"{PG}/{name}"
-
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -45,12 +28,10 @@ def _free_port() -> int:
 @pytest.fixture()
 def postgres_dbs():
     tag = uuid.uuid4().hex[:8]
-    dagster_db = _postgres_db(f"dfkd_dagster_{tag}")
+    dagster_db = create_postgres_db(f"dfkd_dagster_{tag}")
     if dagster_db is None:
         pytest.skip("no Postgres on 127.0.0.1:5432 (trust auth expected, as on the CI machine)")
-    # SQLAlchemy 2.1 maps plain postgresql:// to psycopg 3; the project ships psycopg2 (infra/README.md)
-    return (dagster_db.replace("postgresql://", "postgresql+psycopg2://"),
-            _postgres_db(f"dfkd_mlflow_{tag}").replace("postgresql://", "postgresql+psycopg2://"))
+    return dagster_db, create_postgres_db(f"dfkd_mlflow_{tag}")
 
 
 def test_pipeline_on_postgres_dagster_and_mlflow_server_with_concurrent_runs(tmp_path, postgres_dbs, monkeypatch):

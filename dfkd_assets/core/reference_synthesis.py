@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from dfkd_assets.core.augment import N_PARAMS, ImageRngs, augment_views, crop_resize, cutout_boxes
-from dfkd_assets.core.synthesis import BatchResult, SynthesisSettings, init_latents, render, spherical_distance
+from dfkd_assets.core.synthesis import BatchResult, LatentOptimizer, SynthesisSettings, render, spherical_distance
 from dfkd_assets.core.teacher import Teacher
-from dfkd_assets.core.vqgan import codebook
 
 
 def reference_synthesize_one(
@@ -26,11 +25,8 @@ def reference_synthesize_one(
     """One image for one target feature [D]: (uint8 [H,W,3], final cosine, loss per step)."""
     device = target.device
     rngs = ImageRngs([seed], device)
-    z = init_latents(vqgan, rngs, settings.image_size).requires_grad_(True)
-    book = codebook(vqgan)
-    z_min = book.min(0).values.view(1, -1, 1, 1)
-    z_max = book.max(0).values.view(1, -1, 1, 1)
-    opt = torch.optim.Adam([z], lr=settings.lr)
+    lat = LatentOptimizer.start(vqgan, rngs, settings)
+    z = lat.z
     cut = teacher.image_size
     losses = []
     for _ in range(settings.iterations):
@@ -41,11 +37,7 @@ def reference_synthesize_one(
         views = torch.cat([crop_resize(x, boxes[i].view(1, 1, 4), cut) for i in range(settings.cutn)])
         feats = teacher.encode_images(augment_views(views, u[0], settings.augment, noise))  # one call, as kornia in the scripts
         loss = spherical_distance(feats, target[None]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            z.copy_(torch.maximum(torch.minimum(z, z_max), z_min))
+        lat.step(loss)
         losses.append(loss.item())  # a host sync per step, as in the public scripts
     with torch.no_grad():
         image = (render(vqgan, z) * 255).round().clamp(0, 255).to(torch.uint8)

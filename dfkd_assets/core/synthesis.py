@@ -108,6 +108,30 @@ def prepare_models(vqgan: torch.nn.Module, teacher: Teacher, settings: Synthesis
             m._dfkd_compiled = True
 
 
+@dataclass
+class LatentOptimizer:
+    """The per-image latents, their Adam state and the codebook box each step is clamped back into
+    (ALGORITHM.md §3); shared by the engine and the reference loop so both run the same step."""
+
+    z: torch.Tensor
+    opt: torch.optim.Optimizer
+    z_min: torch.Tensor
+    z_max: torch.Tensor
+
+    @classmethod
+    def start(cls, vqgan: torch.nn.Module, rngs: ImageRngs, settings: SynthesisSettings) -> "LatentOptimizer":
+        z = init_latents(vqgan, rngs, settings.image_size).requires_grad_(True)
+        book = codebook(vqgan)
+        return cls(z, torch.optim.Adam([z], lr=settings.lr), book.min(0).values.view(1, -1, 1, 1), book.max(0).values.view(1, -1, 1, 1))
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.z.copy_(torch.maximum(torch.minimum(self.z, self.z_max), self.z_min))
+
+
 def synthesize_batch(
     vqgan: torch.nn.Module,
     teacher: Teacher,
@@ -121,11 +145,8 @@ def synthesize_batch(
     prepare_models(vqgan, teacher, settings)
     rngs = ImageRngs(seeds, device)
     b = len(seeds)
-    z = init_latents(vqgan, rngs, settings.image_size).requires_grad_(True)
-    book = codebook(vqgan)
-    z_min = book.min(0).values.view(1, -1, 1, 1)
-    z_max = book.max(0).values.view(1, -1, 1, 1)
-    opt = torch.optim.Adam([z], lr=settings.lr)
+    lat = LatentOptimizer.start(vqgan, rngs, settings)
+    z = lat.z
     cut = teacher.image_size
     losses: list[torch.Tensor] = []
     for step in range(settings.iterations):
@@ -139,11 +160,7 @@ def synthesize_batch(
         with autocast(device, settings.bf16):
             feats = teacher.encode_images(views).view(b, settings.cutn, -1)  # encode_images returns fp32
         per_image = spherical_distance(feats, targets[:, None, :]).mean(1)
-        opt.zero_grad(set_to_none=True)
-        per_image.sum().backward()
-        opt.step()
-        with torch.no_grad():
-            z.copy_(torch.maximum(torch.minimum(z, z_max), z_min))
+        lat.step(per_image.sum())
         losses.append(per_image.detach().mean())
         if on_step is not None:
             on_step(step + 1, float(losses[-1]) if (step + 1) % 10 == 0 or step + 1 == settings.iterations else float("nan"))
