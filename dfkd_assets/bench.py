@@ -6,6 +6,9 @@ Sections (each prints a table and is written to the JSON as soon as it is done):
              on the same models, prompts, seeds, iterations and image count: images/s, the ratio,
              and the mean final text-image cosine of both (speed must not cost quality).
   flops      FLOPs of one synthesis step (torch.utils.flop_counter), achieved TFLOP/s and MFU.
+  profile    torch.profiler over a few engine steps: the step's device time by kind of work (matmul,
+             convolution, attention, resampling, normalisation, Inductor-fused kernels, copies, ...)
+             and the top kernels; optionally a Chrome trace (--trace).
   distill    KD images/s, with the step split into augmentation / teacher / student, and with
              cached teacher logits (augmentation off).
   load       per-partition model loading (from weight files written here) against the partition's
@@ -28,9 +31,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("synthesis", "flops", "distill", "load", "latency")
+SECTIONS = ("synthesis", "flops", "profile", "distill", "load", "latency")
 # dense bf16 tensor-core peak by the vendor's datasheets, TFLOP/s (MFU denominator)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _sync(device) -> None:
@@ -62,11 +66,19 @@ def _targets(teacher, n: int):
     return teacher.encode_text([f"a photo of a thing number {i}" for i in range(n)])
 
 
-def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters: int, try_compile: bool) -> dict:
-    """Reference loop vs engine variants on the same targets and seeds."""
+def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters: int, compile_modes: list[str]) -> dict:
+    """Reference loop vs engine variants on the same targets and seeds.
+
+    Each compiled variant is timed after its warm-up (`warmup_seconds`: the first 2-step batch,
+    compilation included, with the Inductor cache this process started with) and then compiled
+    once more after `torch._dynamo.reset()` (`warm_cache_warmup_seconds`: the on-disk cache is now
+    warm; what a later partition pays when TORCHINDUCTOR_CACHE_DIR is shared, a little optimistic,
+    as a new process must also import and load what this one has in memory).
+    """
     import dataclasses
 
     import numpy as np
+    import torch
 
     from dfkd_assets.core.reference_synthesis import reference_synthesize
     from dfkd_assets.core.synthesis import synthesize_batch
@@ -79,6 +91,12 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
     def engine_run(s, gen, tea):
         return [synthesize_batch(gen, tea, targets[i : i + batch], seeds[i : i + batch], s) for i in range(0, images, batch)]
 
+    def warm_up(s, models) -> float:
+        t0 = time.perf_counter()
+        synthesize_batch(*models, targets[:batch], seeds[:batch], dataclasses.replace(s, iterations=2))
+        _sync(device)
+        return time.perf_counter() - t0
+
     rows = []
     warm = dataclasses.replace(reference, iterations=1)
     reference_synthesize(vqgan, teacher, targets[:1], seeds[:1], warm)  # warm-up (allocator, kernels)
@@ -89,22 +107,20 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
     variants = [("engine fp32 (batched, vectorised)", dataclasses.replace(base, bf16=False, channels_last=False))]
     if base.bf16 or base.channels_last:
         variants.append((f"engine default ({'bf16' if base.bf16 else 'fp32'}{', channels-last' if base.channels_last else ''})", base))
-    if try_compile:
-        variants.append(("engine default + torch.compile", dataclasses.replace(base, compile=True)))
+    for mode in compile_modes:
+        variants.append((f"engine default + torch.compile ({mode})", dataclasses.replace(base, compile=True, compile_mode=mode)))
     for name, s in variants:
-        models = (vqgan, teacher)
-        if s.compile:  # compilation is applied in place and for good: give it its own copies
-            from dfkd_assets.loaders import generator_for, teacher_for
-
-            models = (generator_for(cfg, device), teacher_for(cfg, device))
-        t0 = time.perf_counter()
-        synthesize_batch(*models, targets[:batch], seeds[:batch], dataclasses.replace(s, iterations=2))  # warm-up / compile
-        _sync(device)
-        warm_s = time.perf_counter() - t0
+        models = (vqgan, teacher)  # compiling wraps the step function, not the models: they are shared
+        warm_s = warm_up(s, models)
         out, dt = _timed(lambda: engine_run(s, *models), device)
         cos = np.concatenate([r.cosines for r in out])
-        rows.append({"variant": name, "batch": batch, "seconds": dt, "warmup_seconds": warm_s, "cosine": float(cos.mean()),
-                     "max_cosine_diff_vs_reference": float(np.abs(cos - ref_cos).max())})
+        row = {"variant": name, "batch": batch, "seconds": dt, "warmup_seconds": warm_s, "cosine": float(cos.mean()),
+               "max_cosine_diff_vs_reference": float(np.abs(cos - ref_cos).max())}
+        if s.compile:
+            torch._dynamo.reset()
+            row["warm_cache_warmup_seconds"] = warm_up(s, models)
+            torch._dynamo.reset()
+        rows.append(row)
     for r in rows:
         r["images_per_s"] = images / r["seconds"]
         r["seconds_per_step"] = r["seconds"] / iters / (images / r["batch"])
@@ -144,6 +160,86 @@ def bench_flops(synth: dict, teacher, vqgan, cfg, device, batch: int, peak_tflop
         rows.append({"variant": r["variant"], "tflops_per_step": per_step / 1e12, "achieved_tflops": achieved,
                      "mfu": achieved / peak_tflops if peak_tflops else None})
     return {"flops_per_image_step": flops / batch, "peak_bf16_tflops": peak_tflops, "rows": rows}
+
+
+# kinds of device work, by kernel or operator name (first match wins); "other" is elementwise work
+# and anything unlisted
+_KINDS = (  # patterns match the lower-cased name
+    ("matmul", r"^triton_tem_|^triton_mm"),  # Inductor's matmul/conv templates (max-autotune)
+    ("inductor fused", r"^triton_|^cpp_fused|compiledfxgraph|compiledfunction|kernel_cpp"),
+    ("attention", r"flash|fmha|attention|sdpa|cudnn_mha"),
+    ("convolution", r"conv|cudnn|implicit_gemm|implicit_convolve|winograd|dgrad|wgrad|fprop"),
+    ("matmul", r"gemm|xmma|cutlass|nvjet|cublas|\bmm\b|aten::mm|addmm|bmm|matmul|linear"),
+    ("resampling", r"grid_sampler|roi_align|roialign|upsample|interpolate|nearest"),
+    ("random numbers", r"randn|normal_|normal_kernel|aten::normal|philox|aten::rand\b|uniform"),
+    ("normalisation", r"norm"),
+    ("copy / memset / layout", r"copy|memcpy|memset|fill|aten::cat|contiguous|clone|nchw|nhwc|transpose"),
+    ("optimizer", r"adam|foreach|lerp|addcdiv|addcmul"),
+)
+
+
+def kind_of(name: str) -> str:
+    """The kind of work a kernel or operator does, from its name (see `_KINDS`)."""
+    import re
+
+    low = name.lower()
+    return next((kind for kind, pattern in _KINDS if re.search(pattern, low)), "other")
+
+
+def bench_profile(cfg, device, teacher, vqgan, batch: int, steps: int, compile_mode: str | None, trace: Path | None) -> dict:
+    """Where one engine step's time goes: `torch.profiler` over `steps` steps after a warm-up.
+
+    On CUDA the device kernels are summed by kind (their self time: nothing is counted twice); on
+    a CPU, the operators' self CPU time. Compiled steps show Inductor's fused kernels as such.
+    """
+    import dataclasses
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    from dfkd_assets.core.synthesis import synthesize_batch
+    from dfkd_assets.loaders import synthesis_settings
+
+    s = synthesis_settings(cfg, device)
+    s = dataclasses.replace(s, compile=compile_mode is not None, compile_mode=compile_mode or s.compile_mode)
+    models = (vqgan, teacher)
+    targets, seeds = _targets(teacher, batch), list(range(batch))
+    synthesize_batch(*models, targets, seeds, dataclasses.replace(s, iterations=2))  # warm-up / compile
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    marks = []
+
+    def on_step(step: int, _loss: float) -> None:  # step ends: the schedule records steps 2..steps+1 only
+        _sync(device)
+        marks.append(time.perf_counter())
+        prof.step()
+
+    # one unrecorded step first, and one after, so neither the start nor the final render is counted
+    with profile(activities=activities, schedule=schedule(wait=0, warmup=1, active=steps, repeat=1)) as prof:
+        synthesize_batch(*models, targets, seeds, dataclasses.replace(s, iterations=steps + 2), on_step=on_step)
+    wall = marks[steps] - marks[0]
+    if trace is not None:
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(trace))
+    on_device = device.type == "cuda"
+    rows = []
+    for e in prof.key_averages():
+        if on_device and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        t = (e.self_device_time_total if on_device else e.self_cpu_time_total) / 1e6  # seconds
+        if t > 0:
+            rows.append({"name": e.key, "kind": kind_of(e.key), "calls": e.count, "seconds": t})
+    total = sum(r["seconds"] for r in rows) or float("nan")
+    kinds: dict[str, float] = {}
+    for r in rows:
+        r["share"] = r["seconds"] / total
+        kinds[r["kind"]] = kinds.get(r["kind"], 0.0) + r["share"]
+    rows.sort(key=lambda r: -r["seconds"])
+    return {"batch": batch, "steps": steps, "compiled": s.compile, "compile_mode": s.compile_mode if s.compile else None,
+            "timer": "device kernels, self time" if on_device else "CPU operators, self time",
+            "wall_seconds_per_step": wall / steps, "profiled_seconds_per_step": total / steps,
+            "by_kind": dict(sorted(kinds.items(), key=lambda kv: -kv[1])), "top": rows[:25],
+            "trace": str(trace) if trace is not None else None}
 
 
 def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: int, batch_size: int | None) -> dict:
@@ -290,12 +386,17 @@ def run(a) -> dict:
     from dfkd_assets.core.devices import resolve_device
     from dfkd_assets.loaders import generator_for, teacher_for
 
+    if a.inductor_cache is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(a.inductor_cache.resolve())
+    elif a.compile_modes:  # a cold start unless asked otherwise: an earlier run's cache would hide the warm-up
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dfkd-bench-inductor-")
     overrides = {"device": a.device} if a.device else {}
     if a.cutn:
         overrides["synthesis"] = {"cutn": a.cutn}
     cfg = load_config(a.config, overrides or None)
     device = resolve_device(cfg.device)
-    result = {"command": "dfkd bench " + " ".join(a.argv), "config": str(a.config), "machine": _machine(device)}
+    result = {"command": "dfkd bench " + " ".join(a.argv), "config": str(a.config), "machine": _machine(device),
+              "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
 
     def save():
         if a.json:
@@ -313,7 +414,7 @@ def run(a) -> dict:
         t0 = time.perf_counter()
         try:
             if section == "synthesis":
-                out = bench_synthesis(cfg, device, teacher, vqgan, images, batch, a.iters, a.compile)
+                out = bench_synthesis(cfg, device, teacher, vqgan, images, batch, a.iters, a.compile_modes)
                 _print_table(f"synthesis: {images} images, {a.iters} iterations, cutn {out['cutn']}, {out['image_size']} px",
                              out["rows"], ["variant", "batch", "images_per_s", "images_per_hour_at_400_steps", "speedup_vs_reference",
                                            "cosine", "max_cosine_diff_vs_reference", "warmup_seconds"])
@@ -323,6 +424,13 @@ def run(a) -> dict:
                 out = bench_flops(result["synthesis"], teacher, vqgan, cfg, device, batch, peak)
                 _print_table(f"flops: {out['flops_per_image_step'] / 1e9:.1f} GFLOP per image-step, peak {peak} TFLOP/s",
                              out["rows"], ["variant", "tflops_per_step", "achieved_tflops", "mfu"])
+            elif section == "profile":
+                mode = a.compile_modes[0] if a.compile_modes else None
+                out = bench_profile(cfg, device, teacher, vqgan, batch, a.profile_steps, mode, a.trace)
+                print(f"\n## profile: {out['timer']}, batch {batch}, {out['wall_seconds_per_step']:.4g} s/step"
+                      f"{' compiled (' + mode + ')' if mode else ''}")
+                print("  ".join(f"{k} {v:.1%}" for k, v in out["by_kind"].items()))
+                _print_table("profile: top kernels/operators", [dict(r, name=r["name"][:70]) for r in out["top"][:12]], ["name", "kind", "calls", "seconds", "share"])
             elif section == "distill":
                 out = bench_distill(cfg, device, teacher, a.distill_images, a.distill_epochs, cfg.synthesis.image_size, a.distill_batch)
                 print(f"\n## distill: {json.dumps(out)}")
@@ -358,7 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=None, help="engine batch size (default: synthesis.batch_size)")
     p.add_argument("--cutn", type=int, default=None, help="override synthesis.cutn (the paper: 32)")
     p.add_argument("--iters", type=int, default=10, help="optimisation steps per image (rates are per step; x/400 for the paper)")
-    p.add_argument("--compile", action="store_true", help="also measure the engine with torch.compile")
+    p.add_argument("--compile", action="store_true", help="also measure the engine with torch.compile (= --compile-modes default)")
+    p.add_argument("--compile-modes", nargs="+", default=[], choices=COMPILE_MODES,
+                   help="torch.compile modes to measure (each its own variant); the first one is also profiled")
+    p.add_argument("--inductor-cache", type=Path, default=None,
+                   help="TORCHINDUCTOR_CACHE_DIR for the compiled variants (default: a new, empty one, i.e. a cold start)")
+    p.add_argument("--profile-steps", type=int, default=3, help="steps under torch.profiler")
+    p.add_argument("--trace", type=Path, default=None, help="write the profile section's Chrome trace here")
     p.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: datasheet bf16 peak of known GPUs)")
     p.add_argument("--distill-images", type=int, default=512)
     p.add_argument("--distill-epochs", type=int, default=2)
@@ -369,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write all numbers here")
     a = p.parse_args(argv)
     a.argv = argv
+    if a.compile and "default" not in a.compile_modes:
+        a.compile_modes.insert(0, "default")
     run(a)
     return 0
 

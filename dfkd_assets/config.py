@@ -150,7 +150,10 @@ class SynthesisConfig(_Model):
     noise_max: float = Field(0.1, ge=0)
     log_every: int = Field(50, gt=0)
     channels_last: bool | None = Field(None, description="NHWC decoder/image tower; None = on CUDA only")
-    compile: bool = Field(False, description="torch.compile decoder + image tower: faster steps after a warm-up per partition")
+    compile: bool = Field(False, description="torch.compile the whole synthesis step: faster steps after a warm-up per "
+                          "process (share TORCHINDUCTOR_CACHE_DIR between GPU workers to pay it once)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when synthesis.compile is on (reduce-overhead = CUDA graphs)")
 
 
 class StudentConfig(_Model):

@@ -92,17 +92,51 @@ def test_resume_recomputes_only_missing_batches(vqgan, teacher, tmp_path):
 
 
 def test_engine_equals_reference_loop_at_batch_one(vqgan, teacher):
-    """The engine changes scheduling only: at batch 1 it makes the reference loop's image, bit for bit."""
-    from dfkd_assets.core.reference_synthesis import reference_synthesize
+    """The engine changes scheduling only: at batch 1 it makes the reference loop's image.
+
+    Equal to float rounding, not always bit for bit: the reference cuts each view in its own
+    branch, so autograd sums the views' gradients into the image in its own order, while the
+    engine sums one batched op's; the last bit of a gradient can differ, and then, rarely, one
+    pixel rounds to the next uint8 level (seen on one machine: 1 pixel of 3072, by 1).
+    """
+    from dfkd_assets.core.reference_synthesis import reference_synthesize_one
 
     t = targets(teacher, 2)
     s = SynthesisSettings(iterations=10, cutn=6, image_size=32)
-    ref = reference_synthesize(vqgan, teacher, t, [21, 22], s)
+    images = []
     for i, seed in enumerate([21, 22]):
+        ref_image, ref_cos, ref_losses = reference_synthesize_one(vqgan, teacher, t[i], seed, s)
         eng = synthesize_batch(vqgan, teacher, t[i : i + 1], [seed], s)
-        assert np.array_equal(eng.images[0], ref.images[i])
-        assert abs(eng.cosines[0] - ref.cosines[i]) < 1e-5
-    assert not np.array_equal(ref.images[0], ref.images[1])  # different seeds, different images
+        diff = np.abs(eng.images[0].astype(int) - ref_image)
+        assert diff.max() <= 1 and (diff > 0).mean() < 0.005, (diff.max(), (diff > 0).sum())
+        np.testing.assert_allclose(eng.losses, ref_losses, rtol=1e-5, atol=0)  # the same trajectory, step by step
+        assert abs(eng.cosines[0] - ref_cos) < 1e-4
+        images.append(ref_image)
+    assert np.abs(images[0].astype(int) - images[1]).mean() > 5  # different seeds, different images
+
+
+def test_compiled_step_is_one_graph_and_keeps_the_image(vqgan, teacher, tmp_path, monkeypatch):
+    """synthesis.compile compiles the whole step (decoder, cutouts, augmentation, image tower, loss)
+    as one graph, so no host work sits inside it, and it is a scheduling choice: the same seeds
+    give the same image as the eager engine, to float rounding."""
+    from dfkd_assets.core.synthesis import compiled_step_loss, draw_step, step_loss
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold, private cache
+    t = targets(teacher, 2)
+    z = init_latents(vqgan, ImageRngs([3, 4], torch.device("cpu")), 32).requires_grad_(True)
+    draws = draw_step(ImageRngs([3, 4], torch.device("cpu")), FAST, teacher.image_size, torch.device("cpu"))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step_loss)(vqgan, teacher, z, draws, t, FAST)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
+    try:
+        plain = synthesize_batch(vqgan, teacher, t, [3, 4], FAST)
+        compiled = synthesize_batch(vqgan, teacher, t, [3, 4], SynthesisSettings(iterations=6, cutn=4, image_size=32, compile=True))
+        assert compiled_step_loss.cache_info().currsize >= 1  # the compiled step was the one used
+    finally:
+        torch._dynamo.reset()
+    assert np.abs(plain.images.astype(int) - compiled.images).max() <= 2
+    np.testing.assert_allclose(compiled.cosines, plain.cosines, atol=1e-3)
 
 
 def test_channels_last_engine_keeps_the_image(tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,9 +37,9 @@ class ImageRngs:
         """[B, n, k] uniform draws, each image from its own stream."""
         return torch.stack([torch.rand(n, k, generator=g) for g in self.cpu])
 
-    def normal_like(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, n, ...] -> standard normal of the same shape, image b from its own device stream."""
-        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in self.dev])
+    def normal(self, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """[B, *shape] standard normal on the device, image b from its own device stream."""
+        return torch.stack([torch.randn(shape, generator=g, device=g.device, dtype=dtype) for g in self.dev])
 
 
 def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -53,22 +54,37 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """x: [B,C,H,W]; boxes: [B,n,4] (x1,y1,x2,y2 in pixels) -> [B*n,C,size,size], differentiable w.r.t. x.
+def crop_rois(boxes: torch.Tensor, height: int, width: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """Boxes [B,n,4] (x1,y1,x2,y2 in pixels) of [B,C,height,width] images -> `roi_align` rows [B*n,5] on `device`,
+    or None when every box is the whole image at the output size.
+
+    None is always the case when the synthesis side equals the teacher's input side (224 px):
+    `roi_align` would then sample each pixel at its centre, i.e. copy it, with a slow scatter-add
+    backward; `crop_resize_rois` repeats the image instead (same values and gradient). Decided
+    here, on the host, so the device part has no data-dependent branch (and compiles whole).
+    """
+    b, n = boxes.shape[:2]
+    if height == width == size and boxes.device.type == "cpu" and bool((boxes == boxes.new_tensor([0, 0, width, height])).all()):
+        return None
+    idx = torch.arange(b, dtype=boxes.dtype, device=boxes.device).repeat_interleave(n)[:, None]
+    return to_device(torch.cat([idx, boxes.reshape(-1, 4)], dim=1), device, dtype)
+
+
+def crop_resize_rois(x: torch.Tensor, rois: torch.Tensor | None, n: int, size: int) -> torch.Tensor:
+    """x: [B,C,H,W]; rois from `crop_rois` -> [B*n,C,size,size], differentiable w.r.t. x.
 
     Adaptive sampling averages ceil(box/size) points per output pixel: area-like when shrinking
     (like the adaptive pooling of the public cutouts), exact when the box already has `size` pixels.
     """
-    b, n = boxes.shape[:2]
-    h, w = x.shape[-2:]
-    if h == w == size and boxes.device.type == "cpu" and bool((boxes == boxes.new_tensor([0, 0, w, h])).all()):
-        # every box is the whole image at the output size (always so when the synthesis side equals
-        # the teacher's input side, as at 224 px): roi_align would sample each pixel at its centre,
-        # i.e. copy it, with a slow scatter-add backward; a repeat is the same values and gradient
+    if rois is None:
         return x.repeat_interleave(n, dim=0)
-    idx = torch.arange(b, device=x.device, dtype=x.dtype).repeat_interleave(n)[:, None]
-    rois = torch.cat([idx, to_device(boxes.reshape(-1, 4), x.device, x.dtype)], dim=1)
     return roi_align(x, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def crop_resize(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """x: [B,C,H,W]; boxes: [B,n,4] (x1,y1,x2,y2 in pixels) -> [B*n,C,size,size] (`crop_rois` + `crop_resize_rois`)."""
+    rois = crop_rois(boxes, x.shape[-2], x.shape[-1], size, x.device, x.dtype)
+    return crop_resize_rois(x, rois, boxes.shape[1], size)
 
 
 def cutout_boxes(u: torch.Tensor, height: int, width: int, out_size: int, cut_pow: float) -> torch.Tensor:
@@ -135,19 +151,42 @@ def _view_transforms(u: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
     return persp @ aff
 
 
-def augment_views(views: torch.Tensor, u: torch.Tensor, spec: AugmentSpec, noise: torch.Tensor | None) -> torch.Tensor:
-    """views: [N,3,S,S] in [0,1]; u: [N, N_PARAMS] uniforms (CPU); noise: standard normal like views or None."""
-    n, _, size, _ = views.shape
-    dev, dt = views.device, views.dtype
-    mats = to_device(_view_transforms(u.double(), spec), dev, torch.float32)
-    lin = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=dev)
+class ViewParams(NamedTuple):
+    """One step's augmentation parameters on the device: what `apply_augment` needs besides pixels."""
+
+    grid: torch.Tensor  # [N,S,S,2] sampling grid of the affine + perspective warp
+    u: torch.Tensor  # [N, N_PARAMS] the view's uniforms (jitter, erasing, noise level)
+
+
+def view_params(u: torch.Tensor, spec: AugmentSpec, size: int, device: torch.device, dtype: torch.dtype) -> ViewParams:
+    """u: [N, N_PARAMS] uniforms (CPU) -> the warp grid and uniforms on `device`.
+
+    The 3x3 maps are solved on the host in float64 (8x8 systems, one per view), then the grid is
+    built on the device: only N*9 + N*P numbers cross per step.
+    """
+    n = u.shape[0]
+    mats = to_device(_view_transforms(u.double(), spec), device, torch.float32)
+    lin = torch.linspace(-1 + 1 / size, 1 - 1 / size, size, device=device)
     gy, gx = torch.meshgrid(lin, lin, indexing="ij")
     base = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1).view(1, -1, 3)  # 1,S*S,3
     mapped = base @ mats.transpose(1, 2)
     grid = (mapped[..., :2] / mapped[..., 2:].clamp_min(1e-6)).view(n, size, size, 2)
-    out = F.grid_sample(views, grid.to(dt), mode="bilinear", padding_mode="border", align_corners=False)
+    return ViewParams(grid.to(dtype), to_device(u, device, dtype))
 
-    uu = to_device(u, dev, dt)
+
+def augment_views(views: torch.Tensor, u: torch.Tensor, spec: AugmentSpec, noise: torch.Tensor | None) -> torch.Tensor:
+    """views: [N,3,S,S] in [0,1]; u: [N, N_PARAMS] uniforms (CPU); noise: standard normal like views or None."""
+    return apply_augment(views, view_params(u, spec, views.shape[-1], views.device, views.dtype), spec, noise)
+
+
+def apply_augment(views: torch.Tensor, params: ViewParams, spec: AugmentSpec, noise: torch.Tensor | None) -> torch.Tensor:
+    """The device part of `augment_views`: warp, colour jitter, erasing, noise. Tensor ops only, no host
+    data, so it compiles into the synthesis step."""
+    size = views.shape[-1]
+    dev, dt = views.device, views.dtype
+    out = F.grid_sample(views, params.grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    uu = params.u
     on_jit = (uu[:, 16] < spec.p).to(dt)[:, None, None, None]
     factors = 1 + (uu[:, 17:20] * 2 - 1) * spec.jitter  # brightness, contrast, saturation
     bri, con, sat = (1 + (factors[:, i] - 1)[:, None, None, None] * on_jit for i in range(3))

@@ -4,9 +4,9 @@ This is the baseline the engine (`synthesis.synthesize_batch`) is measured again
 the same per-step algorithm of ALGORITHM.md §3 and the same random streams, but one image per
 optimisation, each cutout cut in a Python loop (the views of one image are then augmented in one
 call, as the scripts do with kornia), a host sync per step, fp32, no compilation, no special
-memory layout. Cutouts use the engine's crop operator (one `roi_align` box at a time) rather than
-the scripts' slice + adaptive pooling, so that both produce the same image for the same seed
-(tested): the speed-up must come from scheduling, not from a different algorithm.
+memory layout. Cutouts use the engine's crop operator (one box at a time) rather than the
+scripts' slice + adaptive pooling, so that both produce the same image for the same seed, to
+float rounding (tested): the speed-up must come from scheduling, not from a different algorithm.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def reference_synthesize_one(
         x = render(vqgan, z)
         u = rngs.uniform(settings.cutn, N_PARAMS)  # [1,cutn,P]
         boxes = cutout_boxes(u, x.shape[-2], x.shape[-1], cut, settings.cut_pow)[0]
-        noise = rngs.normal_like(torch.empty(1, settings.cutn, 3, cut, cut, device=device))[0]
+        noise = rngs.normal((settings.cutn, 3, cut, cut))[0]
         views = torch.cat([crop_resize(x, boxes[i].view(1, 1, 4), cut) for i in range(settings.cutn)])
         feats = teacher.encode_images(augment_views(views, u[0], settings.augment, noise))  # one call, as kornia in the scripts
         loss = spherical_distance(feats, target[None]).mean()

@@ -12,6 +12,7 @@ the same trajectories as B single-image runs (tested).
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ import numpy as np
 import torch
 
 from dfkd_assets.core.devices import autocast
-from dfkd_assets.core.augment import N_PARAMS, AugmentSpec, ImageRngs, augment_views, crop_resize, cutout_boxes
+from dfkd_assets.core.augment import (
+    N_PARAMS, AugmentSpec, ImageRngs, ViewParams, apply_augment, crop_resize_rois, crop_rois, cutout_boxes, view_params,
+)
 from dfkd_assets.core.io import atomic_write_bytes, atomic_write_text
 from dfkd_assets.core.seeding import derive_seed
 from dfkd_assets.core.teacher import Teacher
@@ -39,7 +42,8 @@ class SynthesisSettings:
     augment: AugmentSpec = field(default_factory=AugmentSpec)
     bf16: bool = False  # autocast decoder + image encoder; VQ distances, loss and Adam stay fp32
     channels_last: bool = False  # NHWC weights/activations for the decoder and the image tower (faster convs on GPU)
-    compile: bool = False  # torch.compile the decoder and the image tower (pays off over many steps, costs a warm-up)
+    compile: bool = False  # torch.compile the whole step (pays off over many steps, costs a warm-up per process)
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
 
 
 @dataclass
@@ -93,19 +97,57 @@ def render(vqgan: torch.nn.Module, z: torch.Tensor, channels_last: bool = False)
 
 
 def prepare_models(vqgan: torch.nn.Module, teacher: Teacher, settings: SynthesisSettings) -> None:
-    """Apply the engine's layout and compilation to the frozen models, in place and only once.
+    """Apply the engine's memory layout to the frozen models, in place and only once.
 
-    Both change how the same arithmetic is scheduled, not what is computed: weights keep their
-    values and state_dict keys (`Module.compile` wraps the forward, not the module).
+    It changes how the same arithmetic is scheduled, not what is computed: weights keep their
+    values and state_dict keys.
     """
     if settings.channels_last and not getattr(vqgan, "_dfkd_channels_last", False):
         for m in (vqgan, teacher.model.visual):
             m.to(memory_format=torch.channels_last)
             m._dfkd_channels_last = True
-    if settings.compile and not getattr(vqgan.decoder, "_dfkd_compiled", False):
-        for m in (vqgan.decoder, teacher.model.visual):
-            m.compile()
-            m._dfkd_compiled = True
+
+
+class StepDraws(NamedTuple):
+    """One step's random draws, made on the host and already on the device before the step's tensor work."""
+
+    rois: torch.Tensor | None  # cutout boxes as `roi_align` rows, None = every cutout is the whole image
+    views: ViewParams  # warp grid and the views' uniforms
+    noise: torch.Tensor  # [B*cutn,3,S,S] standard normal, image b from its own device stream
+
+
+def draw_step(rngs: ImageRngs, settings: SynthesisSettings, cut: int, device: torch.device) -> StepDraws:
+    """Every random number of one step, each image from its own streams (so a batch equals B single runs)."""
+    b, size = len(rngs.cpu), settings.image_size
+    u = rngs.uniform(settings.cutn, N_PARAMS)  # [B,cutn,P]
+    rois = crop_rois(cutout_boxes(u, size, size, cut, settings.cut_pow), size, size, cut, device, torch.float32)
+    noise = rngs.normal((settings.cutn, 3, cut, cut)).flatten(0, 1)
+    return StepDraws(rois, view_params(u.flatten(0, 1), settings.augment, cut, device, torch.float32), noise)
+
+
+def step_loss(vqgan: torch.nn.Module, teacher: Teacher, z: torch.Tensor, draws: StepDraws, targets: torch.Tensor,
+              settings: SynthesisSettings) -> torch.Tensor:
+    """Per-image loss [B] of one step (ALGORITHM.md §3): render, cut, augment, encode, spherical distance.
+
+    Pure tensor work on the device given the step's draws: no host data, no branch on values, so
+    `torch.compile` takes it whole (decoder, augmentation, image tower, loss, and their backward).
+    """
+    b = z.shape[0]
+    with autocast(z.device, settings.bf16):
+        x = render(vqgan, z, settings.channels_last).float()
+    views = crop_resize_rois(x, draws.rois, settings.cutn, teacher.image_size)  # [B*cutn,3,cut,cut]
+    views = apply_augment(views, draws.views, settings.augment, draws.noise)
+    with autocast(z.device, settings.bf16):
+        feats = teacher.encode_images(views).view(b, settings.cutn, -1)  # encode_images returns fp32
+    return spherical_distance(feats, targets[:, None, :]).mean(1)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_step_loss(mode: str) -> Callable[..., torch.Tensor]:
+    """`step_loss` under `torch.compile` (one wrapper per mode, so its compiled graphs are reused
+    across batches and partitions of a process; the on-disk Inductor cache, TORCHINDUCTOR_CACHE_DIR,
+    carries them across processes)."""
+    return torch.compile(step_loss, mode=None if mode == "default" else mode)
 
 
 @dataclass
@@ -143,23 +185,16 @@ def synthesize_batch(
     """Optimise one latent per target feature; returns the final images and their cosines."""
     device = targets.device
     prepare_models(vqgan, teacher, settings)
+    loss_fn = compiled_step_loss(settings.compile_mode) if settings.compile else step_loss
     rngs = ImageRngs(seeds, device)
-    b = len(seeds)
     lat = LatentOptimizer.start(vqgan, rngs, settings)
     z = lat.z
-    cut = teacher.image_size
     losses: list[torch.Tensor] = []
     for step in range(settings.iterations):
-        with autocast(device, settings.bf16):
-            x = render(vqgan, z, settings.channels_last).float()
-        u = rngs.uniform(settings.cutn, N_PARAMS)  # [B,cutn,P]
-        boxes = cutout_boxes(u, x.shape[-2], x.shape[-1], cut, settings.cut_pow)
-        views = crop_resize(x, boxes, cut)  # [B*cutn,3,cut,cut]
-        noise = rngs.normal_like(views.view(b, settings.cutn, *views.shape[1:])).flatten(0, 1)
-        views = augment_views(views, u.flatten(0, 1), settings.augment, noise)
-        with autocast(device, settings.bf16):
-            feats = teacher.encode_images(views).view(b, settings.cutn, -1)  # encode_images returns fp32
-        per_image = spherical_distance(feats, targets[:, None, :]).mean(1)
+        draws = draw_step(rngs, settings, teacher.image_size, device)
+        if settings.compile:
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead)
+        per_image = loss_fn(vqgan, teacher, z, draws, targets, settings)
         lat.step(per_image.sum())
         losses.append(per_image.detach().mean())
         if on_step is not None:

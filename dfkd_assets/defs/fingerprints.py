@@ -15,7 +15,7 @@ from dfkd_assets.config import DfkdConfig
 
 
 # settings that change how images are computed, not which images (batching, layout, compilation)
-SCHEDULING_ONLY = {"batch_size", "log_every", "channels_last", "compile"}
+SCHEDULING_ONLY = {"batch_size", "log_every", "channels_last", "compile", "compile_mode"}
 
 
 def _hash(obj) -> str:
