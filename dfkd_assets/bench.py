@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -131,35 +132,38 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
             "reference_cosine_sem": spread, "rows": rows}
 
 
-def count_step_flops(teacher, vqgan, batch: int, settings) -> float:
-    """FLOPs (matmul/conv/attention, forward + backward) of one optimisation step at `batch` images."""
-    import dataclasses
-
+def count_step_flops(teacher, vqgan, batch: int, settings) -> tuple[float, dict[str, float]]:
+    """FLOPs (matmul/conv/attention, forward + backward) of one optimisation step at `batch` images,
+    in total and by top-level module (the image tower, the decoder)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dfkd_assets.core.synthesis import synthesize_batch
+    from dfkd_assets.core.augment import ImageRngs
+    from dfkd_assets.core.synthesis import draw_step, init_latents, step_loss
 
-    targets = _targets(teacher, batch)
-    s = dataclasses.replace(settings, compile=False)
-    counts = []
-    for iters in (0, 1):  # iterations=0 is the final render + encode alone; the difference is one step
-        with FlopCounterMode(display=False) as fc:
-            synthesize_batch(vqgan, teacher, targets, list(range(batch)), dataclasses.replace(s, iterations=iters))
-        counts.append(fc.get_total_flops())
-    return float(counts[1] - counts[0])
+    device = next(vqgan.parameters()).device
+    rngs = ImageRngs(list(range(batch)), device)
+    z = init_latents(vqgan, rngs, settings.image_size).requires_grad_(True)
+    draws, targets = draw_step(rngs, settings, teacher.image_size, device), _targets(teacher, batch)
+    with FlopCounterMode(display=False) as fc:
+        step_loss(vqgan, teacher, z, draws, targets, settings).sum().backward()
+    # top-level modules only: they add up to the total (nested names misattribute some backward work)
+    by_module = {k: float(sum(v.values())) for k, v in fc.get_flop_counts().items() if k != "Global" and "." not in k}
+    return float(fc.get_total_flops()), by_module
 
 
 def bench_flops(synth: dict, teacher, vqgan, cfg, device, batch: int, peak_tflops: float | None) -> dict:
     from dfkd_assets.loaders import synthesis_settings
 
-    flops = count_step_flops(teacher, vqgan, batch, synthesis_settings(cfg, device))
+    flops, by_module = count_step_flops(teacher, vqgan, batch, synthesis_settings(cfg, device))
     rows = []
     for r in synth["rows"]:
         per_step = flops / batch * r["batch"]
         achieved = per_step / r["seconds_per_step"] / 1e12
         rows.append({"variant": r["variant"], "tflops_per_step": per_step / 1e12, "achieved_tflops": achieved,
                      "mfu": achieved / peak_tflops if peak_tflops else None})
-    return {"flops_per_image_step": flops / batch, "peak_bf16_tflops": peak_tflops, "rows": rows}
+    return {"flops_per_image_step": flops / batch, "flops_per_image_step_by_module": {k: v / batch for k, v in by_module.items()},
+            "peak_bf16_tflops": peak_tflops, "rows": rows}
 
 
 # kinds of device work, by kernel or operator name (first match wins); "other" is elementwise work
@@ -180,8 +184,6 @@ _KINDS = (  # patterns match the lower-cased name
 
 def kind_of(name: str) -> str:
     """The kind of work a kernel or operator does, from its name (see `_KINDS`)."""
-    import re
-
     low = name.lower()
     return next((kind for kind, pattern in _KINDS if re.search(pattern, low)), "other")
 

@@ -21,6 +21,8 @@ def test_bench_writes_every_section(tmp_path, capsys):
     assert ref["batch"] == 1 and engine["batch"] == 4
     assert abs(ref["cosine"] - engine["cosine"]) < 1e-4  # same seeds, same algorithm: same images
     assert r["flops"]["flops_per_image_step"] > 1e6
+    by_module = r["flops"]["flops_per_image_step_by_module"]  # the image tower and the decoder carry the FLOPs
+    assert len(by_module) >= 2 and sum(by_module.values()) > 0.9 * r["flops"]["flops_per_image_step"]
     prof = r["profile"]
     assert abs(sum(prof["by_kind"].values()) - 1) < 1e-6 and prof["by_kind"]["convolution"] > 0.05  # the decoder's convs
     assert prof["top"] and all(row["seconds"] > 0 for row in prof["top"])
