@@ -81,6 +81,7 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
     import numpy as np
     import torch
 
+    from dfkd_assets.core.devices import cpu_has_native_bf16
     from dfkd_assets.core.reference_synthesis import reference_synthesize
     from dfkd_assets.core.synthesis import synthesize_batch
     from dfkd_assets.loaders import synthesis_settings
@@ -108,6 +109,8 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
     variants = [("engine fp32 (batched, vectorised)", dataclasses.replace(base, bf16=False, channels_last=False))]
     if base.bf16 or base.channels_last:
         variants.append((f"engine default ({'bf16' if base.bf16 else 'fp32'}{', channels-last' if base.channels_last else ''})", base))
+    if device.type == "cpu" and not base.bf16 and cpu_has_native_bf16():  # precision: bf16, a CPU user's choice
+        variants.append(("engine bf16 (native CPU bf16, precision: bf16)", dataclasses.replace(base, bf16=True)))
     for mode in compile_modes:
         variants.append((f"engine default + torch.compile ({mode})", dataclasses.replace(base, compile=True, compile_mode=mode)))
     for name, s in variants:

@@ -338,7 +338,9 @@ class DfkdConfig(_Model):
     workspace: Path = Field(Path("."), description="DVC repository root; data/ and storage/ live under it.")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N; auto/cuda take a free GPU on a multi-GPU host")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast on CUDA (VQ distances, losses, optimizer state stay fp32), fp32 on CPU"
+        "auto",
+        description="auto = bf16 autocast on CUDA (VQ distances, losses, optimizer state stay fp32), fp32 on CPU;"
+        " bf16 = bf16 autocast also on a CPU with native bf16 (AVX512-BF16 / AMX)",
     )
     steps_per_gpu: int = Field(1, gt=0, description="how many concurrent GPU steps may share one GPU")
     teacher: TeacherConfig = TeacherConfig()

@@ -6,7 +6,8 @@ import time
 import pytest
 import torch
 
-from dfkd_assets.core.devices import lease_device, lease_slot, use_bf16
+from dfkd_assets.core import devices
+from dfkd_assets.core.devices import cpu_has_native_bf16, lease_device, lease_slot, use_bf16
 
 HOLDER = """
 import sys, time
@@ -42,12 +43,24 @@ def test_concurrent_steps_each_get_their_own_device_and_a_killed_step_frees_it(t
         a.kill()
 
 
-def test_cpu_device_needs_no_lease_and_bf16_needs_cuda(tmp_path):
+def test_cpu_device_needs_no_lease_and_bf16_needs_cuda_or_a_native_bf16_cpu(tmp_path, monkeypatch):
     with lease_device("cpu", tmp_path) as dev:
         assert dev == torch.device("cpu")
-    assert not use_bf16(torch.device("cpu"), "auto")
+    assert not use_bf16(torch.device("cpu"), "auto")  # auto stays fp32 on a CPU, native bf16 or not
     assert not use_bf16(torch.device("cpu"), "fp32")
-    with pytest.raises(ValueError, match="precision bf16 needs a CUDA device"):
+    if cpu_has_native_bf16():
+        assert use_bf16(torch.device("cpu"), "bf16")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)  # a CPU without it
+    with pytest.raises(ValueError, match="precision: bf16 needs a CUDA device or a CPU with native bf16"):
         use_bf16(torch.device("cpu"), "bf16")
     assert use_bf16(torch.device("cuda", 0), "auto")
     assert not use_bf16(torch.device("cuda", 0), "fp32")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/cpuinfo")
+def test_native_bf16_detection_agrees_with_the_cpu_flags():
+    flags = set()
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            flags |= set(line.split(":", 1)[1].split())
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,18 @@ def test_loss_decreases(vqgan, teacher):
     assert np.mean(res.losses[-8:]) < np.mean(res.losses[:8])
     assert res.images.dtype == np.uint8 and res.images.shape == (2, 32, 32, 3)
 
+
+
+def test_bf16_autocast_on_cpu_keeps_the_quality_of_fp32(vqgan, teacher):
+    """precision: bf16 on a CPU changes the decoder's and encoder's arithmetic, not the outcome."""
+    t, seeds = targets(teacher, 8), list(range(8))
+    s = SynthesisSettings(iterations=20, cutn=8, image_size=32)
+    fp32 = synthesize_batch(vqgan, teacher, t, seeds, s)
+    bf16 = synthesize_batch(vqgan, teacher, t, seeds, dataclasses.replace(s, bf16=True))
+    assert np.isfinite(bf16.cosines).all() and np.mean(bf16.losses[-4:]) < np.mean(bf16.losses[:4])
+    sem = fp32.cosines.std() / np.sqrt(len(seeds))
+    assert abs(float(bf16.cosines.mean() - fp32.cosines.mean())) < sem  # within the noise between images
+    assert not np.array_equal(bf16.images, fp32.images)  # bf16 was really used
 
 def test_batch_equals_single_image_trajectories(vqgan, teacher):
     t = targets(teacher, 3)

@@ -27,6 +27,18 @@ def test_quantize_st_forward_is_nearest_code_and_gradient_is_identity():
     torch.testing.assert_close(z.grad, w)
 
 
+
+def test_quantize_st_picks_fp32_codes_inside_bf16_autocast():
+    """bf16 autocast (the engine's default on GPU) must not reach the code distances: at the f16
+    codebook's size a bf16 matmul picks another code at about 1 % of positions."""
+    g = torch.Generator().manual_seed(0)
+    book, z = torch.randn(16384, 256, generator=g), torch.randn(2, 256, 14, 14, generator=g)
+    fp32 = quantize_st(z, book)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = quantize_st(z, book)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, fp32, rtol=0, atol=0)
+
 def test_decode_shape(vqgan):
     z = codebook(vqgan)[:64].view(1, 8, 8, 16).permute(0, 3, 1, 2)
     assert decode(vqgan, z).shape == (1, 3, 32, 32)
