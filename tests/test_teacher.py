@@ -17,6 +17,20 @@ def test_head_is_normalised_and_logits_use_scale(teacher):
     torch.testing.assert_close(z, teacher.logit_scale * f @ head.t())
 
 
+
+def test_logits_keep_fp32_under_bf16_autocast(teacher):
+    """KD's targets: the image tower may run in bf16, the product with the head stays fp32."""
+    head = zero_shot_head(teacher, ["dog", "cat", "house"], "simple")
+    x = torch.rand(16, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = teacher_logits(teacher, head, x)
+        f = teacher.encode_images(x)  # fp32 out of a bf16 tower
+    assert z.dtype == torch.float32
+    torch.testing.assert_close(z, teacher.logit_scale * f @ head.t(), rtol=0, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = teacher.logit_scale * f @ head.t()  # what autocast would have made of the product
+    assert (in_bf16.float() - z).abs().max() > 1e-3
+
 def test_templates_matter(teacher):
     a = zero_shot_head(teacher, ["dog", "cat"], "single")
     b = zero_shot_head(teacher, ["dog", "cat"], "openai")

@@ -46,7 +46,7 @@ class DistillSettings:
     zoom_out_prob: float = 0.0  # the image shrunk onto a procedural background (random colour + smooth texture + grain)
     zoom_out_min_scale: float = 0.5  # smallest side of the shrunk image, as a fraction of the output side
     seed: int = 0
-    bf16: bool = False  # autocast teacher and student forwards; the KD loss and SGD state stay fp32
+    bf16: bool = False  # autocast teacher and student forwards; teacher logits, KD loss and SGD state stay fp32
     control: str = "none"  # "shuffle_teacher": negative control, teacher logits permuted across the batch
 
 

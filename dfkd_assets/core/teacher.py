@@ -233,7 +233,14 @@ def zero_shot_head(teacher: Teacher, classes: Sequence[str], templates: str | Se
 
 
 def teacher_logits(teacher: Teacher, head: torch.Tensor, x01: torch.Tensor) -> torch.Tensor:
-    """z_T(x)_k = s * <f(x), t_k>."""
-    return teacher.logit_scale * teacher.encode_images(x01) @ head.t()
+    """z_T(x)_k = s * <f(x), t_k>.
+
+    The image tower may run under bf16 autocast; the product with the head does not: in bf16 a
+    result near 30 (a logit at CLIP's scale 100) is rounded to a multiple of 0.125, and these logits
+    are KD's targets. In fp32 the product costs nothing next to the encoder.
+    """
+    feats = teacher.encode_images(x01)
+    with torch.autocast(feats.device.type, enabled=False):
+        return teacher.logit_scale * feats.float() @ head.float().t()
 
 
