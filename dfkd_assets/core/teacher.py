@@ -16,6 +16,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import sha256_file
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
@@ -239,8 +240,8 @@ def teacher_logits(teacher: Teacher, head: torch.Tensor, x01: torch.Tensor) -> t
     result near 30 (a logit at CLIP's scale 100) is rounded to a multiple of 0.125, and these logits
     are KD's targets. In fp32 the product costs nothing next to the encoder.
     """
-    feats = teacher.encode_images(x01)
-    with torch.autocast(feats.device.type, enabled=False):
-        return teacher.logit_scale * feats.float() @ head.float().t()
+    feats = teacher.encode_images(x01)  # fp32, as the head
+    with autocast(feats.device, enabled=False):
+        return teacher.logit_scale * feats @ head.t()
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from dfkd_assets.core.devices import autocast
+
 NO_LOSS = {"target": "torch.nn.Identity"}
 IGNORED_KEY_PREFIXES = ("loss.",)
 
@@ -152,7 +154,7 @@ def quantize_st(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     otherwise run the matmul in bf16 and pick another code at about 1 % of positions (f16 codebook).
     """
     zf = z.float().movedim(1, -1)  # B,h,w,C
-    with torch.autocast(z.device.type, enabled=False):
+    with autocast(z.device, enabled=False):
         d = zf.pow(2).sum(-1, keepdim=True) - 2 * zf @ book.float().t() + book.float().pow(2).sum(-1)
     zq = book[d.argmin(-1)].movedim(-1, 1).to(z.dtype)
     return z + (zq - z).detach()
