@@ -13,7 +13,7 @@ UI_PORT ?= 3000
 # the UI serves anyone who can reach it (no login): loopback only unless you choose otherwise
 UI_HOST ?= 127.0.0.1
 
-.PHONY: install demo test ui compare clean-data
+.PHONY: install demo test test-fast ui compare clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ compare: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# the quick loop: what `make test` runs minus the whole-graph, minutes-long and CUDA tests
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not e2e and not slow and not gpu" $(PYTEST_ARGS)
 
 ui: $(STAMP)
 	$(BIN)/dagster dev --host $(UI_HOST) --port $(UI_PORT) -m dfkd_assets.definitions

@@ -138,7 +138,6 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
 def count_step_flops(teacher, vqgan, batch: int, settings) -> tuple[float, dict[str, float]]:
     """FLOPs (matmul/conv/attention, forward + backward) of one optimisation step at `batch` images,
     in total and by top-level module (the image tower, the decoder)."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from dfkd_assets.core.augment import ImageRngs

@@ -23,7 +23,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     defs = build_defs(args.config)
     with dg.DagsterInstance.get() as instance:
         run_pipeline(defs, instance)
-    report = cfg.path("reports") / "report.md"
+    from dfkd_assets.artifacts import reports_dir
+
+    report = reports_dir(cfg) / "report.md"
     print("\n" + report.read_text())
     print(f"Report:        {report.resolve()}")
     print(f"Dagster runs:  DAGSTER_HOME={os.environ['DAGSTER_HOME']}  (make ui -> http://127.0.0.1:3000)")
@@ -49,7 +51,8 @@ def _cmd_eval_set(args: argparse.Namespace) -> int:
 def _cmd_toyworld_build(args: argparse.Namespace) -> int:
     import yaml
 
-    from dfkd_assets.config import ToyworldConfig, validate
+    from dfkd_assets.config import validate
+    from dfkd_assets.toyworld.config import ToyworldConfig
 
     raw = yaml.safe_load(Path(args.settings).read_text()) if args.settings else {}
     cfg = validate(ToyworldConfig, raw or {}, str(args.settings or "the built-in toyworld defaults"))
@@ -71,10 +74,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     import json
 
     from dfkd_assets.config import load_config
+    from dfkd_assets.defs.registry import champion_uri
     from dfkd_assets.predict import load_registered, predict_files
 
     cfg = load_config(args.config)
-    uri = args.model_uri or f"models:/{cfg.mlflow.registered_model_name}@champion"
+    uri = args.model_uri or champion_uri(cfg)
     model = load_registered(cfg.resolve(cfg.mlflow.tracking_uri), uri)
     rows = predict_files(model, [Path(f) for f in args.images], args.top_k)
     if args.json:

@@ -6,8 +6,10 @@ configured evaluation sets. Two references use the same image budget:
   noopt  decoded random VQGAN latents, no CLIP guidance (the generator prior alone; a baseline,
          not a control: a VQ decoder trained on the world already yields world-like images)
   real   KD on real world images (toyworld renders of every domain): the upper reference
-It runs core/ directly (no Dagster runs, no registry moves): an experiment, not a deployment.
-Synthesis batches are kept under OUT/work/, so an interrupted comparison resumes.
+It calls the same stage functions as the assets (dfkd_assets/stages/), without Dagster runs or
+registry moves: an experiment on the product's code, not a deployment. Synthesis batches and KD
+checkpoints are kept under OUT/work/ (keyed by the assets' fingerprints), so an interrupted
+comparison resumes.
 """
 
 from __future__ import annotations
@@ -36,119 +38,95 @@ def _variant(cfg: DfkdConfig, method: str, seed: int) -> DfkdConfig:
     return DfkdConfig.model_validate(d)
 
 
-def _synthesis_fingerprint(v: DfkdConfig, method: str, seed: int) -> str:
-    """Everything that determines the synthetic images (not the distillation settings)."""
-    import hashlib
+def _real_images(v: DfkdConfig, seed: int) -> list[np.ndarray]:
+    """The 'real' reference: toyworld renders of every domain, as many per class as synthesis makes."""
+    from dfkd_assets.toyworld import world
 
-    from dfkd_assets.defs.fingerprints import SCHEDULING_ONLY
-
-    dump = v.model_dump(mode="json", exclude={"synthesis": SCHEDULING_ONLY - {"batch_size", "log_every"}})
-    parts = {k: dump[k] for k in ("classes", "teacher", "generator", "prompts", "synthesis")}
-    return hashlib.sha256(json.dumps({"method": method, "seed": seed, **parts}, sort_keys=True).encode()).hexdigest()[:16]
+    rng = np.random.default_rng([seed, 99])
+    n = v.synthesis.images_per_class
+    per_class = []
+    for c in v.classes:
+        imgs = []
+        for _ in range(n):
+            dom = world.DOMAINS[rng.integers(len(world.DOMAINS))]
+            imgs.append(world.render(c, dom, list(world.COLOURS)[rng.integers(len(world.COLOURS))], rng, v.synthesis.image_size))
+        per_class.append(np.stack(imgs))
+    return per_class
 
 
 def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, sets, log) -> dict:
-    import torch
+    """One variant at one seed through the product's stages: prompt bank, class synthesis, training set,
+    distillation, evaluation (dfkd_assets/stages/)."""
+    import hashlib
 
-    from dfkd_assets.core.distill import distill
-    from dfkd_assets.core.evaluation import evaluate
-    from dfkd_assets.core.prompts import build_bank
-    from dfkd_assets.core.seeding import derive_seed
-    from dfkd_assets.core.student import build_student
-    from dfkd_assets.core.synthesis import synthesize_resumable
-    from dfkd_assets.loaders import distill_settings, generator_for, style_settings, synthesis_settings
+    from dfkd_assets.fingerprints import class_fingerprint, student_fingerprint
+    from dfkd_assets.loaders import generator_for
+    from dfkd_assets.stages.evaluation import evaluate_models
+    from dfkd_assets.stages.prompts import build_prompt_bank
+    from dfkd_assets.stages.synthesis import class_plan, synthesize_class
+    from dfkd_assets.stages.training import distill_student, training_set
 
     v = _variant(cfg, method, seed)
     device = head.device
-    n = v.synthesis.images_per_class
+    run_dir = work / f"{method}_s{seed}"
     t0 = time.perf_counter()
     if method == "real":
-        from dfkd_assets.toyworld import world
-
-        rng = np.random.default_rng([seed, 99])
-        imgs, labels = [], []
-        for k, c in enumerate(v.classes):
-            for i in range(n):
-                dom = world.DOMAINS[rng.integers(len(world.DOMAINS))]
-                imgs.append(world.render(c, dom, list(world.COLOURS)[rng.integers(len(world.COLOURS))], rng, v.synthesis.image_size))
-                labels.append(k)
-        images = np.stack(imgs)
+        per_class = _real_images(v, seed)
     else:
-        bank, _ = build_bank(teacher, v.classes, v.prompts.method, style_settings(v), v.prompts.vanilla_template)
+        bank, _ = build_prompt_bank(v, teacher, head)
         vqgan = generator_for(v, device)
-        sset = synthesis_settings(v, device)
-        parts, labels = [], []
-        for k, c in enumerate(v.classes):
-            styles = bank.assignments(c, n)
-            targets = torch.stack([bank.features[s, k] for s in styles]).to(device)
-            seeds = [derive_seed(v.synthesis.seed, c, i) for i in range(n)]
-            fp = _synthesis_fingerprint(v, method, seed)
-            ims = synthesize_resumable(vqgan, teacher, head, targets, seeds, sset, v.synthesis.batch_size, work / f"{method}_s{seed}" / class_key(c), fp).images
-            parts.append(ims)
-            labels += [k] * n
-        images = np.concatenate(parts)
+        per_class = [
+            synthesize_class(v, class_plan(v, bank, c), bank, vqgan, teacher, head, device, run_dir / class_key(c),
+                             class_fingerprint(v, teacher.teacher_id, c)).images
+            for c in v.classes
+        ]
     t_syn = time.perf_counter() - t0
-    student = build_student(v.student.arch, v.classes, v.student.input_size, v.student.init_seed)
-    distill(student, teacher, head, torch.from_numpy(images), torch.tensor(labels), distill_settings(v, device),
-            checkpoint_dir=work / f"{method}_s{seed}" / "student", fingerprint=f"{method}-{seed}-{v.config_hash()}")
+    images, labels = training_set(per_class)
+    data_id = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    student, _ = distill_student(v, teacher, head, images, labels, device, run_dir / "student", student_fingerprint(v, teacher.teacher_id, data_id))
     t_kd = time.perf_counter() - t0 - t_syn
-    res = evaluate({"student": student.to(device).eval()}, sets, len(v.classes), max(v.student.input_size, teacher.image_size),
-                   v.evaluation.batch_size, device)["student"]
-    log(f"{method:12s} seed {seed}: mean {res.mean_top1:.3f} " + " ".join(f"{d} {a:.2f}" for d, a in res.top1.items())
+    res = evaluate_models(v, {"student": student.to(device).eval()}, sets, device, max(v.student.input_size, teacher.image_size))
+    top1, mean = res.top1["student"], res.mean["student"]
+    log(f"{method:12s} seed {seed}: mean {mean:.3f} " + " ".join(f"{d} {a:.2f}" for d, a in top1.items())
         + f"  (synthesis {t_syn:.0f} s, distillation {t_kd:.0f} s)")
-    return {"method": method, "seed": seed, "top1": res.top1, "mean": res.mean_top1, "synthesis_s": t_syn, "distill_s": t_kd,
-            "grid": np.concatenate([images[k * n : k * n + 8] for k in range(len(v.classes))])}
+    return {"method": method, "seed": seed, "top1": top1, "mean": mean, "synthesis_s": t_syn, "distill_s": t_kd,
+            "grid": np.concatenate([imgs[:8] for imgs in per_class])}
 
 
 def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print) -> dict:
-    import torch
-
-    from dfkd_assets.core.evaluation import evaluate
     from dfkd_assets.core.report import write_grid
-    from dfkd_assets.core.teacher import teacher_logits, zero_shot_head
+    from dfkd_assets.core.teacher import teacher_logits
     from dfkd_assets.loaders import device_for, eval_sets, teacher_for
+    from dfkd_assets.stages.evaluation import evaluate_models
+    from dfkd_assets.stages.prompts import build_head
 
     out.mkdir(parents=True, exist_ok=True)
     device = device_for(cfg)
     teacher = teacher_for(cfg, device)
-    head = zero_shot_head(teacher, cfg.classes, cfg.teacher.templates)
-    sets = [s for group in eval_sets(cfg).values() for s in group]
-    teacher_res = evaluate({"t": lambda x: teacher_logits(teacher, head, x)}, sets, len(cfg.classes), teacher.image_size, cfg.evaluation.batch_size, device)["t"]
-    log("teacher zero-shot: " + " ".join(f"{d} {a:.2f}" for d, a in teacher_res.top1.items()))
-    runs = []
+    head = build_head(cfg, teacher)
+    sets = eval_sets(cfg)
+    teacher_top1 = evaluate_models(cfg, {"teacher": lambda x: teacher_logits(teacher, head, x)}, sets, device, teacher.image_size).top1["teacher"]
+    log("teacher zero-shot: " + " ".join(f"{d} {a:.2f}" for d, a in teacher_top1.items()))
+    runs: list[dict] = []
     result: dict = {}
     for s in seeds:  # seeds outer: an interrupted comparison still has every method
         for m in methods:
             r = run_one(cfg, m, s, out / "work", teacher, head, sets, log)
             if s == seeds[0]:
-                write_grid(out / f"samples_{m}.png", r["grid"], cols=8)
-            r.pop("grid")
+                write_grid(out / f"samples_{m}.png", r.pop("grid"), cols=8)
+            r.pop("grid", None)
             runs.append(r)
-            result = _summarize(cfg, runs, teacher_res, seeds, out)  # after every run: an interrupted comparison keeps its table
+            result = _write_results(cfg, runs, teacher_top1, seeds, out)  # after every run: an interrupted comparison keeps its table
     log("\n" + (out / "compare.md").read_text())
     return result
 
 
-def _summarize(cfg: DfkdConfig, runs: list[dict], teacher_res, seeds: list[int], out: Path) -> dict:
-    from dfkd_assets.core.evaluation import transfer_ratio
-    from dfkd_assets.core.report import markdown_table
+def _write_results(cfg: DfkdConfig, runs: list[dict], teacher_top1: dict, seeds: list[int], out: Path) -> dict:
+    from dfkd_assets.stages.evaluation import seed_summary
 
-    domains = list(teacher_res.top1)
     chance = 1 / len(cfg.classes)
-    rows = [{"method": "teacher (zero-shot)", **{d: f"{teacher_res.top1[d]:.3f}" for d in domains}, "mean": f"{teacher_res.mean_top1:.3f}"}]
-    summary = {}
-    for m in dict.fromkeys(r["method"] for r in runs):
-        rs = [r for r in runs if r["method"] == m]
-        per = {d: (float(np.mean([r["top1"][d] for r in rs])), float(np.std([r["top1"][d] for r in rs]))) for d in domains}
-        mean = (float(np.mean([r["mean"] for r in rs])), float(np.std([r["mean"] for r in rs])))
-        tr = float(np.nanmean([transfer_ratio(per[d][0], teacher_res.top1[d], chance) for d in domains]))
-        summary[m] = {"per_domain": per, "mean": mean, "mean_transfer_ratio": tr, "seeds": [r["seed"] for r in rs],
-                      "synthesis_s": float(np.mean([r["synthesis_s"] for r in rs])), "distill_s": float(np.mean([r["distill_s"] for r in rs]))}
-        rows.append({"method": f"{m} (n={len(rs)})", **{d: f"{per[d][0]:.3f} ± {per[d][1]:.3f}" for d in domains},
-                     "mean": f"{mean[0]:.3f} ± {mean[1]:.3f}", "transfer": f"{tr:.2f}"})
-    rows.append({"method": "chance", **{d: f"{chance:.3f}" for d in domains}, "mean": f"{chance:.3f}"})
-    table = markdown_table(rows, ["method", *domains, "mean", "transfer"])
-    result = {"teacher": teacher_res.top1, "chance": chance, "seeds": seeds, "runs": runs, "summary": summary,
+    summary, table = seed_summary(runs, teacher_top1, chance)
+    result = {"teacher": teacher_top1, "chance": chance, "seeds": seeds, "runs": runs, "summary": summary,
               "budget": {"images_per_class": cfg.synthesis.images_per_class, "iterations": cfg.synthesis.iterations, "cutn": cfg.synthesis.cutn,
                          "student": cfg.student.arch, "epochs": cfg.distill.epochs, "device": cfg.device}}
     (out / "compare.json").write_text(json.dumps(result, indent=2))

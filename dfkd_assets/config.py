@@ -47,7 +47,20 @@ def _check_formats(template: str) -> str:
     return template
 
 
-class _Model(BaseModel):
+def scheduling_only(default, **kw):
+    """Declare a setting that changes how results are computed (batching, memory layout,
+    compilation), not which results: shard fingerprints leave such settings out."""
+    return Field(default, json_schema_extra={"scheduling_only": True}, **kw)
+
+
+def scheduling_fields(model: type[BaseModel]) -> set[str]:
+    """The fields of `model` declared with `scheduling_only`."""
+    return {k for k, f in model.model_fields.items() if isinstance(f.json_schema_extra, dict) and f.json_schema_extra.get("scheduling_only")}
+
+
+class SettingsModel(BaseModel):
+    """Base of every settings section: unknown keys fail, values are frozen, no silent type coercion."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_validator("*", mode="before")
@@ -63,8 +76,8 @@ class _Model(BaseModel):
         return v
 
 
-class TeacherConfig(_Model):
-    """CLIP teacher (ALGORITHM.md §1), loaded through open_clip."""
+class TeacherConfig(SettingsModel):
+    """CLIP teacher (docs/ALGORITHM.md §1), loaded through open_clip."""
 
     model_name: str = Field("ViT-B-32", description="open_clip architecture, or 'local-dir:/path' to an open_clip bundle (open_clip_config.json + weights)")
     pretrained: str | None = Field(
@@ -94,16 +107,16 @@ class TeacherConfig(_Model):
         return v
 
 
-class GeneratorConfig(_Model):
-    """taming-transformers VQGAN (ALGORITHM.md §3)."""
+class GeneratorConfig(SettingsModel):
+    """taming-transformers VQGAN (docs/ALGORITHM.md §3)."""
 
     config_file: Path = Field(description="taming model yaml (model.params: ddconfig, n_embed, embed_dim).")
     checkpoint: Path | None = Field(None, description="taming .ckpt; None = random init (tests only).")
     init_seed: int = 0
 
 
-class PromptsConfig(_Model):
-    """Prompt bank and its diversification (ALGORITHM.md §2). Defaults marked (r) are reconstructed."""
+class PromptsConfig(SettingsModel):
+    """Prompt bank and its diversification (docs/ALGORITHM.md §2). Defaults marked (r) are reconstructed."""
 
     method: Literal["vanilla", "mix", "random", "contrastive"] = "contrastive"
     vanilla_template: str = "a photo of a {}"
@@ -135,8 +148,8 @@ class PromptsConfig(_Model):
         return v
 
 
-class SynthesisConfig(_Model):
-    """VQGAN-CLIP synthesis (ALGORITHM.md §3); defaults are the public VQGAN-CLIP ones."""
+class SynthesisConfig(SettingsModel):
+    """VQGAN-CLIP synthesis (docs/ALGORITHM.md §3); defaults are the public VQGAN-CLIP ones."""
 
     images_per_class: int = Field(64, gt=0)
     iterations: int = Field(400, ge=0, description="0 = decode random latents without CLIP guidance (a baseline)")
@@ -144,28 +157,27 @@ class SynthesisConfig(_Model):
     cutn: int = Field(32, gt=0)
     cut_pow: float = Field(1.0, gt=0)
     image_size: int = Field(224, gt=0, description="Output side in pixels; must be a multiple of the VQGAN factor.")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = scheduling_only(8, gt=0)
     seed: int = 0
     augment_p: float = Field(0.7, ge=0, le=1, description="Probability of each augmentation per view.")
     noise_max: float = Field(0.1, ge=0)
-    log_every: int = Field(50, gt=0)
-    channels_last: bool | None = Field(None, description="NHWC decoder/image tower; None = on CUDA only")
-    compile: bool = Field(False, description="torch.compile the whole synthesis step: faster steps after a warm-up per "
+    channels_last: bool | None = scheduling_only(None, description="NHWC decoder/image tower; None = on CUDA only")
+    compile: bool = scheduling_only(False, description="torch.compile the whole synthesis step: faster steps after a warm-up per "
                           "process (share TORCHINDUCTOR_CACHE_DIR between GPU workers to pay it once)")
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = scheduling_only(
         "default", description="torch.compile mode when synthesis.compile is on (reduce-overhead = CUDA graphs)")
 
 
-class StudentConfig(_Model):
-    """Student architecture (ALGORITHM.md §4): any timm model name."""
+class StudentConfig(SettingsModel):
+    """Student architecture (docs/ALGORITHM.md §4): any timm model name."""
 
     arch: str = "resnet18"
     input_size: int = Field(224, gt=0)
     init_seed: int = 0
 
 
-class DistillConfig(_Model):
-    """Knowledge distillation (ALGORITHM.md §4)."""
+class DistillConfig(SettingsModel):
+    """Knowledge distillation (docs/ALGORITHM.md §4)."""
 
     epochs: int = Field(30, gt=0)
     batch_size: int = Field(128, gt=0)
@@ -192,7 +204,7 @@ class DistillConfig(_Model):
     )
 
 
-class EvalDatasetConfig(_Model):
+class EvalDatasetConfig(SettingsModel):
     name: str
     root: Path = Field(description="DomainBed layout: root/<domain>/<class>/*.(jpg|png)")
     preset: Literal["pacs", "vlcs", "officehome", "imageclef", "visda2017"] | None = Field(
@@ -205,14 +217,14 @@ class EvalDatasetConfig(_Model):
     )
 
 
-class EvaluationConfig(_Model):
+class EvaluationConfig(SettingsModel):
     datasets: list[EvalDatasetConfig] = Field(default_factory=list)
     batch_size: int = Field(64, gt=0)
     max_images_per_class: int | None = Field(None, gt=0)
 
 
-class FewShotConfig(_Model):
-    """Few-shot protocol (ALGORITHM.md §5): k labelled images per class of a domain, test on the rest of it."""
+class FewShotConfig(SettingsModel):
+    """Few-shot protocol (docs/ALGORITHM.md §5): k labelled images per class of a domain, test on the rest of it."""
 
     enabled: bool = Field(False, description="adds the few_shot_report asset to the graph")
     shots: list[int] = Field([1, 5, 10], min_length=1)
@@ -232,12 +244,12 @@ class FewShotConfig(_Model):
         return sorted(set(v))
 
 
-class PromotionConfig(_Model):
+class PromotionConfig(SettingsModel):
     metric: str = "student_mean_top1"
     tolerance: float = Field(0.01, ge=0, description="A challenger may be this much worse and still promote.")
 
 
-class ChecksConfig(_Model):
+class ChecksConfig(SettingsModel):
     """Thresholds of the asset checks (defs/checks.py); the ones guarding the registry are blocking."""
 
     min_teacher_agreement: float = Field(
@@ -245,7 +257,7 @@ class ChecksConfig(_Model):
     )
 
 
-class OperationsConfig(_Model):
+class OperationsConfig(SettingsModel):
     """How the pipeline runs for months: schedules, sensors, retries, limits (defs/automation.py)."""
 
     retrain_cron: str = Field("0 3 * * 1", description="schedule `retrain` (cron, e.g. Mondays 03:00)")
@@ -264,7 +276,7 @@ class OperationsConfig(_Model):
         return v
 
 
-class MlflowConfig(_Model):
+class MlflowConfig(SettingsModel):
     tracking_uri: str = Field(
         "sqlite:///{workspace}/storage/mlflow.db",
         description="'{workspace}' and '{env:NAME}' are substituted; put a password in the environment, e.g. "
@@ -275,55 +287,9 @@ class MlflowConfig(_Model):
     registered_model_name: str = "dfkd-student"
 
 
-class DvcConfig(_Model):
+class DvcConfig(SettingsModel):
     remote_name: str = "storage"
     remote_url: str = Field("{workspace}/storage/dvc-remote", description="Local dir or S3-compatible URL.")
-
-
-class ToyClipConfig(_Model):
-    """Tiny CLIP of the toyworld (an open_clip architecture registered from JSON)."""
-
-    embed_dim: int = Field(64, gt=0)
-    vision_tower: Literal["resnet", "vit"] = Field(
-        "resnet", description="open_clip ModifiedResNet (learns far faster from scratch at 32 px) or a ViT with patch_size"
-    )
-    vision_width: int = Field(32, gt=0)
-    vision_layers: int = Field(1, gt=0, description="resnet: blocks per stage (4 stages); vit: transformer layers")
-    patch_size: int = Field(4, gt=0, description="vit only")
-    text_width: int = Field(64, gt=0)
-    text_layers: int = Field(2, gt=0)
-    context_length: int = Field(16, ge=8)
-    steps: int = Field(2400, gt=0)
-    batch_size: int = Field(128, gt=1)
-    lr: float = Field(1e-3, gt=0)
-
-
-class ToyVqganConfig(_Model):
-    """Tiny taming VQModel of the toyworld (factor 4: 8x8 latent grid at 32 px)."""
-
-    ch: int = Field(32, gt=0, multiple_of=32)
-    n_embed: int = Field(128, gt=1)
-    embed_dim: int = Field(32, gt=0)
-    steps: int = Field(800, gt=0)
-    batch_size: int = Field(32, gt=0)
-    lr: float = Field(4.5e-4, gt=0)
-
-
-class ToyworldConfig(_Model):
-    """The offline miniature world: rendering, tiny foundation models, held-out evaluation set.
-
-    Changing any value rebuilds the world (`dfkd toyworld build` caches on the hash of these settings).
-    """
-
-    seed: int = 0
-    image_size: int = Field(32, ge=16, multiple_of=4)
-    train_images: int = Field(12000, gt=0, description="pre-rendered captioned images for CLIP/VQGAN training")
-    eval_per_class: int = Field(40, gt=0, description="held-out images per class and domain")
-    clip: ToyClipConfig = ToyClipConfig()
-    vqgan: ToyVqganConfig = ToyVqganConfig()
-
-    def settings_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 # zero-width (non-)joiners glue emoji sequences and Indic scripts; every other control or format
@@ -331,7 +297,7 @@ class ToyworldConfig(_Model):
 _JOINERS = {"\u200c", "\u200d"}
 
 
-class DfkdConfig(_Model):
+class DfkdConfig(SettingsModel):
     """Root of the settings tree. Paths are relative to the current directory unless absolute."""
 
     classes: list[str] = Field(min_length=2)

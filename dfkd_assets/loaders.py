@@ -1,5 +1,7 @@
-"""Settings -> loaded models and core settings: the only place where config fields are mapped onto
-core/ arguments. Used by the Dagster assets and by the commands that run core/ directly (compare)."""
+"""Settings -> loaded models and core settings objects: the one mapping from the pydantic tree
+(dfkd_assets/config.py, where every setting has its one default) onto core/'s dataclasses, which
+have no defaults of their own. Used by the stage functions (dfkd_assets/stages/), the assets and
+the benchmarks."""
 
 from __future__ import annotations
 
@@ -31,24 +33,6 @@ def generator_for(cfg: DfkdConfig, device):
 
     g = cfg.generator
     return load_vqgan(g.config_file, g.checkpoint, g.init_seed, device)
-
-
-def head_for(cfg: DfkdConfig, teacher, device):
-    """The zero-shot head written by the teacher_head asset, refused if another teacher made it."""
-    import json
-
-    from safetensors.torch import load_file
-
-    d = cfg.path("teacher_head")
-    if not (d / "head.json").is_file():
-        raise FileNotFoundError(f"teacher head not found in {d}: materialize teacher_head first")
-    meta = json.loads((d / "head.json").read_text())
-    if meta["teacher_id"] != teacher.teacher_id or meta["classes"] != cfg.classes:
-        raise RuntimeError(
-            f"{d} was built for teacher {meta['teacher_id']!r} and classes {meta['classes']}, "
-            f"not {teacher.teacher_id!r} and {cfg.classes}: re-materialize teacher_head"
-        )
-    return load_file(d / "head.safetensors")["head"].to(device)
 
 
 def synthesis_settings(cfg: DfkdConfig, device):

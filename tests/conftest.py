@@ -1,4 +1,5 @@
-"""Test-wide setup: offline, no telemetry, no network beyond localhost, tiny models built once."""
+"""Test-wide setup: offline, no telemetry, no network beyond localhost, tiny models built once, and the
+shared workspace / registry helpers (`make_workspace`, the `workspace` fixture, `champion_version`)."""
 
 import os
 
@@ -8,10 +9,12 @@ os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("TORCH_NUM_THREADS", "2")
 
 import ipaddress  # noqa: E402
+import shutil  # noqa: E402
 import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP = ROOT / "configs" / "models" / "dfkd-tiny-clip.json"
@@ -80,6 +83,78 @@ def vqgan(cpu):
     from dfkd_assets.core.vqgan import load_vqgan
 
     return load_vqgan(TINY_VQGAN, None, 0, cpu)
+
+
+def make_workspace(tmp: Path, extra: dict | None = None) -> Path:
+    """A fresh workspace (DVC repo root) with the CI settings pointed into it; returns the config path.
+
+    Lays out under `tmp`: ws/ (the workspace), eval/ (a 3-per-class evaluation set), remote/ (the DVC
+    remote), dagster_home/ and settings.yaml; `extra` replaces top-level settings (not a deep merge).
+    """
+    ws = tmp / "ws"
+    ws.mkdir()
+    shutil.copy(ROOT / "dvc.yaml", ws / "dvc.yaml")
+    cfg = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
+    cfg["workspace"] = str(ws)
+    cfg["teacher"]["model_config_file"] = str(TINY_CLIP)
+    cfg["generator"]["config_file"] = str(TINY_VQGAN)
+    cfg["evaluation"]["datasets"][0]["root"] = str(tmp / "eval")
+    cfg["dvc"] = {"remote_url": str(tmp / "remote")}
+    cfg.update(extra or {})
+    path = tmp / "settings.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from dfkd_assets.toyworld.evalset import write_eval_set
+
+    write_eval_set(tmp / "eval", cfg["classes"], per_class=3, size=32)
+    home = tmp / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    """`make_workspace(tmp_path)` with DAGSTER_HOME set to its dagster_home; the config path."""
+    cfg_path = make_workspace(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    return cfg_path
+
+
+# --- the MLflow model registry, read the way a consumer reads it (one place to follow product renames) ---
+
+
+def registry_client(cfg):
+    """An MlflowClient on the settings' tracking/registry URI (also made the process default, for `models:/` URIs)."""
+    import mlflow
+
+    uri = cfg.resolve(cfg.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def alias_version(cfg, alias: str) -> str | None:
+    """The version `alias` of the registered model points at; None when the model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(registry_client(cfg).get_model_version_by_alias(cfg.mlflow.registered_model_name, alias).version)
+    except MlflowException as e:
+        if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def champion_version(cfg) -> str | None:
+    return alias_version(cfg, "champion")
+
+
+def load_registered(cfg, alias: str = "champion"):
+    """The PyTorch model behind `models:/<name>@<alias>`, in eval mode on the CPU."""
+    import mlflow.pytorch
+
+    registry_client(cfg)
+    return mlflow.pytorch.load_model(f"models:/{cfg.mlflow.registered_model_name}@{alias}", map_location="cpu").eval()
 
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"

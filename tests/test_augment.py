@@ -1,5 +1,4 @@
 import torch
-import torch.nn.functional as F
 
 from dfkd_assets.core.augment import N_PARAMS, AugmentSpec, ImageRngs, augment_views, crop_resize, cutout_boxes
 
@@ -36,7 +35,7 @@ def test_no_augmentation_is_identity():
 
 def test_augmentation_changes_views_and_keeps_gradients():
     v = torch.rand(8, 3, 16, 16, requires_grad=True)
-    out = augment_views(v, torch.rand(8, N_PARAMS), AugmentSpec(p=1.0), torch.randn(8, 3, 16, 16))
+    out = augment_views(v, torch.rand(8, N_PARAMS), AugmentSpec(p=1.0, noise_max=0.1), torch.randn(8, 3, 16, 16))
     assert (out - v).abs().mean() > 0.01
     out.sum().backward()
     assert v.grad.abs().sum() > 0

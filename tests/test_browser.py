@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 
 from conftest import ROOT
-from test_e2e import make_workspace
+from conftest import make_workspace
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -80,7 +80,8 @@ def test_config_hash_changes_with_settings():
 
 
 def test_toyworld_settings_name_the_bad_key():
-    from dfkd_assets.config import ToyworldConfig, validate
+    from dfkd_assets.config import validate
+    from dfkd_assets.toyworld.config import ToyworldConfig
 
     with pytest.raises(ConfigError, match=r"clip\.stepz: unknown key"):
         validate(ToyworldConfig, {"clip": {"stepz": 3}}, "toyworld.yaml")

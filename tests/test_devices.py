@@ -44,7 +44,7 @@ def test_concurrent_steps_each_get_their_own_device_and_a_killed_step_frees_it(t
 
 
 def test_cpu_device_needs_no_lease_and_bf16_needs_cuda_or_a_native_bf16_cpu(tmp_path, monkeypatch):
-    with lease_device("cpu", tmp_path) as dev:
+    with lease_device("cpu", tmp_path, 1) as dev:
         assert dev == torch.device("cpu")
     assert not use_bf16(torch.device("cpu"), "auto")  # auto stays fp32 on a CPU, native bf16 or not
     assert not use_bf16(torch.device("cpu"), "fp32")

@@ -3,9 +3,10 @@ import math
 import pytest
 import torch
 
-from dfkd_assets.core.distill import DistillDiverged, DistillSettings, augment_batch, distill, kd_loss
+from dfkd_assets.core.distill import DistillDiverged, augment_batch, distill, kd_loss
 from dfkd_assets.core.student import build_student, load_student
 from dfkd_assets.core.teacher import zero_shot_head
+from core_settings import distill_settings
 
 
 def test_kd_loss_hand_computed():
@@ -27,8 +28,8 @@ def data():
 
 def test_kd_augmentations_are_seeded_bounded_and_do_what_they_say(data):
     x = data[0][:8].permute(0, 3, 1, 2).contiguous()
-    plain = DistillSettings(min_crop_scale=1.0)
-    strong = DistillSettings(min_crop_scale=0.25, color_jitter=0.4, grayscale_prob=0.5, blur_prob=0.5, noise_std=0.2, mixup_alpha=1.0, cutmix_prob=0.5)
+    plain = distill_settings(min_crop_scale=1.0)
+    strong = distill_settings(min_crop_scale=0.25, color_jitter=0.4, grayscale_prob=0.5, blur_prob=0.5, noise_std=0.2, mixup_alpha=1.0, cutmix_prob=0.5)
     a = augment_batch(x, 24, strong, torch.Generator().manual_seed(3))
     b = augment_batch(x, 24, strong, torch.Generator().manual_seed(3))
     assert a.shape == (8, 3, 24, 24) and torch.equal(a, b)  # the epoch seed alone decides the batch
@@ -36,25 +37,25 @@ def test_kd_augmentations_are_seeded_bounded_and_do_what_they_say(data):
     assert not torch.equal(a, augment_batch(x, 24, strong, torch.Generator().manual_seed(4)))
     # the same seed draws the same crops, so each option is compared with crop + flip alone
     p = augment_batch(x, 32, plain, torch.Generator().manual_seed(0))
-    gray = augment_batch(x, 32, DistillSettings(min_crop_scale=1.0, grayscale_prob=1.0), torch.Generator().manual_seed(0))
+    gray = augment_batch(x, 32, distill_settings(min_crop_scale=1.0, grayscale_prob=1.0), torch.Generator().manual_seed(0))
     assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
-    blur = augment_batch(x, 32, DistillSettings(min_crop_scale=1.0, blur_prob=1.0), torch.Generator().manual_seed(0))
+    blur = augment_batch(x, 32, distill_settings(min_crop_scale=1.0, blur_prob=1.0), torch.Generator().manual_seed(0))
     assert blur.diff(dim=-1).abs().mean() < 0.5 * p.diff(dim=-1).abs().mean()  # noise images: blur removes most edges
-    mixed = augment_batch(x, 32, DistillSettings(min_crop_scale=1.0, mixup_alpha=1.0), torch.Generator().manual_seed(0))
+    mixed = augment_batch(x, 32, distill_settings(min_crop_scale=1.0, mixup_alpha=1.0), torch.Generator().manual_seed(0))
     assert (mixed - p).abs().mean() > 0.05  # pairs blended (a pair may be an image with itself)
 
 
 def test_distill_learns_the_teacher_and_resumes(teacher, data, tmp_path, cpu):
     head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
     images, labels = data
-    s = DistillSettings(epochs=4, batch_size=8, lr=0.05)
+    s = distill_settings(epochs=4, batch_size=8, lr=0.05)
     student = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
     hist = distill(student, teacher, head, images, labels, s, tmp_path / "ck", "fp")
     assert [h["epoch"] for h in hist] == [1, 2, 3, 4]
     assert hist[-1]["kd_loss"] < hist[0]["kd_loss"]
 
     # resume: a longer run with the same fingerprint continues after epoch 4
-    s6 = DistillSettings(epochs=6, batch_size=8, lr=0.05)
+    s6 = distill_settings(epochs=6, batch_size=8, lr=0.05)
     resumed = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
     hist6 = distill(resumed, teacher, head, images, labels, s6, tmp_path / "ck", "fp")
     assert hist6[:4] == hist and len(hist6) == 6
@@ -67,12 +68,12 @@ def test_nan_stops_with_clear_error_and_keeps_checkpoint(teacher, data, tmp_path
     head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
     images, labels = data
     student = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
-    distill(student, teacher, head, images, labels, DistillSettings(epochs=1, batch_size=8), tmp_path, "fp")
+    distill(student, teacher, head, images, labels, distill_settings(epochs=1, batch_size=8), tmp_path, "fp")
     before = (tmp_path / "last.pt").read_bytes()
     poisoned = head.clone()
     poisoned[0, 0] = float("nan")  # teacher logits become NaN in the resumed second epoch
     with pytest.raises(DistillDiverged, match="last good checkpoint"):
-        distill(student, teacher, poisoned, images, labels, DistillSettings(epochs=2, batch_size=8), tmp_path, "fp")
+        distill(student, teacher, poisoned, images, labels, distill_settings(epochs=2, batch_size=8), tmp_path, "fp")
     assert (tmp_path / "last.pt").read_bytes() == before
 
 
@@ -102,7 +103,7 @@ def test_without_augmentation_teacher_logits_are_cached_and_equal(teacher, data,
     with torch.no_grad():
         direct = teacher_logits(teacher, head, resize_batch(x[3:9], 32))
     torch.testing.assert_close(cached[3:9], direct, atol=1e-5, rtol=1e-5)
-    s = DistillSettings(epochs=3, batch_size=8, lr=0.05, augment=False)
+    s = distill_settings(epochs=3, batch_size=8, lr=0.05, augment=False)
     hist = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, s, tmp_path / "ck", "fp")
     assert hist[-1]["kd_loss"] < hist[0]["kd_loss"]
 

@@ -14,32 +14,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, make_workspace
 
 pytestmark = pytest.mark.e2e
-
-
-def make_workspace(tmp: Path, extra: dict | None = None) -> Path:
-    """A fresh workspace (DVC repo root) with the CI settings pointed into it; returns the config path."""
-    ws = tmp / "ws"
-    ws.mkdir()
-    shutil.copy(ROOT / "dvc.yaml", ws / "dvc.yaml")
-    cfg = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
-    cfg["workspace"] = str(ws)
-    cfg["teacher"]["model_config_file"] = str(ROOT / "configs" / "models" / "dfkd-tiny-clip.json")
-    cfg["generator"]["config_file"] = str(ROOT / "configs" / "models" / "tiny-vqgan.yaml")
-    cfg["evaluation"]["datasets"][0]["root"] = str(tmp / "eval")
-    cfg["dvc"] = {"remote_url": str(tmp / "remote")}
-    cfg.update(extra or {})
-    path = tmp / "settings.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    from dfkd_assets.toyworld.evalset import write_eval_set
-
-    write_eval_set(tmp / "eval", cfg["classes"], per_class=3, size=32)
-    home = tmp / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / "dagster_home" / "dagster.yaml", home / "dagster.yaml")
-    return path
 
 
 def sha(p: Path) -> str:
@@ -52,7 +29,7 @@ def dvc(ws: Path, *args: str) -> str:
     return out.stdout
 
 
-def test_whole_graph_end_to_end(tmp_path, monkeypatch):
+def test_whole_graph_end_to_end(workspace):
     import mlflow
     import mlflow.pytorch
 
@@ -60,8 +37,7 @@ def test_whole_graph_end_to_end(tmp_path, monkeypatch):
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.runner import run_pipeline
 
-    cfg_path = make_workspace(tmp_path)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    cfg_path = workspace
     cfg = load_config(cfg_path)
     ws = cfg.workspace
     defs = build_defs(cfg_path)
@@ -166,15 +142,14 @@ def test_cli_string_selection_materializes(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["vanilla", "mix", "random", "contrastive"])
-def test_prompt_method_switches_the_pipeline_per_run(tmp_path, monkeypatch, method):
+def test_prompt_method_switches_the_pipeline_per_run(workspace, method):
     """A launchpad override of prompts.method changes the bank and the images' prompts."""
     from dfkd_assets.config import load_config
     from dfkd_assets.core.io import read_manifest
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE
 
-    cfg_path = make_workspace(tmp_path)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    cfg_path = workspace
     overrides = {"prompts": {"method": method, "num_styles": 3, "steps": 10}, "synthesis": {"images_per_class": 3, "iterations": 2}}
     run_config = {"resources": {"settings": {"config": {"overrides": overrides}}}}
     defs = build_defs(cfg_path)

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd_assets.core.fewshot import FewShotSettings, copy_of, draw_shots, few_shot_curves, load_backbone_weights, summarize
+from dfkd_assets.core.fewshot import copy_of, draw_shots, few_shot_curves, load_backbone_weights, summarize
 from dfkd_assets.core.student import build_student
+from core_settings import fewshot_settings
 
 
 def test_draw_shots_is_k_per_class_disjoint_and_seeded():
@@ -32,7 +33,7 @@ def test_fine_tuning_learns_from_few_shots_and_leaves_the_original_untouched(cpu
     domains = {"a": _colour_domain(8, rng), "b": _colour_domain(8, rng)}
     distilled = build_student("resnet10t", ["red", "blue"], 16, 0)
     before = {k: v.clone() for k, v in distilled.state_dict().items()}
-    s = FewShotSettings(shots=(1, 5), seeds=(0, 1), steps=12, lr=0.05, batch_size=10)
+    s = fewshot_settings(shots=(1, 5), seeds=(0, 1), steps=12, lr=0.05, batch_size=10)
     rows = few_shot_curves({"distilled": copy_of(distilled), "scratch": lambda: build_student("resnet10t", ["red", "blue"], 16, 1)},
                            domains, 2, s, cpu)
     assert len(rows) == 2 * 2 * 2 * 2  # domains x shots x seeds x starts

@@ -1,21 +1,34 @@
 """Operations against real Dagster, MLflow and DVC: blocking checks stop training and promotion,
 rollback, predict, ONNX export, the stale-partitions sensor (adding a class synthesizes only it)
-and the run-failure sensor's webhook (a real HTTP server on 127.0.0.1)."""
+and the run-failure sensor's webhook (a real HTTP server on 127.0.0.1).
+
+The operations tests share one pipeline run (the `trained` module fixture: champion v1, ~all of
+their CPU time) and get it back untouched before each test (`ops`), whatever an earlier test did.
+The copy is restored *in place*, not into a new folder: MLflow stores absolute paths (experiment
+artifact location, run artifact URIs, model version sources) and DVC's remote is an absolute path
+in .dvc/config.local, so a copy elsewhere would read and write the original's artifacts. MLflow
+keeps one SQLAlchemy engine per database URI for the whole process; with its default pool a
+pooled connection would keep reading the replaced (deleted) mlflow.db, so the fixture makes that
+engine pool-less (MLFLOW_SQLALCHEMYSTORE_POOLCLASS=NullPool) and every query opens the restored file.
+"""
 
 import http.server
 import io
 import json
+import shutil
 import subprocess
 import sys
 import tarfile
 import threading
+from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
+import torch
 import yaml
 
-from conftest import ROOT
-from test_e2e import make_workspace
+from conftest import ROOT, champion_version, load_registered, make_workspace, registry_client
 
 pytestmark = pytest.mark.e2e
 
@@ -26,107 +39,241 @@ def _sensor_requests(defs, instance, name):
     return res.run_requests
 
 
-def test_operations_checks_rollback_predict_onnx_and_sensors(tmp_path, monkeypatch):
-    from dfkd_assets.config import load_config
+def _with_overrides(overrides: dict) -> dict:
+    return {"resources": {"settings": {"config": {"overrides": overrides}}}}
+
+
+def _check(result, name: str):
+    """The evaluation of asset check `name` in an in-process run (None when it did not run)."""
+    return next((e for e in result.get_asset_check_evaluations() if e.check_name == name), None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The CI pipeline run once (Contrastive-Prompt, as in the demo): champion v1. Returns the
+    workspace root and a pristine copy of it (workspace, eval set, DVC remote, dagster_home)."""
     from dfkd_assets.definitions import build_defs
-    from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE, TRAIN
-    from dfkd_assets.defs.resources import MlflowTracking
     from dfkd_assets.defs.runner import run_pipeline
 
-    cfg_path = make_workspace(tmp_path)  # Contrastive-Prompt, as in the demo
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    root = tmp_path_factory.mktemp("ops")
+    cfg_path = make_workspace(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        # before MLflow first opens this workspace's mlflow.db: the engine it caches for it stays pool-less
+        mp.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+        defs = build_defs(cfg_path)
+        with dg.DagsterInstance.get() as instance:
+            results = run_pipeline(defs, instance, log=lambda s: None)
+    assert all(r.success for r in results)
+    pristine = tmp_path_factory.mktemp("ops-pristine") / "root"
+    shutil.copytree(root, pristine, symlinks=True)
+    return root, pristine
+
+
+@pytest.fixture
+def ops(trained, monkeypatch):
+    """The trained workspace as the pipeline left it (restored in place), DAGSTER_HOME pointed at it."""
+    from dfkd_assets.config import load_config
+    from dfkd_assets.definitions import build_defs
+
+    root, pristine = trained
+    for p in root.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    shutil.copytree(pristine, root, symlinks=True, dirs_exist_ok=True)
+    monkeypatch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # any engine first made now, too
+    cfg_path = root / "settings.yaml"
     cfg = load_config(cfg_path)
-    defs = build_defs(cfg_path)
-    tracking = MlflowTracking()
-    name = cfg.mlflow.registered_model_name
+    return SimpleNamespace(root=root, cfg_path=cfg_path, cfg=cfg, defs=build_defs(cfg_path), name=cfg.mlflow.registered_model_name)
+
+
+def test_clean_run_passes_every_check_and_leaves_nothing_stale(ops):
     with dg.DagsterInstance.get() as instance:
-        assert all(r.success for r in run_pipeline(defs, instance, log=lambda s: None))
-        graph = defs.resolve_asset_graph()
+        graph = ops.defs.resolve_asset_graph()
+        assert graph.asset_check_keys
         for key in graph.asset_check_keys:
             ev = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
             assert ev is not None and ev.status.value == "SUCCEEDED", key
         # everything current: the sensor asks for nothing
-        assert _sensor_requests(defs, instance, "stale_partitions") == []
+        assert _sensor_requests(ops.defs, instance, "stale_partitions") == []
+    assert champion_version(ops.cfg) == "1"
 
-        # --- ONNX: exported champion with parity ---
+
+def test_champion_onnx_export_matches_pytorch(ops):
+    with dg.DagsterInstance.get() as instance:
         onnx_meta = instance.get_latest_materialization_event(dg.AssetKey("champion_onnx")).asset_materialization.metadata
-        assert onnx_meta["max_abs_diff_vs_pytorch"].value < 1e-4 and onnx_meta["champion_version"].value == "1"
+    assert onnx_meta["max_abs_diff_vs_pytorch"].value < 1e-4 and onnx_meta["champion_version"].value == "1"
 
-        # --- a blocking check stops training: one image altered behind its manifest's back ---
-        shard_dir = cfg.class_dir("dog")
-        manifest = json.loads((shard_dir / "manifest.json").read_text())
-        shard = shard_dir / manifest["shard"]
-        members = {}
-        with tarfile.open(shard) as tar:
-            for m in tar.getmembers():
-                members[m] = tar.extractfile(m).read()
-        first = next(iter(members))
-        members[first] = members[first][:-8] + b"\0" * 8  # a PNG that no longer matches its sha256 (or decodes)
-        with tarfile.open(shard, "w") as tar:
-            for m, data in members.items():
-                m.size = len(data)
-                tar.addfile(m, io.BytesIO(data))
-        from dfkd_assets.core.io import sha256_file
 
-        manifest["shard_sha256"] = sha256_file(shard)  # the snapshot's whole-file test passes; per-image integrity must not
-        (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+def test_corrupt_shard_blocks_training_until_it_is_resynthesized(ops):
+    """One image altered behind its manifest's back: the blocking check stops training and promotion."""
+    from dfkd_assets.core.io import sha256_file
+    from dfkd_assets.defs.jobs import SYNTHESIZE, TRAIN
+
+    cfg, defs = ops.cfg, ops.defs
+    shard_dir = cfg.class_dir("dog")
+    manifest = json.loads((shard_dir / "manifest.json").read_text())
+    shard = shard_dir / manifest["shard"]
+    members = {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            members[m] = tar.extractfile(m).read()
+    first = next(iter(members))
+    members[first] = members[first][:-8] + b"\0" * 8  # a PNG that no longer matches its sha256 (or decodes)
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members.items():
+            m.size = len(data)
+            tar.addfile(m, io.BytesIO(data))
+    manifest["shard_sha256"] = sha256_file(shard)  # the snapshot's whole-file test passes; per-image integrity must not
+    (shard_dir / "manifest.json").write_text(json.dumps(manifest))
+    with dg.DagsterInstance.get() as instance:
         r = defs.resolve_job_def(TRAIN).execute_in_process(instance=instance, raise_on_error=False)
         assert not r.success
+        assert _check(r, "shard_integrity") is not None and not _check(r, "shard_integrity").passed
         assert not r.asset_materializations_for_node("student_model")  # never trained on a corrupt dataset
-        assert str(tracking.alias_version(cfg, "champion")) == "1"
+        assert champion_version(cfg) == "1"
 
-        # repair: the corrupt shard is removed and the partition re-materialized
-        import shutil
-
+        # repair: the corrupt shard is removed and the partition re-materialized; the snapshot passes again
         shutil.rmtree(shard_dir)
-        defs.resolve_job_def(SYNTHESIZE).execute_in_process(instance=instance, partition_key="dog")
+        assert defs.resolve_job_def(SYNTHESIZE).execute_in_process(instance=instance, partition_key="dog").success
+        r = defs.resolve_job_def(TRAIN).execute_in_process(instance=instance, asset_selection=[dg.AssetKey("synthetic_dataset")])
+        assert r.success and _check(r, "shard_integrity").passed
+
+
+def test_rollback_to_the_previous_then_a_named_version_refuses_bad_targets(ops):
+    from dfkd_assets.defs.jobs import TRAIN
+
+    cfg, defs, name = ops.cfg, ops.defs, ops.name
+    with dg.DagsterInstance.get() as instance:
         # second and third versions, promoted with a generous tolerance -> champion v3, previous v2
-        loose = {"resources": {"settings": {"config": {"overrides": {"promotion": {"tolerance": 1.0}}}}}}
+        loose = _with_overrides({"promotion": {"tolerance": 1.0}})
         for _ in range(2):
             assert defs.resolve_job_def(TRAIN).execute_in_process(instance=instance, run_config=loose).success
-        assert tracking.alias_version(cfg, "champion") == "3"
+        assert champion_version(cfg) == "3"
 
-        # --- rollback: to the previous champion, then to a named version; bad targets are refused ---
         rb = defs.resolve_job_def("rollback_champion")
-        assert rb.execute_in_process(instance=instance).success
-        assert tracking.alias_version(cfg, "champion") == "2"
-        client = tracking.client(cfg)
+        assert rb.execute_in_process(instance=instance).success  # no target: the previous champion
+        assert champion_version(cfg) == "2"
+        client = registry_client(cfg)
         assert client.get_model_version(name, "2").tags["rolled_back_from"] == "3"
         assert "rollback:v2@" in client.get_registered_model(name).tags["champion_history"]
         bad = rb.execute_in_process(instance=instance, raise_on_error=False,
                                     run_config={"ops": {"move_champion_back": {"config": {"to_version": "99"}}}})
         assert not bad.success and "no version '99'" in str(bad.failure_data_for_node("move_champion_back").error.message)
+        assert champion_version(cfg) == "2"
         assert rb.execute_in_process(instance=instance, run_config={"ops": {"move_champion_back": {"config": {"to_version": "v1"}}}}).success
-        assert tracking.alias_version(cfg, "champion") == "1"
+        assert champion_version(cfg) == "1"
 
-        # --- a worse challenger is not promoted: the blocking check stops champion_student ---
-        strict = {"resources": {"settings": {"config": {"overrides": {"promotion": {"metric": "student_mean_top1", "tolerance": 0.0},
-                                                                      "distill": {"control": "shuffle_teacher", "epochs": 1}}}}}}
-        r = defs.resolve_job_def(TRAIN).execute_in_process(instance=instance, run_config=strict, raise_on_error=False)
-        metrics = json.loads((cfg.path("reports") / "metrics.json").read_text())
-        worse = metrics["student_mean_top1"] < metrics["champion_mean_top1"]
+
+def _disagreement_eval_set(root: Path, classes: list[str], champion, challenger, size: int, per_class: int = 2) -> Path:
+    """A DomainBed-style evaluation set (one domain) labelled by the champion's own predictions and
+    made only of images the challenger classifies differently: on it the champion scores 1 and the
+    challenger 0, whatever either model learnt. Each image is found by gradient steps on the pixels
+    from seeded noise, saved as PNG and re-read the way evaluation reads it before it is accepted."""
+    from PIL import Image
+
+    from dfkd_assets.core.evaluation import load_image
+
+    def top_other(logits, k):
+        return torch.cat([logits[:k], logits[k + 1:]]).max()
+
+    def preds(x):
+        with torch.no_grad():
+            return int(champion(x).argmax(-1)), int(challenger(x).argmax(-1))
+
+    for m in (champion, challenger):
+        m.eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(0)
+    margin = 2.0
+    for k, c in enumerate(classes):
+        out = root / "photo" / c
+        out.mkdir(parents=True)
+        for i in range(per_class):
+            z = torch.randn(1, 3, size, size, generator=gen).requires_grad_()
+            opt = torch.optim.Adam([z], lr=0.05)
+            for _ in range(500):
+                a, b = champion(torch.sigmoid(z))[0], challenger(torch.sigmoid(z))[0]
+                # champion: class k ahead of every other by `margin`; challenger: another class ahead of k
+                loss = torch.relu(margin - (a[k] - top_other(a, k))) + torch.relu(margin - (top_other(b, k) - b[k]))
+                if loss.item() == 0:
+                    break
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            pixels = (torch.sigmoid(z)[0].detach().permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+            path = out / f"{i}.png"
+            Image.fromarray(pixels).save(path)
+            x = torch.from_numpy(load_image(path, size)).permute(2, 0, 1)[None].float() / 255  # as core.evaluation.evaluate
+            champ_pred, chal_pred = preds(x)
+            assert champ_pred == k and chal_pred != k, f"no image for {c!r} that the champion (says {champ_pred}) and the challenger (says {chal_pred}) disagree on"
+    return root
+
+
+def test_worse_challenger_is_not_promoted(ops, teacher):
+    """Negative control of promotion. The challenger (v2) is worse by construction: it is evaluated on
+    images labelled by the champion's (v1) predictions on which the challenger predicts another class,
+    so the champion scores 1.0 and the challenger 0.0 on the same images. That is asserted first;
+    then the blocking check must fail and champion_student never run."""
+    from dfkd_assets.core.student import load_student
+    from dfkd_assets.defs.jobs import TRAIN
+
+    cfg, defs = ops.cfg, ops.defs
+    tolerance = 0.0
+    eval_root = ops.root / "disagreement-eval"
+    strict = {"promotion": {"metric": "student_mean_top1", "tolerance": tolerance},
+              "distill": {"control": "shuffle_teacher", "epochs": 1},
+              "evaluation": {"datasets": [{"name": "disagreement", "root": str(eval_root)}]}}
+    train = defs.resolve_job_def(TRAIN)
+    with dg.DagsterInstance.get() as instance:
+        r = train.execute_in_process(instance=instance, run_config=_with_overrides(strict), asset_selection=[dg.AssetKey("student_model")])
+        assert r.success and r.asset_materializations_for_node("student_model")
+        challenger = load_student(cfg.path("student"))  # what evaluation_report scores as the student
+        assert json.loads((cfg.path("student") / "registry.json").read_text())["version"] == "2"
+        size = max(challenger.input_size, teacher.image_size)  # the size evaluation_report loads images at
+        _disagreement_eval_set(eval_root, cfg.classes, load_registered(cfg, "champion"), challenger, size)
+
+        r = train.execute_in_process(instance=instance, run_config=_with_overrides(strict), raise_on_error=False,
+                                     asset_selection=[dg.AssetKey("evaluation_report"), dg.AssetKey("champion_student")])
         assert r.asset_materializations_for_node("evaluation_report")
+        metrics = json.loads((cfg.path("reports") / "metrics.json").read_text())
+        assert metrics["challenger_version"] == "2" and metrics["champion_version"] == "1"
+        assert metrics["per_domain"]["disagreement/photo"]["images"] == 2 * len(cfg.classes)
+        # the precondition: strictly worse, beyond the tolerance, on the same images
+        assert metrics["champion_mean_top1"] == 1.0 and metrics["student_mean_top1"] == 0.0
+        assert metrics["champion_mean_top1"] > metrics["student_mean_top1"] + tolerance
+        check = _check(r, "not_worse_than_champion")
+        assert check is not None and not check.passed
         promoted = bool(r.asset_materializations_for_node("champion_student"))
-        assert promoted == (not worse) and r.success == (not worse)  # worse: the check fails and promotion never runs
-        assert tracking.alias_version(cfg, "champion") == ("1" if worse else "4")
+        assert not promoted and not r.success  # worse: the check fails and promotion never runs
+    assert champion_version(cfg) == "1"
 
-    # --- predict: the consumer side of the registry ---
-    images = sorted((tmp_path / "eval" / "photo" / "dog").glob("*.png"))[:2]
-    out = subprocess.run([sys.executable, "-m", "dfkd_assets.cli", "predict", *map(str, images), "--config", str(cfg_path), "--json"],
+
+def test_predict_reads_the_champion_from_the_registry(ops):
+    """The consumer side of the registry: `dfkd predict` loads models:/<name>@champion."""
+    cfg = ops.cfg
+    images = sorted((ops.root / "eval" / "photo" / "dog").glob("*.png"))[:2]
+    out = subprocess.run([sys.executable, "-m", "dfkd_assets.cli", "predict", *map(str, images), "--config", str(ops.cfg_path), "--json"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     pred = json.loads(out.stdout)
-    assert pred["model_uri"] == f"models:/{name}@champion" and len(pred["predictions"]) == 2
+    assert pred["model_uri"] == f"models:/{ops.name}@champion" and len(pred["predictions"]) == 2
     assert {c for r in pred["predictions"] for c, _ in r["top"]} <= set(cfg.classes)
     assert abs(sum(p for _, p in pred["predictions"][0]["top"]) - 1) < 1e-4  # all 3 classes listed: probabilities sum to 1
 
-    # --- add a class: the sensor rebuilds the prompt bank first, then asks for that partition only ---
+
+def test_added_class_is_synthesized_alone_and_its_model_replaces_the_champion(ops):
+    """Add a class: the sensor rebuilds the prompt bank first, then asks for that partition only; the
+    model trained for the new class list replaces the champion trained for the old one."""
+    from dfkd_assets.config import load_config
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE, TRAIN
+    from dfkd_assets.toyworld.evalset import write_eval_set
+
+    cfg_path = ops.cfg_path
     raw = yaml.safe_load(cfg_path.read_text())
     raw["classes"] = [*raw["classes"], "tree"]
     cfg_path.write_text(yaml.safe_dump(raw))
-    from dfkd_assets.toyworld.evalset import write_eval_set
-
-    write_eval_set(tmp_path / "eval", raw["classes"], per_class=3, size=32)
+    write_eval_set(ops.root / "eval", raw["classes"], per_class=3, size=32)
     defs = build_defs(cfg_path)
     with dg.DagsterInstance.get() as instance:
         reqs = _sensor_requests(defs, instance, "stale_partitions")
@@ -135,18 +282,19 @@ def test_operations_checks_rollback_predict_onnx_and_sensors(tmp_path, monkeypat
         reqs = _sensor_requests(defs, instance, "stale_partitions")
         assert [(r.job_name, r.partition_key) for r in reqs] == [(SYNTHESIZE, "tree")]
 
-        # --- and trains a model for the new class list: the old champion (other classes) is seen, not
-        # compared, and the new version replaces it (it must not read as "the alias moved") ---
-        before = tracking.alias_version(cfg, "champion")
+        # the old champion (other classes) is seen, not compared, and the new version replaces it
+        # (it must not read as "the alias moved")
+        new_cfg = load_config(cfg_path)
+        before = champion_version(new_cfg)
+        assert before == "1"
         assert defs.resolve_job_def(SYNTHESIZE).execute_in_process(instance=instance, partition_key="tree").success
         assert defs.resolve_job_def(TRAIN).execute_in_process(instance=instance).success
-        new_cfg = load_config(cfg_path)
         metrics = json.loads((new_cfg.path("reports") / "metrics.json").read_text())
         assert metrics["champion_version"] is None and str(metrics["champion_seen"]) == str(before)
-        assert tracking.alias_version(new_cfg, "champion") == str(metrics["challenger_version"]) != str(before)
+        assert champion_version(new_cfg) == str(metrics["challenger_version"]) != str(before)
 
 
-def test_failure_sensor_records_and_posts_to_the_webhook(tmp_path, monkeypatch):
+def test_failure_sensor_records_and_posts_to_the_webhook(workspace, monkeypatch):
     from dfkd_assets.definitions import build_defs
 
     received = []
@@ -164,8 +312,7 @@ def test_failure_sensor_records_and_posts_to_the_webhook(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     secret_url = f"http://127.0.0.1:{server.server_port}/hook?token=s3cret"
     monkeypatch.setenv("DFKD_FAILURE_WEBHOOK", secret_url)
-    cfg_path = make_workspace(tmp_path)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    cfg_path = workspace
     defs = build_defs(cfg_path)
     from dfkd_assets.config import load_config
     from dfkd_assets.defs.jobs import TRAIN

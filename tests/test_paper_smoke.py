@@ -5,9 +5,7 @@ CPU (slow) and on CUDA (gpu)."""
 import shutil
 
 import dagster as dg
-import numpy as np
 import pytest
-import torch
 import yaml
 
 from conftest import ROOT

@@ -29,7 +29,8 @@ import torch
 import yaml
 
 from conftest import ROOT, TINY_CLIP, TINY_VQGAN
-from test_e2e import make_workspace
+from conftest import make_workspace
+from core_settings import distill_settings, synthesis_settings
 
 IN_PROCESS = json.dumps({"execution": {"config": {"in_process": {}}}})
 
@@ -478,8 +479,10 @@ write_shard(sys.argv[2], items, [{"index": i} for i in range(8)], {"class": "x"}
 """
 
 _CHECKPOINT_DRIVER = _FULL_DISK + """
-import torch
-from dfkd_assets.core.distill import DistillSettings, distill
+import pathlib, torch
+sys.path.insert(0, str(pathlib.Path(sys.argv[3]).parents[2] / "tests"))  # argv[3] = ROOT/configs/models/<tiny clip>.json
+from core_settings import distill_settings
+from dfkd_assets.core.distill import distill
 from dfkd_assets.core.student import build_student
 from dfkd_assets.core.teacher import load_teacher, zero_shot_head
 teacher = load_teacher("dfkd-tiny-clip", None, sys.argv[3], 0, torch.device("cpu"))
@@ -487,7 +490,7 @@ head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
 g = torch.Generator().manual_seed(0)
 images, labels = torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(24) % 3
 distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels,
-        DistillSettings(epochs=2, batch_size=8), sys.argv[2], "fp")
+        distill_settings(epochs=2, batch_size=8), sys.argv[2], "fp")
 """
 
 
@@ -500,7 +503,7 @@ def test_disk_full_while_writing_a_shard_or_checkpoint_publishes_nothing_partial
     """A real file-size limit (RLIMIT_FSIZE) makes the write of a new shard, and of the epoch-2
     checkpoint, fail with EFBIG: no partial or temporary file is left, the previous shard and
     checkpoint are intact, and with room again the distillation resumes from the kept checkpoint."""
-    from dfkd_assets.core.distill import DistillSettings, distill
+    from dfkd_assets.core.distill import distill
     from dfkd_assets.core.io import encode_png, read_shard, write_shard
     from dfkd_assets.core.student import build_student
     from dfkd_assets.core.teacher import zero_shot_head
@@ -525,13 +528,13 @@ def test_disk_full_while_writing_a_shard_or_checkpoint_publishes_nothing_partial
     head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(24) % 3
-    hist = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, DistillSettings(epochs=1, batch_size=8), ck, "fp")
+    hist = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, distill_settings(epochs=1, batch_size=8), ck, "fp")
     before = _listing(ck)
     out = subprocess.run([sys.executable, "-c", _CHECKPOINT_DRIVER, str(len(before["last.pt"]) // 2), str(ck), str(TINY_CLIP)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "File too large" in out.stderr, out.stderr[-2000:]
     assert _listing(ck) == before
-    resumed = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, DistillSettings(epochs=2, batch_size=8), ck, "fp")
+    resumed = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, distill_settings(epochs=2, batch_size=8), ck, "fp")
     assert [h["epoch"] for h in resumed] == [1, 2] and resumed[0] == hist[0]
 
 
@@ -694,13 +697,13 @@ def test_nan_synthesis_retries_only_that_image_then_fails_clearly(teacher, tmp_p
     """Core level: only the poisoned image is remade, from its derived seed, giving exactly what a
     clean run from that seed gives; the choice is stored with the batch, so a resumed run keeps it.
     A generator that is non-finite for every seed fails after the bounded retries, naming the seeds."""
-    from dfkd_assets.core.synthesis import NonFiniteError, SynthesisSettings, nonfinite_retry_seed, synthesize_batch, synthesize_resumable
+    from dfkd_assets.core.synthesis import NonFiniteError, nonfinite_retry_seed, synthesize_batch, synthesize_resumable
     from dfkd_assets.core.teacher import zero_shot_head
     from dfkd_assets.core.vqgan import load_vqgan
 
     vqgan = load_vqgan(TINY_VQGAN, None, 0, torch.device("cpu"))
     head = zero_shot_head(teacher, ["a", "b"], "single")
-    settings = SynthesisSettings(iterations=6, cutn=4, image_size=32)
+    settings = synthesis_settings(iterations=6, cutn=4, image_size=32)
     seeds = [101, 102, 103, 104]
     t = teacher.encode_text([f"a photo of a thing number {i}" for i in range(4)])
     with _nan_for_latents([_initial_grid(103)]):

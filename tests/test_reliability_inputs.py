@@ -26,6 +26,7 @@ from PIL import Image
 from conftest import ROOT, TINY_CLIP, TINY_VQGAN, create_postgres_db, drop_postgres_db
 from dfkd_assets.config import ConfigError, class_key, load_config
 from dfkd_assets.core.evaluation import MAX_IMAGE_PIXELS, EvalDataError, evaluate, load_image, scan_domainbed
+from core_settings import VANILLA, distill_settings, style_settings
 
 CI = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
 
@@ -84,7 +85,7 @@ def test_wrong_types_are_refused_naming_the_key(tmp_path, changes, match):
 
 
 COUNTS_POSITIVE = [
-    "synthesis.images_per_class", "synthesis.cutn", "synthesis.batch_size", "synthesis.image_size", "synthesis.log_every",
+    "synthesis.images_per_class", "synthesis.cutn", "synthesis.batch_size", "synthesis.image_size",
     "prompts.num_styles", "prompts.steps", "prompts.mix_words", "student.input_size", "distill.epochs", "distill.batch_size",
     "evaluation.batch_size", "evaluation.max_images_per_class", "fewshot.steps", "fewshot.batch_size", "steps_per_gpu",
     "operations.max_runtime_s",
@@ -128,11 +129,11 @@ def test_templates_with_stray_fields_are_refused_at_load(tmp_path, key, value):
 
 
 def test_placeholder_token_in_a_class_name_is_refused_for_style_prompts(teacher):
-    from dfkd_assets.core.prompts import PromptError, StyleSettings, build_bank
+    from dfkd_assets.core.prompts import PromptError, build_bank
 
     with pytest.raises(PromptError, match=r"exactly one '\*' token.*star \*.*class names must not contain it"):
-        build_bank(teacher, ["dog", "star *"], "random", StyleSettings(num_styles=1))
-    assert build_bank(teacher, ["dog", "star *"], "vanilla", StyleSettings())[0].features.shape[:2] == (1, 2)  # no style slot: fine
+        build_bank(teacher, ["dog", "star *"], "random", style_settings(num_styles=1), VANILLA)
+    assert build_bank(teacher, ["dog", "star *"], "vanilla", style_settings(), VANILLA)[0].features.shape[:2] == (1, 2)  # no style slot: fine
 
 
 NASTY = ["a/b", "..", "../../etc/passwd", "/abs/path", "狗", "猫", "🐶 dog", "👨\u200d👩\u200d👧", "x" * 300, "x" * 299 + "y", "CON", "nul.txt"]
@@ -160,7 +161,7 @@ def test_any_class_name_maps_to_a_distinct_partition_and_folder_inside_the_data_
 
 
 def test_class_names_longer_than_the_text_context_are_refused_naming_class_and_setting(teacher):
-    from dfkd_assets.core.prompts import StyleSettings, build_bank
+    from dfkd_assets.core.prompts import build_bank
     from dfkd_assets.core.teacher import PromptTooLong, zero_shot_head
 
     long = "x" * 300  # 75 BPE tokens: fits alone (77 with start/end), not inside any template
@@ -168,7 +169,7 @@ def test_class_names_longer_than_the_text_context_are_refused_naming_class_and_s
         zero_shot_head(teacher, ["dog", long], "simple")
     for method, setting in (("vanilla", "prompts.vanilla_template"), ("contrastive", "prompts.style_template"), ("random", "prompts.style_template")):
         with pytest.raises(PromptTooLong, match=rf"class '{long}'.*{setting}"):
-            build_bank(teacher, ["dog", long], method, StyleSettings(num_styles=1, steps=1))
+            build_bank(teacher, ["dog", long], method, style_settings(num_styles=1, steps=1), VANILLA)
     with pytest.raises(PromptTooLong, match="more than the text encoder's context"):
         teacher.encode_text(["a photo of a " + long])  # no path encodes a cut prompt
     # emoji, CJK and a ZWJ sequence fit and give distinct, finite class embeddings
@@ -178,7 +179,7 @@ def test_class_names_longer_than_the_text_context_are_refused_naming_class_and_s
 
 
 def test_too_long_class_name_fails_the_first_step_at_once_and_writes_nothing(tmp_path, monkeypatch):
-    from test_e2e import make_workspace
+    from conftest import make_workspace
 
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.jobs import PREPARE
@@ -264,7 +265,7 @@ def test_vqgan_checkpoint_with_another_codebook_size_names_both_settings(tmp_pat
 def test_own_distillation_checkpoint_is_read_weights_only(tmp_path, teacher):
     """Our resumable checkpoint is a torch pickle (optimizer state); it is read with weights_only=True,
     so a planted one cannot run code."""
-    from dfkd_assets.core.distill import CHECKPOINT, DistillSettings, distill
+    from dfkd_assets.core.distill import CHECKPOINT, distill
     from dfkd_assets.core.student import build_student
     from dfkd_assets.core.teacher import zero_shot_head
 
@@ -275,7 +276,7 @@ def test_own_distillation_checkpoint_is_read_weights_only(tmp_path, teacher):
     student = build_student("resnet10t", ["dog", "cat"], 32, 0)
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     with pytest.raises(Exception, match="(Unsupported global|weights_only)"):
-        distill(student, teacher, head, images, torch.tensor([0, 1, 0, 1]), DistillSettings(epochs=1, batch_size=4),
+        distill(student, teacher, head, images, torch.tensor([0, 1, 0, 1]), distill_settings(epochs=1, batch_size=4),
                 checkpoint_dir=tmp_path / "ck", fingerprint="f")
     assert not marker.exists()
 
@@ -431,7 +432,7 @@ def _escape_manifest(d: Path):
     (_garble_manifest, r"house/manifest\.json is not valid JSON"), (_escape_manifest, r"house/manifest\.json names shard '\.\./dog/images\.tar'"),
 ])
 def test_damaged_shard_is_caught_by_the_check_and_never_trained_on(tmp_path, monkeypatch, damage, match):
-    from test_e2e import make_workspace
+    from conftest import make_workspace
 
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.checks import shard_integrity
@@ -510,7 +511,7 @@ def test_mlflow_server_password_never_reaches_the_event_log(tmp_path, monkeypatc
     HTTP error), and neither the Dagster event log nor the output shows the password."""
     import socket
 
-    from test_e2e import make_workspace
+    from conftest import make_workspace
 
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.jobs import PREPARE
@@ -562,7 +563,7 @@ def test_secrets_never_reach_logs_metadata_mlflow_or_files(tmp_path, monkeypatch
     environment, and (with Postgres here) Dagster and MLflow on databases whose URLs carry a
     password. Afterwards no event, run record, MLflow param/tag/artifact, written file or printed
     line holds any of them."""
-    from test_e2e import make_workspace
+    from conftest import make_workspace
 
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.runner import run_pipeline

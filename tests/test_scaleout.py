@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, create_postgres_db
-from test_e2e import make_workspace
+from conftest import make_workspace
 
 pytestmark = pytest.mark.e2e
 

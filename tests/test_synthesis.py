@@ -6,12 +6,13 @@ import torch
 
 from dfkd_assets.core.augment import ImageRngs
 from dfkd_assets.core.synthesis import (
-    SynthesisSettings, clamp_st, init_latents, render, spherical_distance, synthesize_batch, synthesize_resumable,
+    clamp_st, init_latents, render, spherical_distance, synthesize_batch, synthesize_resumable,
 )
 from dfkd_assets.core.teacher import zero_shot_head
 from dfkd_assets.core.vqgan import codebook
+from core_settings import synthesis_settings
 
-FAST = SynthesisSettings(iterations=6, cutn=4, image_size=32)
+FAST = synthesis_settings(iterations=6, cutn=4, image_size=32)
 
 
 def targets(teacher, n):
@@ -52,7 +53,7 @@ def test_image_size_must_fit_the_generator(vqgan):
 
 
 def test_loss_decreases(vqgan, teacher):
-    res = synthesize_batch(vqgan, teacher, targets(teacher, 2), [5, 6], SynthesisSettings(iterations=40, cutn=8, image_size=32))
+    res = synthesize_batch(vqgan, teacher, targets(teacher, 2), [5, 6], synthesis_settings(iterations=40, cutn=8, image_size=32))
     assert np.mean(res.losses[-8:]) < np.mean(res.losses[:8])
     assert res.images.dtype == np.uint8 and res.images.shape == (2, 32, 32, 3)
 
@@ -61,7 +62,7 @@ def test_loss_decreases(vqgan, teacher):
 def test_bf16_autocast_on_cpu_keeps_the_quality_of_fp32(vqgan, teacher):
     """precision: bf16 on a CPU changes the decoder's and encoder's arithmetic, not the outcome."""
     t, seeds = targets(teacher, 8), list(range(8))
-    s = SynthesisSettings(iterations=20, cutn=8, image_size=32)
+    s = synthesis_settings(iterations=20, cutn=8, image_size=32)
     fp32 = synthesize_batch(vqgan, teacher, t, seeds, s)
     bf16 = synthesize_batch(vqgan, teacher, t, seeds, dataclasses.replace(s, bf16=True))
     assert np.isfinite(bf16.cosines).all() and np.mean(bf16.losses[-4:]) < np.mean(bf16.losses[:4])
@@ -116,7 +117,7 @@ def test_engine_equals_reference_loop_at_batch_one(vqgan, teacher):
     from dfkd_assets.core.reference_synthesis import reference_synthesize_one
 
     t = targets(teacher, 2)
-    s = SynthesisSettings(iterations=10, cutn=6, image_size=32)
+    s = synthesis_settings(iterations=10, cutn=6, image_size=32)
     images = []
     for i, seed in enumerate([21, 22]):
         ref_image, ref_cos, ref_losses = reference_synthesize_one(vqgan, teacher, t[i], seed, s)
@@ -145,7 +146,7 @@ def test_compiled_step_is_one_graph_and_keeps_the_image(vqgan, teacher, tmp_path
     assert explained.graph_count == 1
     try:
         plain = synthesize_batch(vqgan, teacher, t, [3, 4], FAST)
-        compiled = synthesize_batch(vqgan, teacher, t, [3, 4], SynthesisSettings(iterations=6, cutn=4, image_size=32, compile=True))
+        compiled = synthesize_batch(vqgan, teacher, t, [3, 4], synthesis_settings(iterations=6, cutn=4, image_size=32, compile=True))
         assert compiled_step_loss.cache_info().currsize >= 1  # the compiled step was the one used
     finally:
         torch._dynamo.reset()
@@ -163,7 +164,7 @@ def test_channels_last_engine_keeps_the_image(tmp_path):
     teacher, vqgan = load_teacher("dfkd-tiny-clip", None, TINY_CLIP, 0, cpu), load_vqgan(TINY_VQGAN, None, 0, cpu)
     t = targets(teacher, 2)
     plain = synthesize_batch(vqgan, teacher, t, [3, 4], FAST)
-    nhwc = synthesize_batch(vqgan, teacher, t, [3, 4], SynthesisSettings(iterations=6, cutn=4, image_size=32, channels_last=True))
+    nhwc = synthesize_batch(vqgan, teacher, t, [3, 4], synthesis_settings(iterations=6, cutn=4, image_size=32, channels_last=True))
     assert vqgan.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not vqgan.decoder.conv_in.weight.is_contiguous()
     assert np.abs(plain.images.astype(int) - nhwc.images).max() <= 2

@@ -1,6 +1,5 @@
 """The toyworld: a CI-sized build, its teacher, and a student that really learns (with controls)."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,8 @@ import torch
 import yaml
 
 from conftest import ROOT
-from dfkd_assets.config import DfkdConfig, ToyworldConfig
+from dfkd_assets.config import DfkdConfig
+from dfkd_assets.toyworld.config import ToyworldConfig
 from dfkd_assets.toyworld import world
 from dfkd_assets.toyworld.build import CLIP_NAME, TEMPLATES, build, is_built
 
@@ -64,14 +64,14 @@ def test_teacher_is_well_above_chance_in_every_domain(toyworld):
         assert acc > CHANCE + 0.15, f"teacher zero-shot on {d}: {acc:.2f}"
 
 
-def _pipeline_cfg(out: Path, **distill) -> DfkdConfig:
+def _pipeline_cfg(out: Path, synthesis: dict | None = None, **distill) -> DfkdConfig:
     return DfkdConfig.model_validate({
         "classes": world.CLASSES, "device": "cpu",
         "teacher": {"model_name": CLIP_NAME, "model_config_file": str(out / "clip" / f"{CLIP_NAME}.json"),
                     "pretrained": str(out / "clip" / "open_clip_model.safetensors"), "templates": TEMPLATES},
         "generator": {"config_file": str(out / "vqgan" / "config.yaml"), "checkpoint": str(out / "vqgan" / "last.ckpt")},
         "prompts": {"method": "contrastive", "num_styles": 4, "steps": 40, "style_words_file": str(out / "style_words.txt")},
-        "synthesis": {"images_per_class": 16, "iterations": 30, "cutn": 8, "image_size": 32, "batch_size": 48},
+        "synthesis": {"images_per_class": 16, "iterations": 30, "cutn": 8, "image_size": 32, "batch_size": 48, **(synthesis or {})},
         "student": {"arch": "resnet18", "input_size": 32},
         "distill": {"epochs": 15, "batch_size": 32, "lr": 0.05, **distill},
         "evaluation": {"datasets": [{"name": "toyworld", "root": str(out / "eval")}], "batch_size": 256},
@@ -86,40 +86,33 @@ def test_student_learns_the_teacher_on_held_out_synthetic_images_and_the_control
     Out-of-domain transfer to the real held-out set at this CI budget is near chance (see
     docs/toyworld.md); it is measured by `dfkd compare`, not asserted here.
     """
-    from dfkd_assets.core.distill import distill
-    from dfkd_assets.core.prompts import build_bank
-    from dfkd_assets.core.seeding import derive_seed
-    from dfkd_assets.core.student import build_student
-    from dfkd_assets.core.synthesis import synthesize_resumable
-    from dfkd_assets.core.teacher import zero_shot_head
-    from dfkd_assets.loaders import distill_settings, generator_for, style_settings, synthesis_settings, teacher_for
+    from dfkd_assets.fingerprints import class_fingerprint
+    from dfkd_assets.loaders import generator_for, teacher_for
+    from dfkd_assets.stages.prompts import build_head, build_prompt_bank
+    from dfkd_assets.stages.synthesis import class_plan, synthesize_class
+    from dfkd_assets.stages.training import distill_student, training_set
 
     _, out, _ = toyworld
     cfg = _pipeline_cfg(out)
     cpu = torch.device("cpu")
     teacher = teacher_for(cfg, cpu)
-    head = zero_shot_head(teacher, cfg.classes, TEMPLATES)
-    bank, _ = build_bank(teacher, cfg.classes, "contrastive", style_settings(cfg))
-    vqgan, sset = generator_for(cfg, cpu), synthesis_settings(cfg, cpu)
+    head = build_head(cfg, teacher)
+    bank, _ = build_prompt_bank(cfg, teacher, head)
+    vqgan = generator_for(cfg, cpu)
 
     def synthetic(seed: int, n: int):
-        images, labels, teacher_top1 = [], [], []
-        for k, c in enumerate(cfg.classes):
-            targets = torch.stack([bank.features[s, k] for s in bank.assignments(c, n)])
-            seeds = [derive_seed(seed, c, i) for i in range(n)]
-            ims, _, preds, *_ = synthesize_resumable(vqgan, teacher, head, targets, seeds, sset, 48, tmp_path / f"s{seed}" / c, "fp")
-            images.append(ims)
-            labels += [k] * n
-            teacher_top1.append(preds)
-        return torch.from_numpy(np.concatenate(images)), torch.tensor(labels), np.concatenate(teacher_top1)
+        v = _pipeline_cfg(out, synthesis={"seed": seed, "images_per_class": n})
+        shards = [synthesize_class(v, class_plan(v, bank, c), bank, vqgan, teacher, head, cpu, tmp_path / f"s{seed}" / c,
+                                   class_fingerprint(v, teacher.teacher_id, c)) for c in v.classes]
+        images, labels = training_set([s.images for s in shards])
+        return images, labels, np.array([v.classes.index(r["teacher_top1"]) for s in shards for r in s.records])
 
     train_x, train_y, _ = synthetic(0, 16)
     test_x, test_y, test_teacher = synthetic(1, 8)
     assert (test_teacher == test_y.numpy()).mean() > 0.6, "synthesis makes images the teacher recognises"
     acc = {}
     for control in ["none", "shuffle_teacher"]:
-        student = build_student("resnet18", cfg.classes, 32, 0)
-        distill(student, teacher, head, train_x, train_y, distill_settings(_pipeline_cfg(out, control=control), cpu), tmp_path / control, control)
+        student, _ = distill_student(_pipeline_cfg(out, control=control), teacher, head, train_x, train_y, cpu, tmp_path / control, control)
         with torch.no_grad():
             pred = student(test_x.permute(0, 3, 1, 2).float() / 255).argmax(-1)
         acc[control] = (pred == test_y).float().mean().item()

@@ -6,7 +6,7 @@ generator (`ImageRngs`), all random parameters of its views come from that strea
 crops/warps of the whole batch run as single tensor ops (`roi_align`, `grid_sample`). Optimising
 B images together therefore equals optimising each alone, just faster.
 
-Augmentation strengths follow ALGORITHM.md §3 (reconstructed from the public VQGAN-CLIP
+Augmentation strengths follow docs/ALGORITHM.md §3 (reconstructed from the public VQGAN-CLIP
 defaults): affine 15 deg / 0.1 translate, perspective 0.7, colour jitter 0.1, random erasing,
 each with probability p, plus Gaussian noise with per-view sigma in [0, noise_max].
 """
@@ -111,13 +111,31 @@ def resized_crop_boxes(u: torch.Tensor, height: int, width: int, scale: tuple[fl
 
 @dataclass(frozen=True)
 class AugmentSpec:
-    p: float = 0.7
+    """Cutout augmentation; `p` and `noise_max` are settings (synthesis.augment_p / noise_max, mapped
+    in dfkd_assets/loaders.py), the ranges below are fixed constants of the method."""
+
+    p: float
+    noise_max: float
     degrees: float = 15.0
     translate: float = 0.1
     perspective: float = 0.7
     jitter: float = 0.1
     erase_scale: tuple[float, float] = (0.02, 0.33)
-    noise_max: float = 0.1
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """[N,3,H,W] RGB -> [N,1,H,W] Rec. 601 luma."""
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
+
+
+def jitter_colour(x: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast (about the image's mean luma), then saturation (about the pixel's luma);
+    factors [N,1,1,1], 1 = unchanged. Shared by the synthesis cutouts and the KD inputs; no clamp."""
+    x = x * brightness
+    mean = luma(x).mean((2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean
+    gray = luma(x)
+    return gray + (x - gray) * saturation
 
 
 def _homographies(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -190,11 +208,7 @@ def apply_augment(views: torch.Tensor, params: ViewParams, spec: AugmentSpec, no
     on_jit = (uu[:, 16] < spec.p).to(dt)[:, None, None, None]
     factors = 1 + (uu[:, 17:20] * 2 - 1) * spec.jitter  # brightness, contrast, saturation
     bri, con, sat = (1 + (factors[:, i] - 1)[:, None, None, None] * on_jit for i in range(3))
-    out = out * bri
-    gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
-    out = (out - gray.mean((2, 3), keepdim=True)) * con + gray.mean((2, 3), keepdim=True)
-    gray = (0.299 * out[:, 0:1] + 0.587 * out[:, 1:2] + 0.114 * out[:, 2:3])
-    out = gray + (out - gray) * sat
+    out = jitter_colour(out, bri, con, sat)
 
     on_erase = uu[:, 20] < spec.p
     area = spec.erase_scale[0] + uu[:, 21] * (spec.erase_scale[1] - spec.erase_scale[0])

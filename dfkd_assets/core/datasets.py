@@ -1,4 +1,4 @@
-"""Folder layouts of the domain-generalisation benchmarks the paper evaluates on (ALGORITHM.md §5).
+"""Folder layouts of the domain-generalisation benchmarks the paper evaluates on (docs/ALGORITHM.md §5).
 
 Each preset names the domain folders and maps class-folder names to prompt names, as the data
 is distributed for DomainBed (PACS, VLCS, OfficeHome) and by the domain-adaptation releases

@@ -86,7 +86,7 @@ def lease_slot(slots: list[int], lock_dir: Path, per_slot: int = 1, timeout_s: f
 
 
 @contextlib.contextmanager
-def lease_device(spec: str, lock_dir: Path, per_device: int = 1) -> Iterator[torch.device]:
+def lease_device(spec: str, lock_dir: Path, per_device: int) -> Iterator[torch.device]:
     """The device for one step: CPU as is; 'auto'/'cuda' take a free GPU; 'cuda:N' waits for GPU N."""
     dev = resolve_device(spec)
     if dev.type != "cuda":

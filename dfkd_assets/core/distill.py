@@ -1,4 +1,4 @@
-"""Knowledge distillation of the teacher's zero-shot predictions into the student (ALGORITHM.md §4).
+"""Knowledge distillation of the teacher's zero-shot predictions into the student (docs/ALGORITHM.md §4).
 
     loss = T^2 * KL(softmax(z_T / T) || softmax(z_S / T))  (+ ce_weight * CE(z_S, prompt class))
 Teacher logits are computed on the very augmented batch the student sees. Data lives on the
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfkd_assets.core.augment import crop_resize, resized_crop_boxes, to_device
+from dfkd_assets.core.augment import crop_resize, jitter_colour, luma, resized_crop_boxes, to_device
 from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import atomic_write_bytes
 from dfkd_assets.core.teacher import Teacher, teacher_logits
@@ -28,26 +28,30 @@ CHECKPOINT = "last.pt"
 
 @dataclass(frozen=True)
 class DistillSettings:
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    temperature: float = 4.0
-    ce_weight: float = 0.0
-    augment: bool = True  # False: whole images, no flip; the teacher's logits are then computed once and cached
-    min_crop_scale: float = 0.5
-    color_jitter: float = 0.0  # brightness/contrast/saturation factors drawn from [1 - s, 1 + s]
-    grayscale_prob: float = 0.0
-    blur_prob: float = 0.0  # 3x3 box blur
-    noise_std: float = 0.0  # Gaussian pixel noise, per-image sigma uniform in [0, noise_std]
-    mixup_alpha: float = 0.0  # > 0: pairs mixed with lambda ~ Beta(a, a); the teacher labels the mixture
-    cutmix_prob: float = 0.0  # a rectangle pasted from another image of the batch
-    zoom_out_prob: float = 0.0  # the image shrunk onto a procedural background (random colour + smooth texture + grain)
-    zoom_out_min_scale: float = 0.5  # smallest side of the shrunk image, as a fraction of the output side
-    seed: int = 0
-    bf16: bool = False  # autocast teacher and student forwards; teacher logits, KD loss and SGD state stay fp32
-    control: str = "none"  # "shuffle_teacher": negative control, teacher logits permuted across the batch
+    """KD settings: every field but `bf16` is `distill.<field>` (meaning and default in
+    dfkd_assets/config.py::DistillConfig); `bf16` comes from `precision` and the device. Filled in
+    dfkd_assets/loaders.py."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    temperature: float
+    ce_weight: float
+    augment: bool
+    min_crop_scale: float
+    color_jitter: float
+    grayscale_prob: float
+    blur_prob: float
+    noise_std: float
+    mixup_alpha: float
+    cutmix_prob: float
+    zoom_out_prob: float
+    zoom_out_min_scale: float
+    seed: int
+    control: str
+    bf16: bool  # autocast teacher and student forwards; teacher logits, KD loss and SGD state stay fp32
 
 
 class DistillDiverged(RuntimeError):
@@ -62,6 +66,19 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return (t * t) * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean()
 
 
+AUGMENT_DRAWS = 16  # uniforms per image and batch: crop (0-3), flip (4), jitter (5-7), gray, blur, cutmix, noise
+
+
+def crop_flip(x_u8: torch.Tensor, size: int, min_scale: float, u: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float [B,3,size,size]: random-resized crop (area >= min_scale) + horizontal
+    flip, from the uniforms u[:, :5] (CPU, [B, >=5])."""
+    _, _, h, w = x_u8.shape
+    boxes = resized_crop_boxes(u[:, None, :4], h, w, (min_scale, 1.0))
+    x = crop_resize(x_u8.float() / 255, boxes, size)
+    flip = to_device(u[:, 4], x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+
 def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.Generator) -> torch.Tensor:
     """uint8 [B,3,H,W] on device -> float [B,3,size,size] in [0,1].
 
@@ -71,23 +88,16 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
     synthetic images meets inputs unlike them (other domains) before test time.
     All draws come from `gen` (CPU), so an epoch is reproducible from its seed alone.
     """
-    b, _, h, w = x_u8.shape
+    b = x_u8.shape[0]
     dev = x_u8.device
-    u = torch.rand(b, 16, generator=gen)
-    boxes = resized_crop_boxes(u[:, None, :4], h, w, (s.min_crop_scale, 1.0))
-    x = crop_resize(x_u8.float() / 255, boxes, size)
+    u = torch.rand(b, AUGMENT_DRAWS, generator=gen)
+    x = crop_flip(x_u8, size, s.min_crop_scale, u)
     ud = to_device(u, dev)
-    x = torch.where((ud[:, 4] < 0.5)[:, None, None, None], x.flip(-1), x)
     if s.color_jitter > 0:
         f = 1 + (ud[:, 5:8] * 2 - 1) * s.color_jitter
-        x = x * f[:, 0, None, None, None]
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        mean = gray.mean((2, 3), keepdim=True)
-        x = (x - mean) * f[:, 1, None, None, None] + mean
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (gray + (x - gray) * f[:, 2, None, None, None]).clamp(0, 1)
+        x = jitter_colour(x, f[:, 0, None, None, None], f[:, 1, None, None, None], f[:, 2, None, None, None]).clamp(0, 1)
     if s.grayscale_prob > 0:
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
+        gray = luma(x).expand_as(x)
         x = torch.where((ud[:, 8] < s.grayscale_prob)[:, None, None, None], gray, x)
     if s.blur_prob > 0:
         blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)

@@ -1,4 +1,4 @@
-"""Evaluation on real images laid out DomainBed-style: root/<domain>/<class>/* (ALGORITHM.md §5).
+"""Evaluation on real images laid out DomainBed-style: root/<domain>/<class>/* (docs/ALGORITHM.md §5).
 
 Folder names are matched to the configured class names by `class_map` or by their normalised
 key (`dog` == `Dog`, `hot_dog` == `hot dog`). Missing classes and unknown folders are errors

@@ -3,7 +3,6 @@ check against PyTorch, so a consumer without PyTorch gets the same logits."""
 
 from __future__ import annotations
 
-import io
 import tempfile
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Few-shot protocol (ALGORITHM.md §5, the paper's Fig. 5): is the distilled student a better
+"""Few-shot protocol (docs/ALGORITHM.md §5, the paper's Fig. 5): is the distilled student a better
 starting point than the same architecture from scratch (or from ImageNet weights)?
 
 For every domain, k labelled images per class are drawn (seeded), each starting point is
@@ -16,17 +16,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfkd_assets.core.distill import DistillSettings, augment_batch
+from dfkd_assets.core.distill import AUGMENT_DRAWS, crop_flip
 
 
 @dataclass(frozen=True)
 class FewShotSettings:
-    shots: tuple[int, ...] = (1, 5, 10)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    steps: int = 100
-    lr: float = 0.01
-    batch_size: int = 32
-    min_crop_scale: float = 0.5
+    """Filled from `fewshot.*` (and `distill.min_crop_scale`) by dfkd_assets/loaders.py."""
+
+    shots: tuple[int, ...]
+    seeds: tuple[int, ...]
+    steps: int
+    lr: float
+    batch_size: int
+    min_crop_scale: float
 
 
 def draw_shots(labels: np.ndarray, k: int, seed: int, num_classes: int, domain: str = "") -> tuple[np.ndarray, np.ndarray]:
@@ -45,13 +47,12 @@ def draw_shots(labels: np.ndarray, k: int, seed: int, num_classes: int, domain: 
 def finetune(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, s: FewShotSettings, seed: int) -> torch.nn.Module:
     """Cross-entropy fine-tuning of every layer; images uint8 [N,3,H,W] on the model's device."""
     gen = torch.Generator().manual_seed(seed)
-    aug = DistillSettings(min_crop_scale=s.min_crop_scale)
     opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
     model.train()
     for _ in range(s.steps):
         idx = torch.randint(len(images), (min(s.batch_size, len(images)),), generator=gen).to(images.device)
-        x = augment_batch(images[idx], model.input_size, aug, gen)
+        x = crop_flip(images[idx], model.input_size, s.min_crop_scale, torch.rand(len(idx), AUGMENT_DRAWS, generator=gen))
         loss = F.cross_entropy(model(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

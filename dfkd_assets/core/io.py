@@ -13,8 +13,8 @@ import hashlib
 import io
 import json
 import os
+import secrets
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -22,8 +22,6 @@ import numpy as np
 from PIL import Image
 
 SHARD_NAME = "images.tar"
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 MANIFEST_NAME = "manifest.json"
 
 
@@ -31,9 +29,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # O_EXCL: a name no other writer holds; mode 0o666 less the process umask, as for any new file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file normal permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -57,7 +56,7 @@ def exclusive_lock(path: Path, on_wait: Callable[[str], None] | None = None) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,4 +1,4 @@
-"""The prompt bank and the three prompt-diversification methods (ALGORITHM.md §2).
+"""The prompt bank and the three prompt-diversification methods (docs/ALGORITHM.md §2).
 
 Style lives in the prompt: `a X style of a {class}`, where the token X is a placeholder whose
 *token embedding* is replaced by a style vector v before the text transformer runs (textual
@@ -66,8 +66,9 @@ class PromptBank:
         except ValueError:
             raise PromptBankMismatch(f"class {class_name!r} is not in the prompt bank {self.classes}: re-materialize prompt_bank") from None
 
-    def assignments(self, class_name: str, count: int) -> list[int]:
-        """Style id of each of `count` images of a class: spread evenly (round-robin) over the styles."""
+    def assignments(self, count: int) -> list[int]:
+        """Style id of each of `count` images of a class: spread evenly (round-robin) over the styles
+        (the same spread for every class)."""
         return [i % self.num_styles for i in range(count)]
 
     def save(self, directory: Path) -> None:
@@ -171,19 +172,20 @@ def encode_styled(teacher: Teacher, texts: Sequence[str], vectors: torch.Tensor)
 
 @dataclass(frozen=True)
 class StyleSettings:
-    """Reconstructed defaults (ALGORITHM.md §2); every one is a config value."""
+    """Style-diversification settings; filled from `prompts.*` by dfkd_assets/loaders.py, where
+    each value has its one default (docs/ALGORITHM.md §2)."""
 
-    num_styles: int = 16
-    style_template: str = "a {style} style of a {}"
-    positive_template: str = "a {}"
-    style_words: tuple[str, ...] = ()
-    mix_words: int = 2
-    mix_alpha: float = 1.0
-    steps: int = 100
-    lr: float = 0.01
-    temperature: float = 0.1
-    orthogonality_weight: float = 0.0
-    seed: int = 0
+    num_styles: int
+    style_template: str
+    positive_template: str
+    style_words: tuple[str, ...]
+    mix_words: int
+    mix_alpha: float
+    steps: int
+    lr: float
+    temperature: float
+    orthogonality_weight: float
+    seed: int
 
 
 def style_prompt(template: str, class_name: str, style: str = PLACEHOLDER) -> str:
@@ -296,7 +298,7 @@ def check_bank_prompts_fit(teacher: Teacher, classes: Sequence[str], method: str
             check_prompts_fit(teacher, c, [template.format(c)], setting)
 
 
-def build_bank(teacher: Teacher, classes: list[str], method: str, st: StyleSettings, vanilla_template: str = "a photo of a {}", on_style=None) -> tuple[PromptBank, list[list[float]]]:
+def build_bank(teacher: Teacher, classes: list[str], method: str, st: StyleSettings, vanilla_template: str, on_style=None) -> tuple[PromptBank, list[list[float]]]:
     """The bank of `method` (vanilla | mix | random | contrastive) and, for contrastive, its loss curves."""
     check_bank_prompts_fit(teacher, classes, method, st, vanilla_template)
     if method == "vanilla":

@@ -1,7 +1,7 @@
 """The reference loop: VQGAN-CLIP as the public scripts schedule it, one image at a time.
 
 This is the baseline the engine (`synthesis.synthesize_batch`) is measured against (`dfkd bench`):
-the same per-step algorithm of ALGORITHM.md §3 and the same random streams, but one image per
+the same per-step algorithm of docs/ALGORITHM.md §3 and the same random streams, but one image per
 optimisation, each cutout cut in a Python loop (the views of one image are then augmented in one
 call, as the scripts do with kornia), a host sync per step, fp32, no compilation, no special
 memory layout. Cutouts use the engine's crop operator (one box at a time) rather than the

@@ -1,4 +1,4 @@
-"""The student classifier (ALGORITHM.md §4): any timm architecture, trained from scratch.
+"""The student classifier (docs/ALGORITHM.md §4): any timm architecture, trained from scratch.
 
 The wrapper owns its preprocessing (resize + ImageNet normalisation) and its class names, so a
 consumer of the registered model feeds float images in [0, 1] of any size and reads logits in

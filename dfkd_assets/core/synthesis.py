@@ -1,4 +1,4 @@
-"""VQGAN-CLIP synthesis of surrogate images (ALGORITHM.md §3), batched.
+"""VQGAN-CLIP synthesis of surrogate images (docs/ALGORITHM.md §3), batched.
 
 Each image has its own latent, target text feature and seed. One step for a batch of B images:
     z_q  = z + (VQ(z) - z).detach()                      straight-through nearest code
@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -34,16 +34,19 @@ from dfkd_assets.core.vqgan import codebook, decode, downsample_factor, quantize
 
 @dataclass(frozen=True)
 class SynthesisSettings:
-    iterations: int = 400
-    lr: float = 0.1
-    cutn: int = 32
-    cut_pow: float = 1.0
-    image_size: int = 224
-    augment: AugmentSpec = field(default_factory=AugmentSpec)
-    bf16: bool = False  # autocast decoder + image encoder; VQ distances, loss and Adam stay fp32
-    channels_last: bool = False  # NHWC weights/activations for the decoder and the image tower (faster convs on GPU)
-    compile: bool = False  # torch.compile the whole step (pays off over many steps, costs a warm-up per process)
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
+    """One synthesis engine's settings, filled from `synthesis.*` and `precision` by
+    dfkd_assets/loaders.py (meanings and defaults: dfkd_assets/config.py::SynthesisConfig)."""
+
+    iterations: int
+    lr: float
+    cutn: int
+    cut_pow: float
+    image_size: int
+    augment: AugmentSpec
+    bf16: bool  # autocast decoder + image encoder; VQ distances, loss and Adam stay fp32
+    channels_last: bool  # NHWC weights/activations for the decoder and the image tower (faster convs on GPU)
+    compile: bool  # torch.compile the whole step (pays off over many steps, costs a warm-up per process)
+    compile_mode: str  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
 
 
 @dataclass
@@ -102,10 +105,11 @@ def prepare_models(vqgan: torch.nn.Module, teacher: Teacher, settings: Synthesis
     It changes how the same arithmetic is scheduled, not what is computed: weights keep their
     values and state_dict keys.
     """
-    if settings.channels_last and not getattr(vqgan, "_dfkd_channels_last", False):
-        for m in (vqgan, teacher.model.visual):
-            m.to(memory_format=torch.channels_last)
-            m._dfkd_channels_last = True
+    if settings.channels_last:
+        for m in (vqgan, teacher.model.visual):  # each model's own flag: either may be shared with another engine
+            if not getattr(m, "_dfkd_channels_last", False):
+                m.to(memory_format=torch.channels_last)
+                m._dfkd_channels_last = True
 
 
 class StepDraws(NamedTuple):
@@ -118,7 +122,7 @@ class StepDraws(NamedTuple):
 
 def draw_step(rngs: ImageRngs, settings: SynthesisSettings, cut: int, device: torch.device) -> StepDraws:
     """Every random number of one step, each image from its own streams (so a batch equals B single runs)."""
-    b, size = len(rngs.cpu), settings.image_size
+    size = settings.image_size
     u = rngs.uniform(settings.cutn, N_PARAMS)  # [B,cutn,P]
     rois = crop_rois(cutout_boxes(u, size, size, cut, settings.cut_pow), size, size, cut, device, torch.float32)
     noise = rngs.normal((settings.cutn, 3, cut, cut)).flatten(0, 1)
@@ -127,7 +131,7 @@ def draw_step(rngs: ImageRngs, settings: SynthesisSettings, cut: int, device: to
 
 def step_loss(vqgan: torch.nn.Module, teacher: Teacher, z: torch.Tensor, draws: StepDraws, targets: torch.Tensor,
               settings: SynthesisSettings) -> torch.Tensor:
-    """Per-image loss [B] of one step (ALGORITHM.md §3): render, cut, augment, encode, spherical distance.
+    """Per-image loss [B] of one step (docs/ALGORITHM.md §3): render, cut, augment, encode, spherical distance.
 
     Pure tensor work on the device given the step's draws: no host data, no branch on values, so
     `torch.compile` takes it whole (decoder, augmentation, image tower, loss, and their backward).
@@ -153,7 +157,7 @@ def compiled_step_loss(mode: str) -> Callable[..., torch.Tensor]:
 @dataclass
 class LatentOptimizer:
     """The per-image latents, their Adam state and the codebook box each step is clamped back into
-    (ALGORITHM.md §3); shared by the engine and the reference loop so both run the same step."""
+    (docs/ALGORITHM.md §3); shared by the engine and the reference loop so both run the same step."""
 
     z: torch.Tensor
     opt: torch.optim.Optimizer

@@ -1,4 +1,4 @@
-"""The CLIP teacher (ALGORITHM.md §1) through open_clip: encoders, zero-shot head, logits.
+"""The CLIP teacher (docs/ALGORITHM.md §1) through open_clip: encoders, zero-shot head, logits.
 
 The teacher is frozen; gradients still flow *through* its image encoder to the synthesis latents.
 Images enter as float tensors in [0, 1]; resizing to the tower's input size and CLIP
@@ -221,7 +221,7 @@ def check_prompts_fit(teacher: Teacher, class_name: str, prompts: Sequence[str],
 
 
 @torch.no_grad()
-def zero_shot_head(teacher: Teacher, classes: Sequence[str], templates: str | Sequence[str] = "openai") -> torch.Tensor:
+def zero_shot_head(teacher: Teacher, classes: Sequence[str], templates: str | Sequence[str]) -> torch.Tensor:
     """t_k = normalize(mean over templates of g(template(c_k))): [K, D]."""
     temps = _templates(templates)
     for c in classes:  # every class checked before any encoding: a refused name costs no compute

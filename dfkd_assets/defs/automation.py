@@ -36,7 +36,7 @@ def build_automation(cfg: DfkdConfig, config_file: str, jobs: dict) -> tuple[lis
                description="Rebuilds the prompt bank when its settings changed, then synthesizes only missing or stale class partitions.")
     def stale_partitions(context: dg.SensorEvaluationContext):
         from dfkd_assets.config import load_config
-        from dfkd_assets.defs.fingerprints import expected_class_fingerprints, prompt_settings_hash
+        from dfkd_assets.fingerprints import expected_class_fingerprints, prompt_settings_hash
 
         current = load_config(config_file)
         bank_ev = context.instance.get_latest_materialization_event(dg.AssetKey("prompt_bank"))

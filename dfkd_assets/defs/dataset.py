@@ -8,6 +8,7 @@ recorded here is what the student's MLflow tags point back to.
 
 import dagster as dg
 
+from dfkd_assets import artifacts
 from dfkd_assets.defs.errors import no_retry_for_bad_input
 
 from dfkd_assets.defs.lineage import lineage
@@ -24,23 +25,18 @@ from dfkd_assets.redaction import redact
 )
 @no_retry_for_bad_input
 def synthetic_dataset(context: dg.AssetExecutionContext, settings: PipelineSettings, dvc: DvcRepo) -> dg.MaterializeResult:
-    from dfkd_assets.core.io import ShardError, atomic_write_json, read_manifest, sha256_file
+    from dfkd_assets.core.io import ShardError
 
     cfg = settings.load()
     counts, problems = {}, []
     for c in cfg.classes:
-        d = cfg.class_dir(c)
         try:
-            m = read_manifest(d)
-            if sha256_file(d / m["shard"]) != m["shard_sha256"]:
-                raise ShardError(f"{d / m['shard']} does not match the sha256 in its manifest")
-            counts[c] = m["count"]
+            counts[c] = artifacts.verify_class_shard(cfg, c)["count"]
         except (ShardError, FileNotFoundError) as e:
             problems.append(f"{c}: {e}")
     if problems:
         raise ShardError("cannot snapshot the synthetic dataset; materialize these synthetic_images partitions:\n" + "\n".join(problems))
-    # which classes this snapshot is for (the folder may hold classes dropped from the config since)
-    atomic_write_json(cfg.synthetic_dir / "index.json", {"classes": cfg.classes, "counts": counts})
+    artifacts.write_snapshot_index(cfg, counts)
     remote = dvc.ensure(cfg)
     dvc_hash = dvc.add_and_push(cfg, cfg.synthetic_dir)
     context.log.info(redact(f"dvc add + push of {cfg.synthetic_dir} -> {remote}: {dvc_hash}"))

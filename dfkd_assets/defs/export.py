@@ -1,11 +1,11 @@
 """Asset `champion_onnx`: the current champion exported to ONNX, with a blocking parity check."""
 
-import json
-
 import dagster as dg
 
+from dfkd_assets import artifacts
 from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage
+from dfkd_assets.defs.registry import ModelRegistry
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 
 PARITY_TOLERANCE = 1e-4
@@ -21,27 +21,22 @@ PARITY_TOLERANCE = 1e-4
 )
 @no_retry_for_bad_input
 def champion_onnx(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
-    import mlflow.pytorch
-
     from dfkd_assets.core.export import export_onnx, onnx_parity
     from dfkd_assets.core.io import atomic_write_json
 
     cfg = settings.load()
-    name = cfg.mlflow.registered_model_name
-    version = mlflow_tracking.alias_version(cfg, "champion")
+    registry = ModelRegistry(cfg, mlflow_tracking)
+    version = registry.champion()
     if version is None:
-        raise dg.Failure(f"model {name} has no champion to export", allow_retries=False)
-    client = mlflow_tracking.client(cfg)
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval()
-    out = cfg.path("export")
+        raise dg.Failure(f"model {registry.name} has no champion to export", allow_retries=False)
+    model = registry.load(version)
+    out = artifacts.export_dir(cfg)
     export_onnx(model, out / "champion.onnx")
     diff = onnx_parity(model, out / "champion.onnx")
-    info = {"model_name": name, "version": version, "classes": list(model.classes), "input": [None, 3, model.input_size, model.input_size],
+    info = {"model_name": registry.name, "version": version, "classes": list(model.classes), "input": [None, 3, model.input_size, model.input_size],
             "max_abs_diff_vs_pytorch": diff}
     atomic_write_json(out / "champion.json", info)
-    run_id = client.get_model_version(name, version).run_id
-    client.log_artifact(run_id, str(out / "champion.onnx"), "onnx")
-    client.log_artifact(run_id, str(out / "champion.json"), "onnx")
+    registry.log_artifacts(version, [out / "champion.onnx", out / "champion.json"], "onnx")
     context.log.info(f"champion v{version} exported to ONNX; max |ONNX - PyTorch| = {diff:.2e}")
     return dg.MaterializeResult(
         metadata={"champion_version": version, "max_abs_diff_vs_pytorch": diff, "path": dg.MetadataValue.path(str((out / "champion.onnx").resolve())),

@@ -100,6 +100,26 @@ class MlflowTracking(dg.ConfigurableResource):
         else:
             mlflow.end_run(status="FINISHED")
 
+    def log_settings(self, cfg: DfkdConfig) -> None:
+        """The settings of the active run: every leaf as a param, the tree as config.yaml (URL passwords masked)."""
+        import mlflow
+
+        public = cfg.public_dump()
+        mlflow.log_params(_flatten(public))
+        mlflow.log_text(yaml.safe_dump(public, sort_keys=False), "config.yaml")
+
+    def log_series(self, cfg: DfkdConfig, run_id: str, key: str, points: list[tuple[int, float]]) -> None:
+        """A whole metric history (step, value) in MLflow's batch size, one timestamp for all."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        series = [Metric(key, v, now, step) for step, v in points]
+        client = self.client(cfg)
+        for i in range(0, len(series), 1000):
+            client.log_batch(run_id, metrics=series[i : i + 1000])
+
     def alias_version(self, cfg: DfkdConfig, alias: str) -> str | None:
         """The version `alias` points at; None only when the registry says the model or the alias does not exist.
 
@@ -114,6 +134,17 @@ class MlflowTracking(dg.ConfigurableResource):
             if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):  # no such model / no such alias
                 return None
             raise
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]  # MLflow's param value limit
+    return out
 
 
 class TrackingUnavailable(RuntimeError):
@@ -175,6 +206,6 @@ class DvcRepo(dg.ConfigurableResource):
                 redact(f"push to the DVC remote {cfg.dvc.remote_name!r} at {url} (dvc.remote_url) failed; the shards and the local "
                        f"DVC cache are kept, so a retry once the remote is writable uploads them. {e}")
             ) from e
-        meta = yaml.safe_load((cfg.workspace / f"{rel}.dvc").read_text())
-        out = meta["outs"][0]
-        return out.get("md5") or out.get("hash") or ""
+        from dfkd_assets.artifacts import dvc_file_hash
+
+        return dvc_file_hash(cfg.workspace / f"{rel}.dvc")

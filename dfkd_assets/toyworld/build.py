@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from dfkd_assets.config import ToyworldConfig
+from dfkd_assets.toyworld.config import ToyworldConfig
 from dfkd_assets.toyworld import world
 
 CLIP_NAME = "dfkd-toy-clip"

@@ -1,5 +1,6 @@
 """What decides an asset's content, as short hashes: the synthesis asset records them, the
-`stale_partitions` sensor recomputes them to find missing or stale class partitions.
+`stale_partitions` sensor recomputes them to find missing or stale class partitions, and
+`dfkd compare` keys its resumable work by the same ones.
 
 A class shard's fingerprint covers the settings that make its images (synthesis, generator,
 teacher, prompt method and its settings) and its class name, not the list of other classes. So
@@ -11,11 +12,7 @@ were made from (each image's prompt is in its manifest); change any prompt setti
 import hashlib
 import json
 
-from dfkd_assets.config import DfkdConfig
-
-
-# settings that change how images are computed, not which images (batching, layout, compilation)
-SCHEDULING_ONLY = {"batch_size", "log_every", "channels_last", "compile", "compile_mode"}
+from dfkd_assets.config import DfkdConfig, SynthesisConfig, scheduling_fields
 
 
 def _hash(obj) -> str:
@@ -29,7 +26,7 @@ def prompt_settings_hash(cfg: DfkdConfig) -> str:
 
 def class_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str) -> str:
     return _hash({
-        "synthesis": cfg.synthesis.model_dump(mode="json", exclude=SCHEDULING_ONLY),
+        "synthesis": cfg.synthesis.model_dump(mode="json", exclude=scheduling_fields(SynthesisConfig)),
         "generator": cfg.generator.model_dump(mode="json"),
         "prompts": cfg.prompts.model_dump(mode="json"),
         "teacher_id": teacher_id,
@@ -39,7 +36,12 @@ def class_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str) -> str:
 
 def expected_class_fingerprints(cfg: DfkdConfig) -> dict[str, str]:
     """class -> the fingerprint its shard must carry under the current settings and prompt bank."""
-    from dfkd_assets.core.prompts import PromptBank
+    from dfkd_assets.artifacts import read_prompt_bank
 
-    teacher_id = PromptBank.load(cfg.path("prompt_bank")).teacher_id
+    teacher_id = read_prompt_bank(cfg).teacher_id
     return {c: class_fingerprint(cfg, teacher_id, c) for c in cfg.classes}
+
+
+def student_fingerprint(cfg: DfkdConfig, teacher_id: str, data_id: str) -> str:
+    """Everything a distillation run depends on: a checkpoint with another fingerprint is not resumed."""
+    return _hash({"distill": cfg.distill.model_dump(), "student": cfg.student.model_dump(), "teacher": teacher_id, "data": data_id})

@@ -1,0 +1,280 @@
+"""The files passed between assets: one writer and one reader for each, and no other code builds
+their paths (docs/ARCHITECTURE.md).
+
+| artifact              | written by         | read by                                          |
+|-----------------------|--------------------|--------------------------------------------------|
+| teacher head          | teacher_head       | prompt_bank, synthetic_images, student_model, evaluation_report |
+| prompt bank           | prompt_bank        | synthetic_images, the stale_partitions sensor    |
+| class shard           | synthetic_images   | synthetic_dataset, its checks, student_model     |
+| snapshot (DVC file)   | synthetic_dataset  | student_model                                    |
+| student + its record  | student_model      | evaluation_report, few_shot_report, its check    |
+| evaluation metrics    | evaluation_report  | champion_student, its check                      |
+
+Every write is atomic (core/io.py), so a reader sees the previous version or the new one, never
+half of one. Imports torch only inside functions: the sensor imports this module at tick time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from dfkd_assets.config import DfkdConfig, class_key
+
+TEACHER_HEAD, PROMPT_BANK, STUDENT, REPORTS, PREVIEWS, EXPORT = "teacher_head", "prompt_bank", "student", "reports", "previews", "export"
+
+
+# ---- teacher head -------------------------------------------------------------------------------
+
+def write_teacher_head(cfg: DfkdConfig, head, teacher_id: str) -> Path:
+    from safetensors.torch import save
+
+    from dfkd_assets.core.io import atomic_write_bytes, atomic_write_json
+
+    out = cfg.path(TEACHER_HEAD)
+    atomic_write_bytes(out / "head.safetensors", save({"head": head.contiguous().cpu()}))
+    atomic_write_json(out / "head.json", {"teacher_id": teacher_id, "classes": cfg.classes, "templates": cfg.teacher.templates})
+    return out
+
+
+def read_teacher_head(cfg: DfkdConfig, teacher, device):
+    """The zero-shot head, refused if another teacher or class list made it."""
+    from safetensors.torch import load_file
+
+    d = cfg.path(TEACHER_HEAD)
+    if not (d / "head.json").is_file():
+        raise FileNotFoundError(f"teacher head not found in {d}: materialize teacher_head first")
+    meta = json.loads((d / "head.json").read_text())
+    if meta["teacher_id"] != teacher.teacher_id or meta["classes"] != cfg.classes:
+        raise RuntimeError(
+            f"{d} was built for teacher {meta['teacher_id']!r} and classes {meta['classes']}, "
+            f"not {teacher.teacher_id!r} and {cfg.classes}: re-materialize teacher_head"
+        )
+    return load_file(d / "head.safetensors")["head"].to(device)
+
+
+# ---- prompt bank --------------------------------------------------------------------------------
+
+def prompt_bank_dir(cfg: DfkdConfig) -> Path:
+    return cfg.path(PROMPT_BANK)
+
+
+def write_prompt_bank(cfg: DfkdConfig, bank, curves: list[list[float]]) -> Path:
+    """The bank (its diagnostics included) and diagnostics.json with the contrastive loss curves."""
+    from dfkd_assets.core.io import atomic_write_json
+
+    out = prompt_bank_dir(cfg)
+    bank.save(out)
+    atomic_write_json(out / "diagnostics.json", {**bank.diagnostics, "loss_curves": curves})
+    return out
+
+
+def read_prompt_bank(cfg: DfkdConfig):
+    from dfkd_assets.core.prompts import PromptBank
+
+    return PromptBank.load(prompt_bank_dir(cfg))
+
+
+# ---- class shards -------------------------------------------------------------------------------
+
+def class_lock(cfg: DfkdConfig, class_name: str) -> Path:
+    """Lock file held while a class is synthesized (one run per class at a time)."""
+    return cfg.work_dir / "synthetic" / f"{class_key(class_name)}.lock"
+
+
+def class_work_dir(cfg: DfkdConfig, class_name: str) -> Path:
+    """Finished batches of an unfinished shard (resumable synthesis); removed once the shard is written."""
+    return cfg.work_dir / "synthetic" / class_key(class_name)
+
+
+def class_preview(cfg: DfkdConfig, class_name: str) -> Path:
+    return cfg.path(PREVIEWS) / f"{class_key(class_name)}.png"
+
+
+def remove_partial_writes(cfg: DfkdConfig, class_name: str) -> None:
+    """Temp files of a run killed while writing this class (atomic writes only rename complete files).
+    Call under the class lock; `dvc add` would otherwise version them."""
+    for stale in cfg.class_dir(class_name).glob(".*.tmp"):
+        stale.unlink()
+
+
+def current_shard(cfg: DfkdConfig, class_name: str, fingerprint: str) -> dict | None:
+    """The class's manifest when its shard exists and was made with `fingerprint`, else None."""
+    from dfkd_assets.core.io import ShardError, read_manifest
+
+    try:
+        manifest = read_manifest(cfg.class_dir(class_name))
+    except (ShardError, ValueError):
+        return None
+    if manifest.get("fingerprint") != fingerprint or not (cfg.class_dir(class_name) / manifest["shard"]).is_file():
+        return None
+    return manifest
+
+
+def write_class_shard(cfg: DfkdConfig, class_name: str, images, records: list[dict], meta: dict) -> dict:
+    """PNG files named <class key>_<index>.png in one tar, then the manifest; returns the manifest."""
+    from dfkd_assets.core.io import encode_png, write_shard
+
+    key = class_key(class_name)
+    items = [(f"{key}_{i:06d}.png", encode_png(im)) for i, im in enumerate(images)]
+    return write_shard(cfg.class_dir(class_name), items, records, meta={"class": class_name, **meta})
+
+
+def read_class_manifest(cfg: DfkdConfig, class_name: str) -> dict:
+    """The manifest, checked for shape (ShardError naming the file otherwise)."""
+    from dfkd_assets.core.io import read_manifest
+
+    return read_manifest(cfg.class_dir(class_name))
+
+
+def verify_class_shard(cfg: DfkdConfig, class_name: str) -> dict:
+    """The manifest, after checking the whole tar against its recorded sha256 (cheap: no decoding)."""
+    from dfkd_assets.core.io import ShardError, sha256_file
+
+    d = cfg.class_dir(class_name)
+    m = read_class_manifest(cfg, class_name)
+    if sha256_file(d / m["shard"]) != m["shard_sha256"]:
+        raise ShardError(f"{d / m['shard']} does not match the sha256 in its manifest")
+    return m
+
+
+def read_class_images(cfg: DfkdConfig, class_name: str):
+    """uint8 [N,H,W,3], every image checked against its sha256 in the manifest."""
+    from dfkd_assets.core.io import read_shard
+
+    return read_shard(cfg.class_dir(class_name), verify=True)[0]
+
+
+# ---- snapshot -----------------------------------------------------------------------------------
+
+def write_snapshot_index(cfg: DfkdConfig, counts: dict[str, int]) -> Path:
+    """Which classes a snapshot is for (the folder may hold classes dropped from the config since)."""
+    from dfkd_assets.core.io import atomic_write_json
+
+    atomic_write_json(cfg.synthetic_dir / "index.json", {"classes": cfg.classes, "counts": counts})
+    return cfg.synthetic_dir
+
+
+def snapshot_dvc_file(cfg: DfkdConfig) -> Path:
+    return cfg.synthetic_dir.with_name(cfg.synthetic_dir.name + ".dvc")
+
+
+def read_snapshot_hash(cfg: DfkdConfig) -> str:
+    """The DVC hash of the last `dvc add` of data/synthetic (what the student's lineage names)."""
+    path = snapshot_dvc_file(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: materialize synthetic_dataset first")
+    return dvc_file_hash(path)
+
+
+def dvc_file_hash(path: Path) -> str:
+    """The hash of the one output a `.dvc` file tracks."""
+    out = yaml.safe_load(Path(path).read_text())["outs"][0]
+    return out.get("md5") or out.get("hash") or ""
+
+
+# ---- student ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StudentRecord:
+    """Which registered model version data/student/ holds, and what it was trained on."""
+
+    model_name: str
+    version: str
+    run_id: str
+    dvc_hash: str
+    fingerprint: str
+
+
+def student_dir(cfg: DfkdConfig) -> Path:
+    return cfg.path(STUDENT)
+
+
+def write_student(cfg: DfkdConfig, student, history: list[dict]) -> Path:
+    """Weights + architecture (core/student.py) and the per-epoch history as CSV."""
+    from dfkd_assets.core.io import atomic_write_text
+
+    out = student_dir(cfg)
+    student.save(out)
+    csv = "epoch,kd_loss,teacher_agreement,lr\n" + "".join(f"{h['epoch']},{h['kd_loss']},{h['teacher_agreement']},{h['lr']}\n" for h in history)
+    atomic_write_text(out / "history.csv", csv)
+    return out
+
+
+def write_student_record(cfg: DfkdConfig, record: StudentRecord) -> None:
+    from dfkd_assets.core.io import atomic_write_json
+
+    atomic_write_json(student_dir(cfg) / "registry.json", asdict(record))
+
+
+def read_student_record(cfg: DfkdConfig) -> StudentRecord:
+    path = student_dir(cfg) / "registry.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: materialize student_model first")
+    return StudentRecord(**json.loads(path.read_text()))
+
+
+def read_student(cfg: DfkdConfig):
+    from dfkd_assets.core.student import load_student
+
+    return load_student(student_dir(cfg))
+
+
+def read_student_weights(cfg: DfkdConfig) -> dict:
+    from safetensors.torch import load_file
+
+    from dfkd_assets.core.student import WEIGHTS
+
+    return load_file(student_dir(cfg) / WEIGHTS)
+
+
+def write_params(cfg: DfkdConfig) -> Path:
+    """data/params.yaml for `dvc params diff`: the settings with URL passwords masked."""
+    from dfkd_assets.core.io import atomic_write_text
+
+    path = cfg.data_dir / "params.yaml"
+    atomic_write_text(path, yaml.safe_dump(cfg.public_dump(), sort_keys=False))
+    return path
+
+
+# ---- evaluation ---------------------------------------------------------------------------------
+
+def reports_dir(cfg: DfkdConfig) -> Path:
+    return cfg.path(REPORTS)
+
+
+def write_evaluation(cfg: DfkdConfig, metrics: dict, per_domain_csv: str, report_md: str) -> Path:
+    """metrics.json (`dvc metrics`; NaN/inf written as null), per_domain.csv (`dvc plots`), report.md."""
+    from dfkd_assets.core.io import atomic_write_json, atomic_write_text
+
+    out = reports_dir(cfg)
+    atomic_write_json(out / "metrics.json", _json_safe(metrics))
+    atomic_write_text(out / "per_domain.csv", per_domain_csv)
+    atomic_write_text(out / "report.md", report_md)
+    return out
+
+
+def read_metrics(cfg: DfkdConfig) -> dict:
+    path = reports_dir(cfg) / "metrics.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: materialize evaluation_report first")
+    return json.loads(path.read_text())
+
+
+def _json_safe(obj):
+    import math
+
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# ---- export -------------------------------------------------------------------------------------
+
+def export_dir(cfg: DfkdConfig) -> Path:
+    return cfg.path(EXPORT)

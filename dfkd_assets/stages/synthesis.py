@@ -1,0 +1,86 @@
+"""Stage 3: one class's synthesis plan and images (docs/ALGORITHM.md §3).
+
+Where to change how one class is synthesized: `class_plan` decides which style, seed and target
+each image gets; `synthesize_class` runs the engine (core/synthesis.py) on that plan and returns
+the images with one manifest record each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dfkd_assets.config import DfkdConfig
+
+
+@dataclass(frozen=True)
+class ClassPlan:
+    """What each of a class's images is made from: its style, prompt and seed, in image order."""
+
+    class_name: str
+    class_index: int  # the class's index in the bank (and the configured class list)
+    styles: list[int]
+    prompts: list[str]
+    seeds: list[int]
+
+    def targets(self, bank):
+        """[N,D] text features the images are optimised towards."""
+        import torch
+
+        return torch.stack([bank.features[s, self.class_index] for s in self.styles])
+
+
+@dataclass
+class ClassSynthesis:
+    images: object  # uint8 [N,H,W,3]
+    records: list[dict]  # one manifest record per image
+    resumed: int  # images kept from an interrupted run's finished batches
+
+
+def class_plan(cfg: DfkdConfig, bank, class_name: str) -> ClassPlan:
+    """Images spread evenly over the bank's styles; seeds depend on (synthesis.seed, class, index)
+    only, so a class's images do not change when other classes are added."""
+    from dfkd_assets.core.seeding import derive_seed
+
+    n, k = cfg.synthesis.images_per_class, bank.class_index(class_name)
+    styles = bank.assignments(n)
+    return ClassPlan(class_name, k, styles, [bank.prompts[s][k] for s in styles],
+                     [derive_seed(cfg.synthesis.seed, class_name, i) for i in range(n)])
+
+
+def synthesize_class(
+    cfg: DfkdConfig, plan: ClassPlan, bank, generator, teacher, head, device, work_dir: Path, fingerprint: str,
+    on_step: Callable[[int, float], None] | None = None,
+) -> ClassSynthesis:
+    """The plan's images, resumable from `work_dir` (batches with the same fingerprint are kept)."""
+    from dfkd_assets.core.synthesis import synthesize_resumable
+    from dfkd_assets.loaders import synthesis_settings
+
+    out = synthesize_resumable(
+        generator, teacher, head, plan.targets(bank).to(device), plan.seeds, synthesis_settings(cfg, device),
+        cfg.synthesis.batch_size, work_dir=work_dir, fingerprint=fingerprint, on_step=on_step,
+    )
+    records = [
+        {
+            "index": i, "class": plan.class_name, "style_id": plan.styles[i], "prompt": plan.prompts[i],
+            "seed": int(out.seeds[i]), "final_cosine": round(float(out.cosines[i]), 6),
+            "teacher_top1": cfg.classes[int(out.preds[i])],
+            # non-finite with its own seed: remade from a seed derived from it (core.synthesis.nonfinite_retry_seed)
+            **({"requested_seed": plan.seeds[i]} if int(out.seeds[i]) != plan.seeds[i] else {}),
+        }
+        for i in range(len(plan.seeds))
+    ]
+    return ClassSynthesis(out.images, records, out.resumed)
+
+
+def shard_summary(class_name: str, records: list[dict]) -> dict:
+    """Mean final cosine and teacher agreement (share of images the teacher labels as their class)."""
+    import numpy as np
+
+    return {
+        "num_images": len(records),
+        "mean_final_cosine": float(np.mean([r["final_cosine"] for r in records])),
+        "teacher_agreement": float(np.mean([r["teacher_top1"] == class_name for r in records])),
+        "reseeded_nonfinite": sum("requested_seed" in r for r in records),
+    }

@@ -1,0 +1,39 @@
+"""Stage 4: the training set and the distillation of the student (docs/ALGORITHM.md §4)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from dfkd_assets.config import DfkdConfig
+
+
+def training_set(per_class: list):
+    """Per-class uint8 [N_k,H,W,3] arrays, in class order -> (images [N,H,W,3], labels [N]) tensors;
+    the label of an image is the class it was synthesized for."""
+    import numpy as np
+    import torch
+
+    labels = [k for k, imgs in enumerate(per_class) for _ in range(len(imgs))]
+    return torch.from_numpy(np.concatenate(per_class)), torch.tensor(labels)
+
+
+def train_steps(cfg: DfkdConfig, num_images: int) -> int:
+    """Optimizer steps of the whole run (for progress and ETA)."""
+    return cfg.distill.epochs * ((num_images + cfg.distill.batch_size - 1) // cfg.distill.batch_size)
+
+
+def distill_student(
+    cfg: DfkdConfig, teacher, head, images, labels, device, checkpoint_dir: Path, fingerprint: str,
+    on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
+):
+    """A fresh `student.arch` distilled from the teacher on (images, labels): (student on CPU in eval
+    mode, per-epoch history). Resumes from `checkpoint_dir` when `fingerprint` matches."""
+    from dfkd_assets.core.distill import distill
+    from dfkd_assets.core.student import build_student
+    from dfkd_assets.loaders import distill_settings
+
+    student = build_student(cfg.student.arch, cfg.classes, cfg.student.input_size, cfg.student.init_seed)
+    history = distill(student, teacher, head, images, labels, distill_settings(cfg, device), checkpoint_dir=checkpoint_dir,
+                      fingerprint=fingerprint, on_epoch=on_epoch, on_step=on_step)
+    return student.cpu().eval(), history
