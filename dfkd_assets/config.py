@@ -198,6 +198,8 @@ class DistillConfig(SettingsModel):
     cutmix_prob: float = Field(0.0, ge=0, le=1, description="probability of pasting a square from another image")
     zoom_out_prob: float = Field(0.0, ge=0, le=1, description="probability of shrinking the image onto a procedural textured background")
     zoom_out_min_scale: float = Field(0.5, gt=0, le=1, description="smallest shrunk side, as a fraction of the input side")
+    feature_weight: float = Field(0.0, ge=0, description="> 0: the student also matches the teacher's image embedding of each KD input "
+                                  "(weight of 1 - cosine between a linear projection of its pooled features and the teacher's embedding)")
     seed: int = 0
     control: Literal["none", "shuffle_teacher"] = Field(
         "none", description="negative control: 'shuffle_teacher' permutes teacher logits across each batch (student must fall to chance)"

@@ -123,3 +123,33 @@ def test_zoom_out_shrinks_onto_a_background_and_is_seeded():
     assert (a[:, 1:].amax((1, 2, 3)) > 0.05).all()  # the background is not the image's colour
     kept = zoom_out(x, 0.0, 0.5, torch.Generator().manual_seed(3))
     assert torch.equal(kept, x)
+
+
+def test_feature_distillation_pulls_the_embedding_to_the_teachers(teacher, data, tmp_path):
+    """distill.feature_weight > 0: the student's projected features move towards the teacher's image
+    embedding of the same images (1 - cosine falls), the logits keep being distilled, and the
+    embedding head survives a save/load; a student without that head is refused by name."""
+    from dfkd_assets.core.distill import feature_loss, resize_batch
+    from dfkd_assets.core.student import load_student
+
+    head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
+    images, labels = data
+    x = resize_batch(images.permute(0, 3, 1, 2), 32)
+    with torch.no_grad():
+        target = teacher.encode_images(x)
+
+    def gap(model):
+        with torch.no_grad():
+            return float(feature_loss(model.eval().logits_and_embedding(x)[1], target))
+
+    student = build_student("resnet10t", ["dog", "cat", "house"], 32, 0, embed_dim=head.shape[1])
+    before = gap(student)
+    hist = distill(student, teacher, head, images, labels, distill_settings(epochs=6, batch_size=8, lr=0.05, feature_weight=1.0), tmp_path / "f", "fp")
+    assert gap(student) < before - 0.1, (before, gap(student))
+    assert all(math.isfinite(h["kd_loss"]) for h in hist)
+    student.save(tmp_path / "saved")
+    back = load_student(tmp_path / "saved")
+    assert back.embed_dim == head.shape[1] and torch.allclose(back.logits_and_embedding(x)[1], student.logits_and_embedding(x)[1], atol=1e-5)
+    with pytest.raises(ValueError, match="feature_weight"):
+        distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels,
+                distill_settings(epochs=1, batch_size=8, feature_weight=1.0), tmp_path / "g", "fp")

@@ -49,6 +49,7 @@ class DistillSettings:
     cutmix_prob: float
     zoom_out_prob: float
     zoom_out_min_scale: float
+    feature_weight: float
     seed: int
     control: str
     bf16: bool  # autocast teacher and student forwards; teacher logits, KD loss and SGD state stay fp32
@@ -161,6 +162,27 @@ def resize_batch(x_u8: torch.Tensor, size: int) -> torch.Tensor:
     return x
 
 
+def feature_loss(student_embedding: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """1 - cosine between the student's projected features and the teacher's (normalised) image
+    embedding, averaged over the batch: matches the whole embedding, not only its K-class projection."""
+    return (1 - F.cosine_similarity(student_embedding, teacher_features, dim=-1)).mean()
+
+
+def logits_from_features(teacher: Teacher, head: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """The teacher's zero-shot logits from its image features, in fp32 (as `teacher_logits`)."""
+    with autocast(feats.device, enabled=False):
+        return teacher.logit_scale * feats.float() @ head.t()
+
+
+@torch.no_grad()
+def cached_teacher_features(teacher: Teacher, data: torch.Tensor, size: int, batch_size: int, bf16: bool) -> torch.Tensor:
+    out = []
+    for i in range(0, data.shape[0], batch_size):
+        with autocast(data.device, bf16):
+            out.append(teacher.encode_images(resize_batch(data[i : i + batch_size], size)).float())
+    return torch.cat(out)
+
+
 def cached_teacher_logits(teacher: Teacher, head: torch.Tensor, data: torch.Tensor, size: int, batch_size: int, bf16: bool) -> torch.Tensor:
     """Teacher logits of every clean image, once: without augmentation they never change."""
     out = []
@@ -205,6 +227,12 @@ def distill(
             start_epoch, history = int(state["epoch"]), list(state["history"])
     size = student.input_size
     cached = None if settings.augment else cached_teacher_logits(teacher, head, data, size, settings.batch_size, settings.bf16)
+    cached_feats = None
+    if settings.feature_weight > 0:
+        if getattr(student, "embed", None) is None:
+            raise ValueError("distill.feature_weight > 0 needs a student with an embedding head (build_student(..., embed_dim=teacher.embed_dim))")
+        if not settings.augment:
+            cached_feats = cached_teacher_features(teacher, data, size, settings.batch_size, settings.bf16)
     for epoch in range(start_epoch, settings.epochs):
         gen = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)  # resumable: depends on the epoch only
         order = to_device(torch.randperm(n, generator=gen), device)
@@ -214,12 +242,25 @@ def distill(
             idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
             x = augment_batch(data[idx], size, settings, gen) if settings.augment else resize_batch(data[idx], size)
             with torch.no_grad(), autocast(device, settings.bf16):
-                z_t = teacher_logits(teacher, head, x).float() if cached is None else cached[idx]
+                if settings.feature_weight > 0:
+                    f_t = teacher.encode_images(x) if cached is None else cached_feats[idx]
+                    z_t = logits_from_features(teacher, head, f_t)
+                else:
+                    z_t = teacher_logits(teacher, head, x).float() if cached is None else cached[idx]
                 if settings.control == "shuffle_teacher":  # targets no longer belong to their images
-                    z_t = z_t[to_device(torch.randperm(len(z_t), generator=gen), device)]
+                    perm = to_device(torch.randperm(len(z_t), generator=gen), device)
+                    z_t = z_t[perm]
+                    if settings.feature_weight > 0:
+                        f_t = f_t[perm]
             with autocast(device, settings.bf16):
-                z_s = student(x).float()
+                if settings.feature_weight > 0:
+                    z_s, e_s = student.logits_and_embedding(x)
+                    z_s = z_s.float()
+                else:
+                    z_s = student(x).float()
             loss = kd_loss(z_s, z_t, settings.temperature)
+            if settings.feature_weight > 0:
+                loss = loss + settings.feature_weight * feature_loss(e_s.float(), f_t)
             if settings.ce_weight > 0:
                 loss = loss + settings.ce_weight * F.cross_entropy(z_s, labels[idx])
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), first_bad.new_full((), i), first_bad)

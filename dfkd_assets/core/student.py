@@ -24,35 +24,47 @@ META = "student.json"
 
 
 class StudentClassifier(torch.nn.Module):
-    def __init__(self, arch: str, classes: list[str], input_size: int):
+    """A timm backbone with a K-class head; with `embed_dim`, also a linear map of its pooled features
+    into the teacher's image-embedding space (trained by feature distillation, distill.feature_weight)."""
+
+    def __init__(self, arch: str, classes: list[str], input_size: int, embed_dim: int | None = None):
         super().__init__()
         if arch not in timm.list_models():
             raise ValueError(f"student.arch {arch!r} is not a timm model name (see timm.list_models())")
-        self.arch, self.classes, self.input_size = arch, list(classes), int(input_size)
+        self.arch, self.classes, self.input_size, self.embed_dim = arch, list(classes), int(input_size), embed_dim
         self.backbone = timm.create_model(arch, pretrained=False, num_classes=len(classes))
+        self.embed = torch.nn.Linear(self.backbone.num_features, embed_dim) if embed_dim else None
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def _prepare(self, x01: torch.Tensor) -> torch.Tensor:
         if x01.shape[-2:] != (self.input_size, self.input_size):
             x01 = F.interpolate(x01, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True)
-        return self.backbone((x01 - self.mean) / self.std)
+        return (x01 - self.mean) / self.std
+
+    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self._prepare(x01))
+
+    def logits_and_embedding(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(class logits, L2-normalised embedding in the teacher's space) from one backbone pass."""
+        pooled = self.backbone.forward_head(self.backbone.forward_features(self._prepare(x01)), pre_logits=True)
+        return self.backbone.get_classifier()(pooled), F.normalize(self.embed(pooled), dim=-1)
 
     def save(self, directory: Path) -> None:
         sd = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
         atomic_write_bytes(Path(directory) / WEIGHTS, save(sd))
-        atomic_write_json(Path(directory) / META, {"arch": self.arch, "classes": self.classes, "input_size": self.input_size})
+        atomic_write_json(Path(directory) / META, {"arch": self.arch, "classes": self.classes, "input_size": self.input_size, "embed_dim": self.embed_dim})
 
 
-def build_student(arch: str, classes: list[str], input_size: int, init_seed: int) -> StudentClassifier:
+def build_student(arch: str, classes: list[str], input_size: int, init_seed: int, embed_dim: int | None = None) -> StudentClassifier:
     torch.manual_seed(init_seed)
-    return StudentClassifier(arch, classes, input_size)
+    return StudentClassifier(arch, classes, input_size, embed_dim)
 
 
 def load_student(directory: Path) -> StudentClassifier:
     directory = Path(directory)
     meta = json.loads((directory / META).read_text())
-    model = StudentClassifier(meta["arch"], meta["classes"], meta["input_size"])
+    model = StudentClassifier(meta["arch"], meta["classes"], meta["input_size"], meta.get("embed_dim"))
     model.load_state_dict(load_file(directory / WEIGHTS), strict=True)
     return model.eval()
 

@@ -33,7 +33,8 @@ def distill_student(
     from dfkd_assets.core.student import build_student
     from dfkd_assets.loaders import distill_settings
 
-    student = build_student(cfg.student.arch, cfg.classes, cfg.student.input_size, cfg.student.init_seed)
+    embed_dim = int(head.shape[1]) if cfg.distill.feature_weight > 0 else None  # feature distillation: the teacher's embedding size
+    student = build_student(cfg.student.arch, cfg.classes, cfg.student.input_size, cfg.student.init_seed, embed_dim)
     history = distill(student, teacher, head, images, labels, distill_settings(cfg, device), checkpoint_dir=checkpoint_dir,
                       fingerprint=fingerprint, on_epoch=on_epoch, on_step=on_step)
     return student.cpu().eval(), history
