@@ -83,7 +83,8 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
     t_syn = time.perf_counter() - t0
     images, labels = training_set(per_class)
     data_id = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-    student, _ = distill_student(v, teacher, head, images, labels, device, run_dir / "student", student_fingerprint(v, teacher.teacher_id, data_id))
+    fp = student_fingerprint(v, teacher.teacher_id, data_id)
+    student, _ = distill_student(v, teacher, head, images, labels, device, run_dir / "student" / fp, fp)  # a folder per KD setting: levers may share `work`
     t_kd = time.perf_counter() - t0 - t_syn
     res = evaluate_models(v, {"student": student.to(device).eval()}, sets, device, max(v.student.input_size, teacher.image_size))
     top1, mean = res.top1["student"], res.mean["student"]
@@ -93,7 +94,9 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
             "grid": np.concatenate([imgs[:8] for imgs in per_class])}
 
 
-def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print) -> dict:
+def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print, work: Path | None = None) -> dict:
+    """Every method at every seed; `work` (default OUT/work) holds the resumable synthesis and KD state:
+    two comparisons that differ only in distillation settings share their synthesis through it."""
     from dfkd_assets.core.report import write_grid
     from dfkd_assets.core.teacher import teacher_logits
     from dfkd_assets.loaders import device_for, eval_sets, teacher_for
@@ -111,7 +114,7 @@ def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, lo
     result: dict = {}
     for s in seeds:  # seeds outer: an interrupted comparison still has every method
         for m in methods:
-            r = run_one(cfg, m, s, out / "work", teacher, head, sets, log)
+            r = run_one(cfg, m, s, work or out / "work", teacher, head, sets, log)
             if s == seeds[0]:
                 write_grid(out / f"samples_{m}.png", r.pop("grid"), cols=8)
             r.pop("grid", None)
@@ -139,6 +142,8 @@ def main_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=BASELINES + METHODS, choices=METHODS + BASELINES)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=Path("storage/compare"))
+    p.add_argument("--work", type=Path, default=None,
+                   help="resumable synthesis/KD state (default OUT/work); share it between comparisons of distillation levers")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting for this comparison, e.g. --set synthesis.iterations=30 (value parsed as YAML)")
 
@@ -161,5 +166,5 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    compare(load_config(args.config, parse_sets(args.set)), args.methods, args.seeds, args.out)
+    compare(load_config(args.config, parse_sets(args.set)), args.methods, args.seeds, args.out, work=args.work)
     return 0
