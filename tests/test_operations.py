@@ -2,14 +2,15 @@
 rollback, predict, ONNX export, the stale-partitions sensor (adding a class synthesizes only it)
 and the run-failure sensor's webhook (a real HTTP server on 127.0.0.1).
 
-The operations tests share one pipeline run (the `trained` module fixture: champion v1, ~all of
-their CPU time) and get it back untouched before each test (`ops`), whatever an earlier test did.
-The copy is restored *in place*, not into a new folder: MLflow stores absolute paths (experiment
-artifact location, run artifact URIs, model version sources) and DVC's remote is an absolute path
-in .dvc/config.local, so a copy elsewhere would read and write the original's artifacts. MLflow
-keeps one SQLAlchemy engine per database URI for the whole process; with its default pool a
-pooled connection would keep reading the replaced (deleted) mlflow.db, so the fixture makes that
-engine pool-less (MLFLOW_SQLALCHEMYSTORE_POOLCLASS=NullPool) and every query opens the restored file.
+The operations tests share one pipeline run (module fixture `trained`, champion v1: most of their
+CPU time), and each gets the workspace back exactly as that run left it (fixture `ops`), whatever an
+earlier test did to it. The pristine copy is restored *in place*, not into a fresh folder: MLflow
+stores absolute paths (the experiment's artifact location, run artifact URIs, model version sources)
+and DVC's remote is an absolute path in .dvc/config.local, so a copy elsewhere would read and write
+the original's artifacts and remote. MLflow keeps one SQLAlchemy engine per database URI for the
+whole process; with its default pool a pooled connection keeps reading the replaced (deleted)
+mlflow.db, so these tests make that engine pool-less (MLFLOW_SQLALCHEMYSTORE_POOLCLASS=NullPool)
+and every query opens the restored file.
 """
 
 import http.server
@@ -78,7 +79,10 @@ def ops(trained, monkeypatch):
 
     root, pristine = trained
     for p in root.iterdir():
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
     shutil.copytree(pristine, root, symlinks=True, dirs_exist_ok=True)
     monkeypatch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
     monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # any engine first made now, too
@@ -167,45 +171,48 @@ def test_rollback_to_the_previous_then_a_named_version_refuses_bad_targets(ops):
 
 def _disagreement_eval_set(root: Path, classes: list[str], champion, challenger, size: int, per_class: int = 2) -> Path:
     """A DomainBed-style evaluation set (one domain) labelled by the champion's own predictions and
-    made only of images the challenger classifies differently: on it the champion scores 1 and the
-    challenger 0, whatever either model learnt. Each image is found by gradient steps on the pixels
-    from seeded noise, saved as PNG and re-read the way evaluation reads it before it is accepted."""
+    made only of images the challenger classifies as another class: on it the champion scores 1 and
+    the challenger 0, whatever either model learnt. The CI models answer one class for almost any
+    natural or noise image, so the images are made: projected sign-gradient steps on the pixels from
+    seeded noise, until both models' answers hold on the 8-bit image; each PNG is then re-read the
+    way evaluation reads it and checked again."""
+    import numpy as np
     from PIL import Image
 
     from dfkd_assets.core.evaluation import load_image
 
-    def top_other(logits, k):
-        return torch.cat([logits[:k], logits[k + 1:]]).max()
-
-    def preds(x):
-        with torch.no_grad():
-            return int(champion(x).argmax(-1)), int(challenger(x).argmax(-1))
-
     for m in (champion, challenger):
         m.eval().requires_grad_(False)
-    gen = torch.Generator().manual_seed(0)
-    margin = 2.0
-    for k, c in enumerate(classes):
-        out = root / "photo" / c
-        out.mkdir(parents=True)
-        for i in range(per_class):
-            z = torch.randn(1, 3, size, size, generator=gen).requires_grad_()
-            opt = torch.optim.Adam([z], lr=0.05)
-            for _ in range(500):
-                a, b = champion(torch.sigmoid(z))[0], challenger(torch.sigmoid(z))[0]
-                # champion: class k ahead of every other by `margin`; challenger: another class ahead of k
-                loss = torch.relu(margin - (a[k] - top_other(a, k))) + torch.relu(margin - (top_other(b, k) - b[k]))
-                if loss.item() == 0:
-                    break
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            pixels = (torch.sigmoid(z)[0].detach().permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-            path = out / f"{i}.png"
-            Image.fromarray(pixels).save(path)
-            x = torch.from_numpy(load_image(path, size)).permute(2, 0, 1)[None].float() / 255  # as core.evaluation.evaluate
-            champ_pred, chal_pred = preds(x)
-            assert champ_pred == k and chal_pred != k, f"no image for {c!r} that the champion (says {champ_pred}) and the challenger (says {chal_pred}) disagree on"
+    k = len(classes)
+    target = torch.arange(k).repeat_interleave(per_class)
+    is_target = torch.nn.functional.one_hot(target, k).bool()
+
+    def gaps(x):
+        a, b = champion(x), challenger(x)
+        champion_gap = a[is_target] - a.masked_fill(is_target, -torch.inf).max(1).values  # > 0: the champion says target
+        challenger_gap = b.masked_fill(is_target, -torch.inf).max(1).values - b[is_target]  # > 0: the challenger says another class
+        return champion_gap, challenger_gap
+
+    x = torch.rand(len(target), 3, size, size, generator=torch.Generator().manual_seed(0))
+    for _ in range(500):
+        with torch.no_grad():
+            done = [bool((g > 0.05).all()) for g in gaps((x * 255).round() / 255)]
+        if all(done):
+            break
+        x.requires_grad_(True)
+        champion_gap, challenger_gap = gaps(x)
+        loss = (torch.relu(0.5 - champion_gap) + torch.relu(0.5 - challenger_gap)).sum()
+        (grad,) = torch.autograd.grad(loss, x)
+        x = (x.detach() - 0.02 * grad.sign()).clamp(0, 1)
+    assert all(done), "no images found on which the champion and the challenger disagree"
+    pixels = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (label, img) in enumerate(zip(target.tolist(), pixels)):
+        path = root / "photo" / classes[label] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+        x1 = torch.from_numpy(np.array(load_image(path, size))).permute(2, 0, 1)[None].float() / 255  # as core.evaluation.evaluate
+        with torch.no_grad():
+            assert int(champion(x1).argmax(-1)) == label != int(challenger(x1).argmax(-1)), path
     return root
 
 
@@ -214,7 +221,7 @@ def test_worse_challenger_is_not_promoted(ops, teacher):
     images labelled by the champion's (v1) predictions on which the challenger predicts another class,
     so the champion scores 1.0 and the challenger 0.0 on the same images. That is asserted first;
     then the blocking check must fail and champion_student never run."""
-    from dfkd_assets.core.student import load_student
+    from dfkd_assets import artifacts
     from dfkd_assets.defs.jobs import TRAIN
 
     cfg, defs = ops.cfg, ops.defs
@@ -227,8 +234,8 @@ def test_worse_challenger_is_not_promoted(ops, teacher):
     with dg.DagsterInstance.get() as instance:
         r = train.execute_in_process(instance=instance, run_config=_with_overrides(strict), asset_selection=[dg.AssetKey("student_model")])
         assert r.success and r.asset_materializations_for_node("student_model")
-        challenger = load_student(cfg.path("student"))  # what evaluation_report scores as the student
-        assert json.loads((cfg.path("student") / "registry.json").read_text())["version"] == "2"
+        challenger = artifacts.read_student(cfg)  # what evaluation_report scores as the student
+        assert artifacts.read_student_record(cfg).version == "2"
         size = max(challenger.input_size, teacher.image_size)  # the size evaluation_report loads images at
         _disagreement_eval_set(eval_root, cfg.classes, load_registered(cfg, "champion"), challenger, size)
 
