@@ -26,3 +26,36 @@ from dfkd_assets.core.promotion import decide_promotion
 def test_promotion_table(challenger, champion, tol, expected):
     d = decide_promotion(challenger, champion, tol)
     assert d.promote is expected and d.reason
+
+
+def _record(challenger="3", compared="2", seen="2", student=0.6, champion=0.7):
+    rec = {"challenger_version": challenger, "champion_version": compared, "champion_seen": seen, "student_mean_top1": student}
+    return rec | ({"champion_mean_top1": champion} if compared else {})
+
+
+@pytest.mark.parametrize(
+    "record,current,expected",
+    [
+        (_record(compared=None, seen=None), None, (True, "no champion yet")),  # first model
+        (_record(student=0.72), "2", (True, "challenger 0.7200 >= champion")),  # better than the champion it was compared with
+        (_record(student=0.6), "2", (False, "worse than champion")),  # worse beyond the tolerance
+        (_record(compared=None, seen="2"), "2", (True, "no champion yet")),  # champion seen but for other classes: replaced
+        (_record(), "3", (False, "already the champion")),  # promoting twice is a no-op
+    ],
+)
+def test_promotion_decision_table(record, current, expected):
+    from dfkd_assets.core.promotion import promotion_decision
+
+    d = promotion_decision(record, "student_mean_top1", 0.01, current)
+    assert (d.promote, expected[1] in d.reason) == (expected[0], True), d
+
+
+def test_promotion_decision_refuses_a_stale_evaluation_and_an_unknown_metric():
+    from dfkd_assets.core.promotion import PromotionRefused, promotion_decision
+
+    with pytest.raises(PromotionRefused, match="alias champion moved to v4"):
+        promotion_decision(_record(), "student_mean_top1", 0.01, "4")  # the alias moved after the evaluation
+    with pytest.raises(PromotionRefused, match="against no champion"):
+        promotion_decision(_record(compared=None, seen=None), "student_mean_top1", 0.01, "2")  # a champion appeared since
+    with pytest.raises(KeyError, match="promotion.metric 'student_top5'"):
+        promotion_decision(_record(), "student_top5", 0.01, "2")
