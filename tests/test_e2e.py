@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pytest
 import torch
 import yaml

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dfkd_assets.core.augment import crop_resize, jitter_colour, luma, resized_crop_boxes, to_device
 from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import atomic_write_bytes
-from dfkd_assets.core.teacher import Teacher, teacher_logits
+from dfkd_assets.core.teacher import Teacher, logits_from_features
 
 CHECKPOINT = "last.pt"
 
@@ -168,28 +168,20 @@ def feature_loss(student_embedding: torch.Tensor, teacher_features: torch.Tensor
     return (1 - F.cosine_similarity(student_embedding, teacher_features, dim=-1)).mean()
 
 
-def logits_from_features(teacher: Teacher, head: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-    """The teacher's zero-shot logits from its image features, in fp32 (as `teacher_logits`)."""
-    with autocast(feats.device, enabled=False):
-        return teacher.logit_scale * feats.float() @ head.t()
-
-
 @torch.no_grad()
 def cached_teacher_features(teacher: Teacher, data: torch.Tensor, size: int, batch_size: int, bf16: bool) -> torch.Tensor:
+    """Teacher image features of every clean image, once: without augmentation they never change
+    (the logits follow from them with `logits_from_features`)."""
     out = []
-    for i in range(0, data.shape[0], batch_size):
-        with autocast(data.device, bf16):
-            out.append(teacher.encode_images(resize_batch(data[i : i + batch_size], size)).float())
+    with autocast(data.device, bf16):
+        for start in range(0, data.shape[0], batch_size):
+            out.append(teacher.encode_images(resize_batch(data[start : start + batch_size], size)))
     return torch.cat(out)
 
 
 def cached_teacher_logits(teacher: Teacher, head: torch.Tensor, data: torch.Tensor, size: int, batch_size: int, bf16: bool) -> torch.Tensor:
-    """Teacher logits of every clean image, once: without augmentation they never change."""
-    out = []
-    with torch.no_grad(), autocast(head.device, bf16):
-        for start in range(0, data.shape[0], batch_size):
-            out.append(teacher_logits(teacher, head, resize_batch(data[start : start + batch_size], size)).float())
-    return torch.cat(out)
+    """Teacher logits of every clean image, once."""
+    return logits_from_features(teacher, head, cached_teacher_features(teacher, data, size, batch_size, bf16))
 
 
 def distill(
@@ -226,13 +218,9 @@ def distill(
             sched.load_state_dict(state["scheduler"])
             start_epoch, history = int(state["epoch"]), list(state["history"])
     size = student.input_size
-    cached = None if settings.augment else cached_teacher_logits(teacher, head, data, size, settings.batch_size, settings.bf16)
-    cached_feats = None
-    if settings.feature_weight > 0:
-        if getattr(student, "embed", None) is None:
-            raise ValueError("distill.feature_weight > 0 needs a student with an embedding head (build_student(..., embed_dim=teacher.embed_dim))")
-        if not settings.augment:
-            cached_feats = cached_teacher_features(teacher, data, size, settings.batch_size, settings.bf16)
+    if settings.feature_weight > 0 and getattr(student, "embed", None) is None:
+        raise ValueError("distill.feature_weight > 0 needs a student with an embedding head (build_student(..., embed_dim=teacher.embed_dim))")
+    cached = None if settings.augment else cached_teacher_features(teacher, data, size, settings.batch_size, settings.bf16)
     for epoch in range(start_epoch, settings.epochs):
         gen = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)  # resumable: depends on the epoch only
         order = to_device(torch.randperm(n, generator=gen), device)
@@ -242,16 +230,10 @@ def distill(
             idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
             x = augment_batch(data[idx], size, settings, gen) if settings.augment else resize_batch(data[idx], size)
             with torch.no_grad(), autocast(device, settings.bf16):
-                if settings.feature_weight > 0:
-                    f_t = teacher.encode_images(x) if cached is None else cached_feats[idx]
-                    z_t = logits_from_features(teacher, head, f_t)
-                else:
-                    z_t = teacher_logits(teacher, head, x).float() if cached is None else cached[idx]
+                f_t = teacher.encode_images(x) if cached is None else cached[idx]  # fp32 (encode_images casts)
                 if settings.control == "shuffle_teacher":  # targets no longer belong to their images
-                    perm = to_device(torch.randperm(len(z_t), generator=gen), device)
-                    z_t = z_t[perm]
-                    if settings.feature_weight > 0:
-                        f_t = f_t[perm]
+                    f_t = f_t[to_device(torch.randperm(len(f_t), generator=gen), device)]
+                z_t = logits_from_features(teacher, head, f_t)
             with autocast(device, settings.bf16):
                 if settings.feature_weight > 0:
                     z_s, e_s = student.logits_and_embedding(x)

@@ -240,7 +240,11 @@ def teacher_logits(teacher: Teacher, head: torch.Tensor, x01: torch.Tensor) -> t
     result near 30 (a logit at CLIP's scale 100) is rounded to a multiple of 0.125, and these logits
     are KD's targets. In fp32 the product costs nothing next to the encoder.
     """
-    feats = teacher.encode_images(x01)  # fp32, as the head
+    return logits_from_features(teacher, head, teacher.encode_images(x01))
+
+
+def logits_from_features(teacher: Teacher, head: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+    """`teacher_logits` from already computed image features (fp32, as the head), outside autocast."""
     with autocast(feats.device, enabled=False):
         return teacher.logit_scale * feats @ head.t()
 
