@@ -125,6 +125,54 @@ def test_zoom_out_shrinks_onto_a_background_and_is_seeded():
     assert torch.equal(kept, x)
 
 
+def test_zoom_out_batch_background_is_another_inputs_texture():
+    """zoom_out_background='batch': outside the shrunk image lies a magnified crop of another input
+    of the batch (here: each input one flat colour, so the background takes a partner's colour)."""
+    from dfkd_assets.core.distill import zoom_out
+
+    colours = torch.eye(3)[torch.tensor([0, 1, 2, 0, 1, 2])]  # red, green, blue, ...
+    x = colours[:, :, None, None].expand(6, 3, 32, 32).clone()
+    a = zoom_out(x, 1.0, 0.5, torch.Generator().manual_seed(5), "batch")
+    assert torch.equal(a, zoom_out(x, 1.0, 0.5, torch.Generator().manual_seed(5), "batch"))
+    corner = a[:, :, [0, 0, -1, -1], [0, -1, 0, -1]].mean(-1)  # pixels no shrunk image covers at least partly
+    dominant = corner.argmax(1)
+    assert (corner.amax(1) > 0.6).all()  # mostly one flat partner colour (plus grain), not a procedural texture
+    assert (dominant != colours.argmax(1)).any()  # some backgrounds come from an image of another colour
+
+
+def test_adversarial_inputs_raise_disagreement_within_the_ball(teacher, data):
+    """PGD on the KD loss: the moved inputs stay within adversarial_eps of the inputs and in [0, 1],
+    and student and teacher disagree more on them than on the inputs; eps 0 draws nothing."""
+    from dfkd_assets.core.distill import adversarial_inputs, resize_batch
+    from dfkd_assets.core.teacher import logits_from_features
+
+    head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
+    x = resize_batch(data[0][:8].permute(0, 3, 1, 2), 32)
+    student = build_student("resnet10t", ["dog", "cat", "house"], 32, 0).eval()
+    s = distill_settings(adversarial_eps=8 / 255, adversarial_steps=3, temperature=1.0)
+    xa = adversarial_inputs(student, teacher, head, x, s, torch.Generator().manual_seed(0))
+    assert (xa - x).abs().max() <= 8 / 255 + 1e-6 and xa.min() >= 0 and xa.max() <= 1
+    assert (xa - x).abs().max() > 4 / 255
+
+    def disagreement(v):
+        with torch.no_grad():
+            return kd_loss(student(v), logits_from_features(teacher, head, teacher.encode_images(v)), 1.0).item()
+
+    assert disagreement(xa) > 1.05 * disagreement(x)
+    assert torch.equal(xa, adversarial_inputs(student, teacher, head, x, s, torch.Generator().manual_seed(0)))
+
+
+def test_balanced_weights_give_every_teacher_class_equal_mass():
+    """3 images the teacher calls class 0, 1 it calls class 2: each class gets half the draws."""
+    from dfkd_assets.core.distill import balanced_weights
+
+    logits = torch.tensor([[5.0, 0, 0], [4, 1, 0], [3, 0, 1], [0, 0, 2]])
+    w = balanced_weights(logits)
+    assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    draws = torch.multinomial(w, 4000, True, generator=torch.Generator().manual_seed(0))
+    assert abs((draws == 3).float().mean().item() - 0.5) < 0.03
+
+
 def test_feature_distillation_pulls_the_embedding_to_the_teachers(teacher, data, tmp_path):
     """distill.feature_weight > 0: the student's projected features move towards the teacher's image
     embedding of the same images (1 - cosine falls), the logits keep being distilled, and the

@@ -49,7 +49,11 @@ class DistillSettings:
     cutmix_prob: float
     zoom_out_prob: float
     zoom_out_min_scale: float
+    zoom_out_background: str
     feature_weight: float
+    adversarial_eps: float
+    adversarial_steps: int
+    balance_classes: bool
     seed: int
     control: str
     bf16: bool  # autocast teacher and student forwards; teacher logits, KD loss and SGD state stay fp32
@@ -80,7 +84,8 @@ def crop_flip(x_u8: torch.Tensor, size: int, min_scale: float, u: torch.Tensor) 
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.Generator) -> torch.Tensor:
+def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.Generator,
+                  backgrounds: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [B,3,H,W] on device -> float [B,3,size,size] in [0,1].
 
     Random-resized-crop + flip, then (each off by default) colour jitter, grayscale, blur, pixel
@@ -121,14 +126,18 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
             paste = (in_y[:, :, None] & in_x[:, None, :] & (ud[:, 13] < s.cutmix_prob)[:, None, None])[:, None]
             x = torch.where(paste, partner, x)
     if s.zoom_out_prob > 0:
-        x = zoom_out(x, s.zoom_out_prob, s.zoom_out_min_scale, gen)
+        x = zoom_out(x, s.zoom_out_prob, s.zoom_out_min_scale, gen, s.zoom_out_background, backgrounds)
     return x
 
 
-def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generator) -> torch.Tensor:
+def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generator, background: str = "procedural",
+             backgrounds: torch.Tensor | None = None) -> torch.Tensor:
     """Shrink each image (with probability `prob`) to a random scale in [min_scale, 1] and place it
-    at a random position on a procedural background: a random colour, a smooth low-frequency
-    texture and pixel grain.
+    at a random position on a background: `procedural` (a random colour, a smooth low-frequency
+    texture and pixel grain), `batch` (a small random crop of another KD input of the batch,
+    magnified to the whole frame: the generator's own colours and textures, out of context) or
+    `synthesized` (a random crop of one of `backgrounds`, uint8 [M,3,H,W]: class-neutral images the
+    generator made for the teacher's styles, stages/synthesis.background_plan).
 
     Why: VQGAN-CLIP images fill the frame with the object on a pale, untextured surround, while
     real domains (photos, paintings) show smaller objects on coloured, textured backgrounds. The
@@ -141,7 +150,18 @@ def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generato
     base = torch.rand(b, c, 1, 1, generator=gen)
     texture = F.interpolate(torch.randn(b, c, 4, 4, generator=gen) * 0.15, size=(size, size), mode="bilinear", align_corners=False)
     grain = torch.randn(b, c, size, size, generator=gen) * 0.04
-    background = to_device((base + texture + grain).clamp(0, 1), dev, dt)
+    if background == "batch":
+        partner = x[to_device(torch.randperm(b, generator=gen), dev)]
+        boxes = resized_crop_boxes(torch.rand(b, 1, 4, generator=gen), size, size, (0.04, 0.25))
+        background = (crop_resize(partner, to_device(boxes, dev, dt), size) + to_device(grain, dev, dt)).clamp(0, 1)
+    elif background == "synthesized":
+        if backgrounds is None or len(backgrounds) == 0:
+            raise ValueError("distill.zoom_out_background 'synthesized' needs background images (synthesis.background_images > 0)")
+        pick = to_device(torch.randint(len(backgrounds), (b,), generator=gen), backgrounds.device)
+        u_bg = torch.rand(b, 5, generator=gen)
+        background = crop_flip(backgrounds[pick], size, 0.25, u_bg).to(dt)
+    else:
+        background = to_device((base + texture + grain).clamp(0, 1), dev, dt)
     on = u[:, 0] < prob
     scale = torch.where(on, min_scale + u[:, 1] * (1 - min_scale), torch.ones_like(u[:, 1]))
     tx, ty = (u[:, 2] * 2 - 1) * (1 - scale), (u[:, 3] * 2 - 1) * (1 - scale)
@@ -152,6 +172,33 @@ def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generato
     shrunk = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     inside = (grid.abs() <= 1).all(-1)[:, None]
     return torch.where(on[:, None, None, None], torch.where(inside, shrunk, background), x)
+
+
+def adversarial_inputs(
+    student: torch.nn.Module, teacher: Teacher, head: torch.Tensor, x: torch.Tensor, s: DistillSettings, gen: torch.Generator
+) -> torch.Tensor:
+    """The KD inputs moved, within an L-inf ball of radius `adversarial_eps`, towards where the
+    student disagrees most with the teacher: `adversarial_steps` signed-gradient ascent steps on
+    the KD loss from a random start (PGD).
+
+    Why: the student only learns the teacher where distillation shows it inputs, and a fixed
+    synthetic set leaves it free to disagree everywhere else. Searching, per batch, for the
+    nearby inputs on which the two differ (the input-space form of the adversarial / competition
+    terms of DFAD and adaptive DeepInversion) spends the KD budget on that disagreement; the
+    teacher labels the moved inputs itself, so no label noise enters. Draws come from `gen`.
+    """
+    eps = s.adversarial_eps
+    alpha = 2.5 * eps / s.adversarial_steps
+    delta = (to_device(torch.rand(x.shape, generator=gen), x.device, x.dtype) * 2 - 1) * eps
+    for _ in range(s.adversarial_steps):
+        delta.requires_grad_(True)
+        xa = (x + delta).clamp(0, 1)
+        with autocast(x.device, s.bf16):
+            z_t = logits_from_features(teacher, head, teacher.encode_images(xa))
+            z_s = student(xa).float()
+        (grad,) = torch.autograd.grad(kd_loss(z_s, z_t, s.temperature), delta)
+        delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1).detach()
 
 
 def resize_batch(x_u8: torch.Tensor, size: int) -> torch.Tensor:
@@ -184,6 +231,19 @@ def cached_teacher_logits(teacher: Teacher, head: torch.Tensor, data: torch.Tens
     return logits_from_features(teacher, head, cached_teacher_features(teacher, data, size, batch_size, bf16))
 
 
+def balanced_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Sampling weight of each image [N] (CPU) so that every class the teacher sees in the set is
+    drawn equally often: 1 / (number of images with the same teacher top-1).
+
+    Why: synthesis does not reach every class equally (a class whose text target the generator
+    approaches slowly ends up mostly labelled as other classes by the teacher), so the student
+    would see that class rarely and under-learn it. Balancing by the teacher's own label needs
+    no real data and no knowledge of the evaluation domains.
+    """
+    top1 = teacher_logits.argmax(-1).cpu()
+    return 1.0 / torch.bincount(top1).double()[top1]
+
+
 def distill(
     student: torch.nn.Module,
     teacher: Teacher,
@@ -195,13 +255,16 @@ def distill(
     fingerprint: str,
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    backgrounds: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Train `student` in place; `images`: uint8 [N,H,W,3] (any device), `labels`: prompt class [N].
+    """Train `student` in place; `images`: uint8 [N,H,W,3] (any device), `labels`: prompt class [N];
+    `backgrounds`: uint8 [M,H,W,3] class-neutral images for zoom_out_background 'synthesized'.
 
     Returns the per-epoch history (also the history of resumed epochs).
     """
     device = head.device
     data = images.to(device).permute(0, 3, 1, 2).contiguous()
+    bgs = None if backgrounds is None else backgrounds.to(device).permute(0, 3, 1, 2).contiguous()
     labels = labels.to(device)
     n = data.shape[0]
     steps_per_epoch = max(1, (n + settings.batch_size - 1) // settings.batch_size)
@@ -220,15 +283,18 @@ def distill(
     size = student.input_size
     if settings.feature_weight > 0 and getattr(student, "embed", None) is None:
         raise ValueError("distill.feature_weight > 0 needs a student with an embedding head (build_student(..., embed_dim=teacher.embed_dim))")
-    cached = None if settings.augment else cached_teacher_features(teacher, data, size, settings.batch_size, settings.bf16)
+    cached = None if settings.augment or settings.adversarial_eps > 0 else cached_teacher_features(teacher, data, size, settings.batch_size, settings.bf16)
+    weights = balanced_weights(cached_teacher_logits(teacher, head, data, size, settings.batch_size, settings.bf16)) if settings.balance_classes else None
     for epoch in range(start_epoch, settings.epochs):
         gen = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)  # resumable: depends on the epoch only
-        order = to_device(torch.randperm(n, generator=gen), device)
+        order = to_device(torch.randperm(n, generator=gen) if weights is None else torch.multinomial(weights, n, True, generator=gen), device)
         tot_loss = tot_agree = seen = 0.0
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # checked once per epoch: no host sync per step
         for i in range(steps_per_epoch):
             idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
-            x = augment_batch(data[idx], size, settings, gen) if settings.augment else resize_batch(data[idx], size)
+            x = augment_batch(data[idx], size, settings, gen, bgs) if settings.augment else resize_batch(data[idx], size)
+            if settings.adversarial_eps > 0:
+                x = adversarial_inputs(student, teacher, head, x, settings, gen)
             with torch.no_grad(), autocast(device, settings.bf16):
                 f_t = teacher.encode_images(x) if cached is None else cached[idx]  # fp32 (encode_images casts)
                 if settings.control == "shuffle_teacher":  # targets no longer belong to their images
