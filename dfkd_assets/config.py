@@ -198,9 +198,8 @@ class DistillConfig(SettingsModel):
     cutmix_prob: float = Field(0.0, ge=0, le=1, description="probability of pasting a square from another image")
     zoom_out_prob: float = Field(0.0, ge=0, le=1, description="probability of shrinking the image onto a procedural textured background")
     zoom_out_min_scale: float = Field(0.5, gt=0, le=1, description="smallest shrunk side, as a fraction of the input side")
-    zoom_out_background: Literal["procedural", "batch", "synthesized"] = Field(
-        "procedural", description="what the shrunk image is placed on: a procedural texture, a magnified crop of another KD input, "
-        "or a crop of a class-neutral synthesized image (synthesis.background_images)")
+    zoom_out_background: Literal["procedural", "batch"] = Field(
+        "procedural", description="what the shrunk image is placed on: a procedural texture, or a magnified crop of another KD input")
     feature_weight: float = Field(0.0, ge=0, description="> 0: the student also matches the teacher's image embedding of each KD input "
                                   "(weight of 1 - cosine between a linear projection of its pooled features and the teacher's embedding)")
     adversarial_eps: float = Field(0.0, ge=0, le=1, description="> 0: every KD input is moved, within this L-inf radius (pixels in [0, 1]), "

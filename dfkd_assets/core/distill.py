@@ -84,8 +84,7 @@ def crop_flip(x_u8: torch.Tensor, size: int, min_scale: float, u: torch.Tensor) 
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
-def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.Generator,
-                  backgrounds: torch.Tensor | None = None) -> torch.Tensor:
+def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.Generator) -> torch.Tensor:
     """uint8 [B,3,H,W] on device -> float [B,3,size,size] in [0,1].
 
     Random-resized-crop + flip, then (each off by default) colour jitter, grayscale, blur, pixel
@@ -126,18 +125,15 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
             paste = (in_y[:, :, None] & in_x[:, None, :] & (ud[:, 13] < s.cutmix_prob)[:, None, None])[:, None]
             x = torch.where(paste, partner, x)
     if s.zoom_out_prob > 0:
-        x = zoom_out(x, s.zoom_out_prob, s.zoom_out_min_scale, gen, s.zoom_out_background, backgrounds)
+        x = zoom_out(x, s.zoom_out_prob, s.zoom_out_min_scale, gen, s.zoom_out_background)
     return x
 
 
-def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generator, background: str = "procedural",
-             backgrounds: torch.Tensor | None = None) -> torch.Tensor:
+def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generator, background: str = "procedural") -> torch.Tensor:
     """Shrink each image (with probability `prob`) to a random scale in [min_scale, 1] and place it
     at a random position on a background: `procedural` (a random colour, a smooth low-frequency
-    texture and pixel grain), `batch` (a small random crop of another KD input of the batch,
-    magnified to the whole frame: the generator's own colours and textures, out of context) or
-    `synthesized` (a random crop of one of `backgrounds`, uint8 [M,3,H,W]: class-neutral images the
-    generator made for the teacher's styles, stages/synthesis.background_plan).
+    texture and pixel grain) or `batch` (a small random crop of another KD input of the batch,
+    magnified to the whole frame: the generator's own colours and textures, out of context).
 
     Why: VQGAN-CLIP images fill the frame with the object on a pale, untextured surround, while
     real domains (photos, paintings) show smaller objects on coloured, textured backgrounds. The
@@ -154,12 +150,6 @@ def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generato
         partner = x[to_device(torch.randperm(b, generator=gen), dev)]
         boxes = resized_crop_boxes(torch.rand(b, 1, 4, generator=gen), size, size, (0.04, 0.25))
         background = (crop_resize(partner, to_device(boxes, dev, dt), size) + to_device(grain, dev, dt)).clamp(0, 1)
-    elif background == "synthesized":
-        if backgrounds is None or len(backgrounds) == 0:
-            raise ValueError("distill.zoom_out_background 'synthesized' needs background images (synthesis.background_images > 0)")
-        pick = to_device(torch.randint(len(backgrounds), (b,), generator=gen), backgrounds.device)
-        u_bg = torch.rand(b, 5, generator=gen)
-        background = crop_flip(backgrounds[pick], size, 0.25, u_bg).to(dt)
     else:
         background = to_device((base + texture + grain).clamp(0, 1), dev, dt)
     on = u[:, 0] < prob
@@ -255,16 +245,13 @@ def distill(
     fingerprint: str,
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int], None] | None = None,
-    backgrounds: torch.Tensor | None = None,
 ) -> list[dict]:
-    """Train `student` in place; `images`: uint8 [N,H,W,3] (any device), `labels`: prompt class [N];
-    `backgrounds`: uint8 [M,H,W,3] class-neutral images for zoom_out_background 'synthesized'.
+    """Train `student` in place; `images`: uint8 [N,H,W,3] (any device), `labels`: prompt class [N].
 
     Returns the per-epoch history (also the history of resumed epochs).
     """
     device = head.device
     data = images.to(device).permute(0, 3, 1, 2).contiguous()
-    bgs = None if backgrounds is None else backgrounds.to(device).permute(0, 3, 1, 2).contiguous()
     labels = labels.to(device)
     n = data.shape[0]
     steps_per_epoch = max(1, (n + settings.batch_size - 1) // settings.batch_size)
@@ -292,7 +279,7 @@ def distill(
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # checked once per epoch: no host sync per step
         for i in range(steps_per_epoch):
             idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
-            x = augment_batch(data[idx], size, settings, gen, bgs) if settings.augment else resize_batch(data[idx], size)
+            x = augment_batch(data[idx], size, settings, gen) if settings.augment else resize_batch(data[idx], size)
             if settings.adversarial_eps > 0:
                 x = adversarial_inputs(student, teacher, head, x, settings, gen)
             with torch.no_grad(), autocast(device, settings.bf16):

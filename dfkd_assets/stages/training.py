@@ -25,12 +25,10 @@ def train_steps(cfg: DfkdConfig, num_images: int) -> int:
 
 def distill_student(
     cfg: DfkdConfig, teacher, head, images, labels, device, checkpoint_dir: Path, fingerprint: str,
-    on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None, backgrounds=None,
+    on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
 ):
     """A fresh `student.arch` distilled from the teacher on (images, labels): (student on CPU in eval
-    mode, per-epoch history). Resumes from `checkpoint_dir` when `fingerprint` matches.
-    `backgrounds` (uint8 [M,H,W,3]): the class-neutral images zoom-out places the images on
-    (distill.zoom_out_background 'synthesized')."""
+    mode, per-epoch history). Resumes from `checkpoint_dir` when `fingerprint` matches."""
     from dfkd_assets.core.distill import distill
     from dfkd_assets.core.student import build_student
     from dfkd_assets.loaders import distill_settings
@@ -38,5 +36,5 @@ def distill_student(
     embed_dim = int(head.shape[1]) if cfg.distill.feature_weight > 0 else None  # feature distillation: the teacher's embedding size
     student = build_student(cfg.student.arch, cfg.classes, cfg.student.input_size, cfg.student.init_seed, embed_dim)
     history = distill(student, teacher, head, images, labels, distill_settings(cfg, device), checkpoint_dir=checkpoint_dir,
-                      fingerprint=fingerprint, on_epoch=on_epoch, on_step=on_step, backgrounds=backgrounds)
+                      fingerprint=fingerprint, on_epoch=on_epoch, on_step=on_step)
     return student.cpu().eval(), history
