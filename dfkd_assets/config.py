@@ -205,8 +205,6 @@ class DistillConfig(SettingsModel):
     adversarial_eps: float = Field(0.0, ge=0, le=1, description="> 0: every KD input is moved, within this L-inf radius (pixels in [0, 1]), "
                                    "towards where student and teacher disagree most (PGD on the KD loss; core/distill.adversarial_inputs)")
     adversarial_steps: int = Field(1, gt=0, description="signed-gradient ascent steps of that search")
-    balance_classes: bool = Field(False, description="draw KD images so that each class the teacher assigns (top-1 on the clean image) "
-                                  "is seen equally often (core/distill.balanced_weights)")
     seed: int = 0
     control: Literal["none", "shuffle_teacher"] = Field(
         "none", description="negative control: 'shuffle_teacher' permutes teacher logits across each batch (student must fall to chance)"

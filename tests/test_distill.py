@@ -162,17 +162,6 @@ def test_adversarial_inputs_raise_disagreement_within_the_ball(teacher, data):
     assert torch.equal(xa, adversarial_inputs(student, teacher, head, x, s, torch.Generator().manual_seed(0)))
 
 
-def test_balanced_weights_give_every_teacher_class_equal_mass():
-    """3 images the teacher calls class 0, 1 it calls class 2: each class gets half the draws."""
-    from dfkd_assets.core.distill import balanced_weights
-
-    logits = torch.tensor([[5.0, 0, 0], [4, 1, 0], [3, 0, 1], [0, 0, 2]])
-    w = balanced_weights(logits)
-    assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
-    draws = torch.multinomial(w, 4000, True, generator=torch.Generator().manual_seed(0))
-    assert abs((draws == 3).float().mean().item() - 0.5) < 0.03
-
-
 def test_feature_distillation_pulls_the_embedding_to_the_teachers(teacher, data, tmp_path):
     """distill.feature_weight > 0: the student's projected features move towards the teacher's image
     embedding of the same images (1 - cosine falls), the logits keep being distilled, and the

@@ -53,7 +53,6 @@ class DistillSettings:
     feature_weight: float
     adversarial_eps: float
     adversarial_steps: int
-    balance_classes: bool
     seed: int
     control: str
     bf16: bool  # autocast teacher and student forwards; teacher logits, KD loss and SGD state stay fp32
@@ -221,19 +220,6 @@ def cached_teacher_logits(teacher: Teacher, head: torch.Tensor, data: torch.Tens
     return logits_from_features(teacher, head, cached_teacher_features(teacher, data, size, batch_size, bf16))
 
 
-def balanced_weights(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Sampling weight of each image [N] (CPU) so that every class the teacher sees in the set is
-    drawn equally often: 1 / (number of images with the same teacher top-1).
-
-    Why: synthesis does not reach every class equally (a class whose text target the generator
-    approaches slowly ends up mostly labelled as other classes by the teacher), so the student
-    would see that class rarely and under-learn it. Balancing by the teacher's own label needs
-    no real data and no knowledge of the evaluation domains.
-    """
-    top1 = teacher_logits.argmax(-1).cpu()
-    return 1.0 / torch.bincount(top1).double()[top1]
-
-
 def distill(
     student: torch.nn.Module,
     teacher: Teacher,
@@ -271,10 +257,9 @@ def distill(
     if settings.feature_weight > 0 and getattr(student, "embed", None) is None:
         raise ValueError("distill.feature_weight > 0 needs a student with an embedding head (build_student(..., embed_dim=teacher.embed_dim))")
     cached = None if settings.augment or settings.adversarial_eps > 0 else cached_teacher_features(teacher, data, size, settings.batch_size, settings.bf16)
-    weights = balanced_weights(cached_teacher_logits(teacher, head, data, size, settings.batch_size, settings.bf16)) if settings.balance_classes else None
     for epoch in range(start_epoch, settings.epochs):
         gen = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)  # resumable: depends on the epoch only
-        order = to_device(torch.randperm(n, generator=gen) if weights is None else torch.multinomial(weights, n, True, generator=gen), device)
+        order = to_device(torch.randperm(n, generator=gen), device)
         tot_loss = tot_agree = seen = 0.0
         first_bad = torch.full((), -1, dtype=torch.long, device=device)  # checked once per epoch: no host sync per step
         for i in range(steps_per_epoch):
