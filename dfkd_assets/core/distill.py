@@ -128,7 +128,7 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
     return x
 
 
-def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generator, background: str = "procedural") -> torch.Tensor:
+def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generator, background: str) -> torch.Tensor:
     """Shrink each image (with probability `prob`) to a random scale in [min_scale, 1] and place it
     at a random position on a background: `procedural` (a random colour, a smooth low-frequency
     texture and pixel grain) or `batch` (a small random crop of another KD input of the batch,
@@ -144,7 +144,7 @@ def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generato
     u = to_device(torch.rand(b, 4, generator=gen), dev, dt)
     base = torch.rand(b, c, 1, 1, generator=gen)
     texture = F.interpolate(torch.randn(b, c, 4, 4, generator=gen) * 0.15, size=(size, size), mode="bilinear", align_corners=False)
-    grain = torch.randn(b, c, size, size, generator=gen) * 0.04
+    grain = torch.randn(b, c, size, size, generator=gen) * 0.04  # all drawn in either mode: `procedural` keeps its draws
     if background == "batch":
         partner = x[to_device(torch.randperm(b, generator=gen), dev)]
         boxes = resized_crop_boxes(torch.rand(b, 1, 4, generator=gen), size, size, (0.04, 0.25))
