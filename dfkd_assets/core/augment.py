@@ -54,6 +54,17 @@ def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None =
     return t.pin_memory().to(device, non_blocking=True)
 
 
+TEXTURE_STD, GRAIN_STD = 0.15, 0.04  # procedural_texture's coarse field (4x4) and pixel grain
+
+
+def procedural_texture(base: torch.Tensor, coarse: torch.Tensor, grain: torch.Tensor) -> torch.Tensor:
+    """A random colour field in [0, 1]: base [B,C,1,1] + coarse [B,C,h,w] upsampled smoothly to the
+    side of grain [B,C,S,S] + grain. Used as a background (distill.zoom_out) and as a starting
+    image (synthesis.init = noise): context the generator alone does not draw."""
+    size = grain.shape[-1]
+    return (base + F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) + grain).clamp(0, 1)
+
+
 def crop_rois(boxes: torch.Tensor, height: int, width: int, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
     """Boxes [B,n,4] (x1,y1,x2,y2 in pixels) of [B,C,height,width] images -> `roi_align` rows [B*n,5] on `device`,
     or None when every box is the whole image at the output size.

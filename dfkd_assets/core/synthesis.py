@@ -24,12 +24,13 @@ import torch
 
 from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.augment import (
-    N_PARAMS, AugmentSpec, ImageRngs, ViewParams, apply_augment, crop_resize_rois, crop_rois, cutout_boxes, view_params,
+    GRAIN_STD, N_PARAMS, TEXTURE_STD, AugmentSpec, ImageRngs, ViewParams, apply_augment, crop_resize_rois, crop_rois, cutout_boxes,
+    procedural_texture, view_params,
 )
 from dfkd_assets.core.io import atomic_write_bytes, atomic_write_text
 from dfkd_assets.core.seeding import derive_seed
 from dfkd_assets.core.teacher import Teacher
-from dfkd_assets.core.vqgan import codebook, decode, downsample_factor, quantize_st
+from dfkd_assets.core.vqgan import codebook, decode, downsample_factor, encode, quantize_st
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class SynthesisSettings:
     cutn: int
     cut_pow: float
     image_size: int
+    init: str  # starting latents: codes | noise
     augment: AugmentSpec
     bf16: bool  # autocast decoder + image encoder; VQ distances, loss and Adam stay fp32
     channels_last: bool  # NHWC weights/activations for the decoder and the image tower (faster convs on GPU)
@@ -80,13 +82,26 @@ def clamp_st(x: torch.Tensor) -> torch.Tensor:
     return _ClampST.apply(x)
 
 
-def init_latents(vqgan: torch.nn.Module, rngs: ImageRngs, image_size: int) -> torch.Tensor:
-    """Random codebook vectors (uniform random indices), one latent grid per image: [B,C,h,w]."""
+def init_latents(vqgan: torch.nn.Module, rngs: ImageRngs, image_size: int, init: str) -> torch.Tensor:
+    """One starting latent grid per image, [B,C,h,w], from the image's own stream.
+
+    `codes` (the public VQGAN-CLIP default): uniformly random codebook vectors; they decode to the
+    generator's average look, a pale mottle. `noise`: the encoding of a random colour field
+    (`procedural_texture`: a random base colour, a smooth coarse field and grain). Why: CLIP
+    guidance at a short schedule redraws the object and leaves much of the rest of the start, so
+    a `codes` start gives every image the same pale, untextured surround; a `noise` start gives
+    each image its own colours and texture around the object, as images of any domain have.
+    """
     f = downsample_factor(vqgan)
     if image_size % f:
         raise ValueError(f"synthesis.image_size {image_size} must be a multiple of the VQGAN factor {f}")
     side = image_size // f
     book = codebook(vqgan)
+    if init == "noise":
+        fields = [procedural_texture(torch.rand(1, 3, 1, 1, generator=g), torch.randn(1, 3, 4, 4, generator=g) * TEXTURE_STD,
+                                     torch.randn(1, 3, image_size, image_size, generator=g) * GRAIN_STD) for g in rngs.cpu]
+        with torch.no_grad():
+            return encode(vqgan, torch.cat(fields).to(book.device, book.dtype) * 2 - 1).contiguous()
     idx = torch.stack([torch.randint(book.shape[0], (side * side,), generator=g) for g in rngs.cpu]).to(book.device)
     return book[idx].view(len(rngs.cpu), side, side, -1).permute(0, 3, 1, 2).contiguous()
 
@@ -166,7 +181,7 @@ class LatentOptimizer:
 
     @classmethod
     def start(cls, vqgan: torch.nn.Module, rngs: ImageRngs, settings: SynthesisSettings) -> "LatentOptimizer":
-        z = init_latents(vqgan, rngs, settings.image_size).requires_grad_(True)
+        z = init_latents(vqgan, rngs, settings.image_size, settings.init).requires_grad_(True)
         book = codebook(vqgan)
         return cls(z, torch.optim.Adam([z], lr=settings.lr), book.min(0).values.view(1, -1, 1, 1), book.max(0).values.view(1, -1, 1, 1))
 

@@ -160,6 +160,11 @@ def quantize_st(z: torch.Tensor, book: torch.Tensor) -> torch.Tensor:
     return z + (zq - z).detach()
 
 
+def encode(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Image in [-1, 1] -> continuous latents before quantisation (encoder + quant_conv)."""
+    return model.quant_conv(model.encoder(x))
+
+
 def decode(model: torch.nn.Module, z_q: torch.Tensor) -> torch.Tensor:
     """Quantised latents -> image in [-1, 1] (post_quant_conv + decoder)."""
     return model.decode(z_q)
