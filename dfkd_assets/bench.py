@@ -145,7 +145,7 @@ def count_step_flops(teacher, vqgan, batch: int, settings) -> tuple[float, dict[
 
     device = next(vqgan.parameters()).device
     rngs = ImageRngs(list(range(batch)), device)
-    z = init_latents(vqgan, rngs, settings.image_size, settings.init).requires_grad_(True)
+    z = init_latents(vqgan, rngs, settings.image_size, settings.noise_start_fraction).requires_grad_(True)
     draws, targets = draw_step(rngs, settings, teacher.image_size, device), _targets(teacher, batch)
     with FlopCounterMode(display=False) as fc:
         step_loss(vqgan, teacher, z, draws, targets, settings).sum().backward()

@@ -157,9 +157,9 @@ class SynthesisConfig(SettingsModel):
     cutn: int = Field(32, gt=0)
     cut_pow: float = Field(1.0, gt=0)
     image_size: int = Field(224, gt=0, description="Output side in pixels; must be a multiple of the VQGAN factor.")
-    init: Literal["codes", "noise"] = Field(
-        "codes", description="starting latents: random codebook vectors (the paper's) or the encoding of a random colour field "
-        "(each image its own colours and texture around the object; core/synthesis.init_latents)")
+    noise_start_fraction: float = Field(
+        0.0, ge=0, le=1, description="share of images whose latents start from the encoding of a random colour field instead of random "
+        "codes (0 = the paper's start; core/synthesis.init_latents): filled, saturated objects on their own colours")
     batch_size: int = scheduling_only(8, gt=0)
     seed: int = 0
     augment_p: float = Field(0.7, ge=0, le=1, description="Probability of each augmentation per view.")

@@ -664,7 +664,7 @@ def _initial_grid(seed: int) -> torch.Tensor:
     from dfkd_assets.core.synthesis import init_latents
     from dfkd_assets.core.vqgan import load_vqgan
 
-    return init_latents(load_vqgan(TINY_VQGAN, None, 0, torch.device("cpu")), ImageRngs([seed], torch.device("cpu")), 32, "codes")[0]
+    return init_latents(load_vqgan(TINY_VQGAN, None, 0, torch.device("cpu")), ImageRngs([seed], torch.device("cpu")), 32, 0.0)[0]
 
 
 def test_nan_image_is_reseeded_and_recorded_in_the_manifest(base, tmp_path, monkeypatch):

@@ -35,7 +35,7 @@ def test_clamp_st_passes_gradient():
 
 
 def test_latents_start_on_codebook_and_gradients_reach_them(vqgan, teacher):
-    z = init_latents(vqgan, ImageRngs([0, 1], torch.device("cpu")), 32, "codes")
+    z = init_latents(vqgan, ImageRngs([0, 1], torch.device("cpu")), 32, 0.0)
     assert z.shape == (2, 16, 8, 8)
     book = codebook(vqgan)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 16)
@@ -48,29 +48,35 @@ def test_latents_start_on_codebook_and_gradients_reach_them(vqgan, teacher):
 
 
 def test_noise_start_is_each_images_own_colour_field(vqgan):
-    """synthesis.init = noise: the start encodes a random colour field drawn from the image's own
-    stream, so a batch starts where its images start alone (the engine's batch == single runs),
-    different seeds start differently, and it is not the codebook start."""
+    """synthesis.noise_start_fraction: an image chosen by its seed starts from the encoding of a
+    random colour field drawn from its own stream, the others from random codes exactly as with
+    fraction 0; so a batch starts where its images start alone, and a mixed start is, image by
+    image, either the all-codes or the all-noise start."""
+    from dfkd_assets.core.augment import GRAIN_STD, TEXTURE_STD, procedural_texture
+    from dfkd_assets.core.synthesis import starts_from_noise
     from dfkd_assets.core.vqgan import encode
 
     cpu = torch.device("cpu")
-    z = init_latents(vqgan, ImageRngs([0, 1], cpu), 32, "noise")
-    assert z.shape == (2, 16, 8, 8)
-    alone = torch.cat([init_latents(vqgan, ImageRngs([s], cpu), 32, "noise") for s in (0, 1)])
-    assert torch.allclose(z, alone, atol=1e-5)
-    assert not torch.allclose(z[0], z[1])
-    assert not torch.allclose(z, init_latents(vqgan, ImageRngs([0, 1], cpu), 32, "codes"))
-    g = torch.Generator().manual_seed(0)  # the field by hand, drawn as init_latents draws it
-    from dfkd_assets.core.augment import GRAIN_STD, TEXTURE_STD, procedural_texture
+    seeds = list(range(12))
+    noise, codes, mixed = (init_latents(vqgan, ImageRngs(seeds, cpu), 32, f) for f in (1.0, 0.0, 0.5))
+    assert noise.shape == codes.shape == (12, 16, 8, 8)
+    assert torch.equal(noise, torch.cat([init_latents(vqgan, ImageRngs([s], cpu), 32, 1.0) for s in seeds]))
+    chosen = [starts_from_noise(s, 0.5) for s in seeds]
+    assert 0 < sum(chosen) < len(seeds)  # both starts occur at fraction 0.5
+    for i, c in enumerate(chosen):
+        assert torch.equal(mixed[i], noise[i] if c else codes[i])
+        assert not torch.allclose(noise[i], codes[i])
+    assert not any(starts_from_noise(s, 0.0) for s in seeds) and all(starts_from_noise(s, 1.0) for s in seeds)
+    g = torch.Generator().manual_seed(0)  # image 0's field by hand, drawn as init_latents draws it
     field = procedural_texture(torch.rand(1, 3, 1, 1, generator=g), torch.randn(1, 3, 4, 4, generator=g) * TEXTURE_STD,
                                torch.randn(1, 3, 32, 32, generator=g) * GRAIN_STD)
     with torch.no_grad():
-        assert torch.allclose(z[:1], encode(vqgan, field * 2 - 1), atol=1e-5)
+        assert torch.equal(noise[:1], encode(vqgan, field * 2 - 1))
 
 
 def test_image_size_must_fit_the_generator(vqgan):
     with pytest.raises(ValueError, match="synthesis.image_size"):
-        init_latents(vqgan, ImageRngs([0], torch.device("cpu")), 30, "codes")
+        init_latents(vqgan, ImageRngs([0], torch.device("cpu")), 30, 0.0)
 
 
 def test_loss_decreases(vqgan, teacher):
@@ -159,7 +165,7 @@ def test_compiled_step_is_one_graph_and_keeps_the_image(vqgan, teacher, tmp_path
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))  # a cold, private cache
     t = targets(teacher, 2)
-    z = init_latents(vqgan, ImageRngs([3, 4], torch.device("cpu")), 32, "codes").requires_grad_(True)
+    z = init_latents(vqgan, ImageRngs([3, 4], torch.device("cpu")), 32, 0.0).requires_grad_(True)
     draws = draw_step(ImageRngs([3, 4], torch.device("cpu")), FAST, teacher.image_size, torch.device("cpu"))
     torch._dynamo.reset()
     explained = torch._dynamo.explain(step_loss)(vqgan, teacher, z, draws, t, FAST)

@@ -30,6 +30,7 @@ class ImageRngs:
     """One CPU generator (view parameters) and one device generator (pixel noise) per image."""
 
     def __init__(self, seeds: list[int], device: torch.device):
+        self.seeds = [int(s) for s in seeds]
         self.cpu = [torch.Generator().manual_seed(int(s)) for s in seeds]
         self.dev = [torch.Generator(device=device).manual_seed(int(s) ^ 0x5DEECE66D) for s in seeds]
 
@@ -60,7 +61,7 @@ TEXTURE_STD, GRAIN_STD = 0.15, 0.04  # procedural_texture's coarse field (4x4) a
 def procedural_texture(base: torch.Tensor, coarse: torch.Tensor, grain: torch.Tensor) -> torch.Tensor:
     """A random colour field in [0, 1]: base [B,C,1,1] + coarse [B,C,h,w] upsampled smoothly to the
     side of grain [B,C,S,S] + grain. Used as a background (distill.zoom_out) and as a starting
-    image (synthesis.init = noise): context the generator alone does not draw."""
+    image (synthesis.noise_start_fraction): context the generator alone does not draw."""
     size = grain.shape[-1]
     return (base + F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False) + grain).clamp(0, 1)
 

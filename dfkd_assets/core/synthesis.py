@@ -43,7 +43,7 @@ class SynthesisSettings:
     cutn: int
     cut_pow: float
     image_size: int
-    init: str  # starting latents: codes | noise
+    noise_start_fraction: float  # share of images whose latents start from a random colour field
     augment: AugmentSpec
     bf16: bool  # autocast decoder + image encoder; VQ distances, loss and Adam stay fp32
     channels_last: bool  # NHWC weights/activations for the decoder and the image tower (faster convs on GPU)
@@ -82,28 +82,40 @@ def clamp_st(x: torch.Tensor) -> torch.Tensor:
     return _ClampST.apply(x)
 
 
-def init_latents(vqgan: torch.nn.Module, rngs: ImageRngs, image_size: int, init: str) -> torch.Tensor:
+def starts_from_noise(seed: int, noise_fraction: float) -> bool:
+    """Whether the image with this seed starts from a noise field (`init_latents`): a fixed hash of
+    its seed against the fraction, so the choice does not depend on the batch or on any draw and an
+    image starts the same way in every run that shares its seed."""
+    return noise_fraction > 0 and derive_seed(seed, "noise-start") / 2**63 < noise_fraction
+
+
+def init_latents(vqgan: torch.nn.Module, rngs: ImageRngs, image_size: int, noise_fraction: float) -> torch.Tensor:
     """One starting latent grid per image, [B,C,h,w], from the image's own stream.
 
-    `codes` (the public VQGAN-CLIP default): uniformly random codebook vectors; they decode to the
-    generator's average look, a pale mottle. `noise`: the encoding of a random colour field
-    (`procedural_texture`: a random base colour, a smooth coarse field and grain). Why: CLIP
-    guidance at a short schedule redraws the object and leaves much of the rest of the start, so
-    a `codes` start gives every image the same pale, untextured surround; a `noise` start gives
-    each image its own colours and texture around the object, as images of any domain have.
+    Random codebook vectors (the public VQGAN-CLIP start; uniformly random indices) decode to the
+    generator's average look, a pale mottle. An image chosen by `starts_from_noise` (a share
+    `noise_fraction` of them) starts instead from the encoding of a random colour field
+    (`procedural_texture`: a base colour, a smooth coarse field and grain). Why: CLIP guidance at
+    a short schedule redraws the object and keeps much of the start's colour, so a codebook start
+    gives every image a pale, outlined object on a pale surround, and a field start a filled,
+    saturated object on its own colours; target domains may look like either.
     """
     f = downsample_factor(vqgan)
     if image_size % f:
         raise ValueError(f"synthesis.image_size {image_size} must be a multiple of the VQGAN factor {f}")
     side = image_size // f
     book = codebook(vqgan)
-    if init == "noise":
-        fields = [procedural_texture(torch.rand(1, 3, 1, 1, generator=g), torch.randn(1, 3, 4, 4, generator=g) * TEXTURE_STD,
-                                     torch.randn(1, 3, image_size, image_size, generator=g) * GRAIN_STD) for g in rngs.cpu]
-        with torch.no_grad():
-            return encode(vqgan, torch.cat(fields).to(book.device, book.dtype) * 2 - 1).contiguous()
-    idx = torch.stack([torch.randint(book.shape[0], (side * side,), generator=g) for g in rngs.cpu]).to(book.device)
-    return book[idx].view(len(rngs.cpu), side, side, -1).permute(0, 3, 1, 2).contiguous()
+    z = []
+    for g, seed in zip(rngs.cpu, rngs.seeds):
+        if starts_from_noise(seed, noise_fraction):
+            field = procedural_texture(torch.rand(1, 3, 1, 1, generator=g), torch.randn(1, 3, 4, 4, generator=g) * TEXTURE_STD,
+                                       torch.randn(1, 3, image_size, image_size, generator=g) * GRAIN_STD)
+            with torch.no_grad():
+                z.append(encode(vqgan, field.to(book.device, book.dtype) * 2 - 1)[0])
+        else:
+            idx = torch.randint(book.shape[0], (side * side,), generator=g).to(book.device)
+            z.append(book[idx].view(side, side, -1).permute(2, 0, 1))
+    return torch.stack(z).contiguous()
 
 
 def render(vqgan: torch.nn.Module, z: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -181,7 +193,7 @@ class LatentOptimizer:
 
     @classmethod
     def start(cls, vqgan: torch.nn.Module, rngs: ImageRngs, settings: SynthesisSettings) -> "LatentOptimizer":
-        z = init_latents(vqgan, rngs, settings.image_size, settings.init).requires_grad_(True)
+        z = init_latents(vqgan, rngs, settings.image_size, settings.noise_start_fraction).requires_grad_(True)
         book = codebook(vqgan)
         return cls(z, torch.optim.Adam([z], lr=settings.lr), book.min(0).values.view(1, -1, 1, 1), book.max(0).values.view(1, -1, 1, 1))
 
