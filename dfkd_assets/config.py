@@ -203,8 +203,6 @@ class DistillConfig(SettingsModel):
     zoom_out_min_scale: float = Field(0.5, gt=0, le=1, description="smallest shrunk side, as a fraction of the input side")
     zoom_out_background: Literal["procedural", "batch"] = Field(
         "procedural", description="what the shrunk image is placed on: a procedural texture, or a magnified crop of another KD input")
-    random_conv_prob: float = Field(0.0, ge=0, le=1, description="probability of blending a KD input with its response to a random "
-                                    "convolution (RandConv: the same shapes in random colours and textures; core/distill.random_conv)")
     feature_weight: float = Field(0.0, ge=0, description="> 0: the student also matches the teacher's image embedding of each KD input "
                                   "(weight of 1 - cosine between a linear projection of its pooled features and the teacher's embedding)")
     adversarial_eps: float = Field(0.0, ge=0, le=1, description="> 0: every KD input is moved, within this L-inf radius (pixels in [0, 1]), "

@@ -140,26 +140,6 @@ def test_zoom_out_batch_background_is_another_inputs_texture():
     assert (dominant != colours.argmax(1)).any()  # some backgrounds come from an image of another colour
 
 
-def test_random_conv_keeps_shapes_and_changes_their_look():
-    """random_conv: seeded; prob 0 is the identity; in [0, 1]; a flat image stays flat (a filter
-    draws nothing where there is no edge, so no shape is invented; colours may mix), and the look of an
-    image with a shape changes while the shape's pixels stay distinguishable from the surround."""
-    from dfkd_assets.core.distill import random_conv
-
-    x = torch.full((8, 3, 32, 32), 0.8)
-    x[:, :, 8:24, 8:24] = torch.tensor([0.9, 0.2, 0.1])[:, None, None]  # a red square on grey
-    a = random_conv(x, 1.0, torch.Generator().manual_seed(1))
-    assert torch.equal(a, random_conv(x, 1.0, torch.Generator().manual_seed(1)))
-    assert not torch.equal(a, random_conv(x, 1.0, torch.Generator().manual_seed(2)))
-    assert torch.equal(random_conv(x, 0.0, torch.Generator().manual_seed(1)), x)
-    assert a.min() >= 0 and a.max() <= 1
-    assert (a - x).abs().amax((1, 2, 3)).min() > 0.01  # every image's look changed
-    inside, outside = a[:, :, 12:20, 12:20].mean((2, 3)), a[:, :, :4, :4].mean((2, 3))
-    assert ((inside - outside).abs().amax(1) > 0.02).all()  # the square still differs from its surround
-    flat = random_conv(torch.full((4, 3, 16, 16), 0.3), 1.0, torch.Generator().manual_seed(0))
-    assert flat.std((2, 3)).max() < 1e-5  # may take another colour, but stays one colour
-
-
 def test_adversarial_inputs_raise_disagreement_within_the_ball(teacher, data):
     """PGD on the KD loss: the moved inputs stay within adversarial_eps of the inputs and in [0, 1],
     student and teacher disagree more on them than on the inputs, and the random start comes from `gen`."""

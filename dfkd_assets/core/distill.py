@@ -52,7 +52,6 @@ class DistillSettings:
     zoom_out_prob: float
     zoom_out_min_scale: float
     zoom_out_background: str
-    random_conv_prob: float
     feature_weight: float
     adversarial_eps: float
     adversarial_steps: int
@@ -128,41 +127,7 @@ def augment_batch(x_u8: torch.Tensor, size: int, s: DistillSettings, gen: torch.
             x = torch.where(paste, partner, x)
     if s.zoom_out_prob > 0:
         x = zoom_out(x, s.zoom_out_prob, s.zoom_out_min_scale, gen, s.zoom_out_background)
-    if s.random_conv_prob > 0:
-        x = random_conv(x, s.random_conv_prob, gen)
     return x
-
-
-RANDOM_CONV_KERNELS = (1, 3, 5)  # kernel sides of random_conv (1 = a random colour mixing only)
-
-
-def random_conv(x: torch.Tensor, prob: float, gen: torch.Generator) -> torch.Tensor:
-    """With probability `prob` per image, blend it with its own response to a random convolution
-    (RandConv, Xu et al., ICLR 2021): a fresh 3->3 filter per image, side drawn per batch from
-    RANDOM_CONV_KERNELS, He-normal weights; the response is rescaled to the image's mean and a
-    random contrast, then mixed with the image by a uniform weight.
-
-    Why: a random local filter keeps where edges and regions are (the shape) and randomises what
-    they look like (colours inverted or swapped, outlines turned into fills or halos, textures
-    sharpened or smeared). The synthetic set has one look, VQGAN-CLIP's; target domains have
-    others, and which ones is unknown. The teacher labels the filtered image itself, so the
-    student learns the teacher on many looks of the same shapes with no label noise, and no
-    assumption about which looks the targets have. Draws come from `gen` after every other
-    augmentation's.
-    """
-    b, c, h, w = x.shape
-    dev, dt = x.device, x.dtype
-    k = RANDOM_CONV_KERNELS[int(torch.randint(len(RANDOM_CONV_KERNELS), (1,), generator=gen))]
-    weight = torch.randn(b * c, c, k, k, generator=gen) / (c * k * k) ** 0.5
-    u = torch.rand(b, 3, generator=gen)
-    pad = F.pad(x, (k // 2,) * 4, mode="reflect") if k > 1 else x
-    y = F.conv2d(pad.reshape(1, b * c, h + k - 1, w + k - 1), to_device(weight, dev, dt), groups=b).view(b, c, h, w)
-    y = y - y.mean((1, 2, 3), keepdim=True)
-    y = y / (y.std((1, 2, 3), keepdim=True) + 1e-6)
-    ud = to_device(u, dev, dt)
-    y = (x.mean((1, 2, 3), keepdim=True) + y * (0.1 + 0.2 * ud[:, 1, None, None, None])).clamp(0, 1)  # contrast: std 0.1-0.3
-    mixed = ud[:, 2, None, None, None] * x + (1 - ud[:, 2, None, None, None]) * y
-    return torch.where((ud[:, 0] < prob)[:, None, None, None], mixed, x)
 
 
 def zoom_out(x: torch.Tensor, prob: float, min_scale: float, gen: torch.Generator, background: str) -> torch.Tensor:
