@@ -15,6 +15,11 @@ Sections (each prints a table and is written to the JSON as soon as it is done):
              synthesis compute at the measured engine speed.
   latency    CPU inference latency of students against the teacher's image encoder, batch 1 and 32,
              eager PyTorch and ONNX Runtime.
+  quality    student accuracy against synthesis compute: each --schedule (settings overrides; the
+             first is the baseline) distilled and evaluated at every --seeds through `dfkd compare`'s
+             run (the product's stages), its synthesis FLOPs counted, and
+             `compute_ratio_at_equal_accuracy`; a PNG curve beside the JSON. Not in the default
+             sections: it trains a student per schedule and seed (minutes each at the demo budget).
 Random weights cost the same as trained ones, so `--config configs/paper-smoke.yaml` measures the
 paper's shapes (ViT-B-32, f16 VQGAN, 224 px) anywhere; `configs/ci.yaml` is the tiny CPU case.
 Numbers, machine and command are recorded in docs/BENCHMARKS.md.
@@ -32,7 +37,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("synthesis", "flops", "profile", "distill", "load", "latency")
+SECTIONS = ("synthesis", "flops", "profile", "distill", "load", "latency", "quality")
+DEFAULT_SECTIONS = SECTIONS[:-1]
 # dense bf16 tensor-core peak by the vendor's datasheets, TFLOP/s (MFU denominator)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -383,6 +389,105 @@ def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
         print(" | ".join(cells))
 
 
+def synthesis_flops(cfg, teacher, vqgan, device) -> dict:
+    """FLOPs one run's synthesis spends (matmul/conv/attention, forward + backward): images x steps x
+    FLOPs per image-step, the step being the decoder pass plus `cutn` views through the image tower
+    (the prompt bank and each image's final clean encoding are left out: the same for every schedule
+    and under 1 % here)."""
+    from dfkd_assets.loaders import synthesis_settings
+
+    s = synthesis_settings(cfg, device)
+    per_step = count_step_flops(teacher, vqgan, 2, s)[0] / 2
+    images = cfg.synthesis.images_per_class * len(cfg.classes)
+    return {"images": images, "iterations": s.iterations, "cutn": s.cutn, "flops_per_image_step": per_step,
+            "flops": images * s.iterations * per_step}
+
+
+def equal_accuracy(summary: dict, baseline: str) -> dict:
+    """For every schedule: does its mean top-1 over seeds reach the baseline's, within the baseline's
+    seed spread (mean >= baseline mean - baseline std), and the baseline's FLOPs over its own.
+    `compute_ratio_at_equal_accuracy` is the largest ratio among the schedules that reach it."""
+    base_mean, base_std = summary[baseline]["mean"]
+    out = {}
+    for name, r in summary.items():
+        out[name] = {"reaches_baseline": r["mean"][0] >= base_mean - base_std,
+                     "compute_ratio": summary[baseline]["synthesis_flops"] / r["synthesis_flops"]}
+    reached = [v["compute_ratio"] for v in out.values() if v["reaches_baseline"]]
+    return {"threshold": base_mean - base_std, "schedules": out, "compute_ratio_at_equal_accuracy": max(reached)}
+
+
+def bench_quality(cfg_path, overrides: dict, schedules: list[list[str]], seeds: list[int], work: Path, png: Path | None, device) -> dict:
+    """Each schedule at each seed: prompt bank, synthesis, KD and evaluation by `compare.run_one`
+    (synthesis and KD state resumable under `work/<schedule>`), with the synthesis FLOPs it spent."""
+    import numpy as np
+
+    from dfkd_assets.compare import parse_sets, run_one, teacher_reference
+    from dfkd_assets.config import deep_merge, load_config
+    from dfkd_assets.core.evaluation import transfer_ratio
+    from dfkd_assets.loaders import generator_for
+    from dfkd_assets.stages.evaluation import seed_summary
+
+    named = {}
+    for name, *sets in schedules:
+        if name in named:
+            raise ValueError(f"--schedule {name} is given twice")
+        named[name] = load_config(cfg_path, deep_merge(overrides, parse_sets(sets)))
+    cfg0 = next(iter(named.values()))
+    teacher, head, sets, teacher_top1 = teacher_reference(cfg0)
+    vqgan = generator_for(cfg0, device)
+    runs, flops = [], {}
+    for name, cfg in named.items():
+        flops[name] = synthesis_flops(cfg, teacher, vqgan, device)
+        for seed in seeds:
+            r = run_one(cfg, cfg.prompts.method, seed, work / name, teacher, head, sets, print)
+            r.pop("grid")
+            runs.append({**r, "method": name, "schedule": sets_of(schedules, name)})
+    chance = 1 / len(cfg0.classes)
+    summary, table = seed_summary(runs, teacher_top1, chance)
+    for name in named:
+        summary[name]["synthesis_flops"] = flops[name]["flops"]
+        summary[name]["per_run_transfer"] = [
+            float(np.nanmean([transfer_ratio(r["top1"][d], teacher_top1[d], chance) for d in teacher_top1])) for r in runs if r["method"] == name]
+    out = {"seeds": seeds, "teacher": teacher_top1, "chance": chance, "synthesis": flops, "runs": runs, "summary": summary,
+           "table": table, **equal_accuracy(summary, next(iter(named)))}
+    if png is not None:
+        write_quality_png(png, summary, next(iter(named)))
+        out["png"] = str(png)
+    return out
+
+
+def sets_of(schedules: list[list[str]], name: str) -> list[str]:
+    return next(s[1:] for s in schedules if s[0] == name)
+
+
+def write_quality_png(path: Path, summary: dict, baseline: str) -> None:
+    """Mean top-1 (+- std over seeds) against synthesis GFLOPs, one point per schedule, the baseline's band shaded."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dfkd_assets.core.io import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    m, sd = summary[baseline]["mean"]
+    ax.axhspan(m - sd, m + sd, color="0.85", label=f"{baseline} mean +- std")
+    for name, r in summary.items():
+        ax.errorbar(r["synthesis_flops"] / 1e12, r["mean"][0], yerr=r["mean"][1], marker="o", capsize=3)
+        ax.annotate(name, (r["synthesis_flops"] / 1e12, r["mean"][0]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("synthesis compute (TFLOP, all images)")
+    ax.set_ylabel("student mean top-1 over domains")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def run(a) -> dict:
     import torch
 
@@ -444,6 +549,13 @@ def run(a) -> dict:
                 best = max(r["images_per_hour_at_400_steps"] for r in result["synthesis"]["rows"]) / 3600
                 out = bench_load(cfg, device, teacher, vqgan, best, a.partition_images)
                 print(f"\n## load: {json.dumps(out)}")
+            elif section == "quality":
+                out = bench_quality(a.config, overrides, a.schedule or [["today"]], a.seeds, a.work,
+                                    a.json.with_suffix(".png") if a.json else None, device)
+                print("\n## quality: synthesis compute and student accuracy\n" + out["table"])
+                print(f"compute_ratio_at_equal_accuracy {out['compute_ratio_at_equal_accuracy']:.2f} "
+                      f"(threshold mean top-1 {out['threshold']:.3f}); "
+                      + ", ".join(f"{k} {v['flops'] / 1e12:.2f} TFLOP" for k, v in out["synthesis"].items()))
             elif section == "latency":
                 out = bench_latency(cfg, teacher, a.students, a.latency_size or cfg.student.input_size)
                 _print_table(f"CPU latency at {out['input_size']} px, {out['torch_threads']} threads (ms per batch)",
@@ -465,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "ci.yaml",
                    help="models and settings to measure (configs/paper-smoke.yaml = paper shapes, random weights)")
     p.add_argument("--device", default=None, help="override the config's device (auto|cpu|cuda|cuda:N)")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--sections", nargs="+", default=list(DEFAULT_SECTIONS), choices=SECTIONS)
     p.add_argument("--images", type=int, default=None, help="images per synthesis variant (default: one batch)")
     p.add_argument("--batch", type=int, default=None, help="engine batch size (default: synthesis.batch_size)")
     p.add_argument("--cutn", type=int, default=None, help="override synthesis.cutn (the paper: 32)")
@@ -484,7 +596,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition-images", type=int, default=64, help="images per class partition for the load share")
     p.add_argument("--students", nargs="+", default=["resnet18", "mobilenetv3_large_100"])
     p.add_argument("--latency-size", type=int, default=None, help="student input side for latency (default: student.input_size)")
-    p.add_argument("--json", type=Path, default=None, help="write all numbers here")
+    p.add_argument("--schedule", nargs="+", action="append", default=None, metavar=("NAME", "KEY=VALUE"),
+                   help="quality: a named synthesis schedule as settings overrides, e.g. --schedule short synthesis.iterations=6 "
+                        "synthesis.lr=0.3; repeat it; the first is the baseline (default: the config as it is, named today)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="quality: seeds of every schedule")
+    p.add_argument("--work", type=Path, default=Path("storage/bench-quality"),
+                   help="quality: resumable synthesis and KD state, a folder per schedule (a re-run with more schedules reuses it)")
+    p.add_argument("--json", type=Path, default=None, help="write all numbers here (quality: and its PNG curve beside it)")
     a = p.parse_args(argv)
     a.argv = argv
     if a.compile and "default" not in a.compile_modes:

@@ -94,22 +94,30 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
             "grid": np.concatenate([imgs[:8] for imgs in per_class])}
 
 
-def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print, work: Path | None = None) -> dict:
-    """Every method at every seed; `work` (default OUT/work) holds the resumable synthesis and KD state:
-    two comparisons that differ only in distillation settings share their synthesis through it."""
-    from dfkd_assets.core.report import write_grid
+def teacher_reference(cfg: DfkdConfig, log=print):
+    """(teacher, zero-shot head, evaluation sets, the teacher's top-1 per evaluation domain): what every
+    run of an experiment is measured against, loaded once."""
     from dfkd_assets.core.teacher import teacher_logits
     from dfkd_assets.loaders import device_for, eval_sets, teacher_for
     from dfkd_assets.stages.evaluation import evaluate_models
     from dfkd_assets.stages.prompts import build_head
 
-    out.mkdir(parents=True, exist_ok=True)
     device = device_for(cfg)
     teacher = teacher_for(cfg, device)
     head = build_head(cfg, teacher)
     sets = eval_sets(cfg)
-    teacher_top1 = evaluate_models(cfg, {"teacher": lambda x: teacher_logits(teacher, head, x)}, sets, device, teacher.image_size).top1["teacher"]
-    log("teacher zero-shot: " + " ".join(f"{d} {a:.2f}" for d, a in teacher_top1.items()))
+    top1 = evaluate_models(cfg, {"teacher": lambda x: teacher_logits(teacher, head, x)}, sets, device, teacher.image_size).top1["teacher"]
+    log("teacher zero-shot: " + " ".join(f"{d} {a:.2f}" for d, a in top1.items()))
+    return teacher, head, sets, top1
+
+
+def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print, work: Path | None = None) -> dict:
+    """Every method at every seed; `work` (default OUT/work) holds the resumable synthesis and KD state:
+    two comparisons that differ only in distillation settings share their synthesis through it."""
+    from dfkd_assets.core.report import write_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, head, sets, teacher_top1 = teacher_reference(cfg, log)
     runs: list[dict] = []
     result: dict = {}
     for s in seeds:  # seeds outer: an interrupted comparison still has every method

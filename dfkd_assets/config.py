@@ -452,10 +452,10 @@ class ConfigError(ValueError):
     """A settings problem, phrased with the file and the dotted key to fix."""
 
 
-def _deep_merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -491,6 +491,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"settings file {path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"settings file {path} must hold a mapping at the top level")
-    merged = _deep_merge(raw, overrides or {})
+    merged = deep_merge(raw, overrides or {})
     source = str(path) + (" (+ run overrides)" if overrides else "")
     return validate(DfkdConfig, merged, source)

@@ -30,3 +30,37 @@ def test_bench_writes_every_section(tmp_path, capsys):
     assert 0 < r["load"]["load_share_of_compute"]
     assert {row["runtime"] for row in r["latency"]["rows"]} == {"pytorch", "onnxruntime"}
     assert "reference loop" in capsys.readouterr().out
+
+
+def test_quality_counts_synthesis_flops_and_finds_the_cheapest_schedule_at_equal_accuracy(tmp_path, capsys):
+    """Two schedules through the product's stages: halving the steps halves the synthesis FLOPs exactly,
+    both students are evaluated, the JSON names the ratio and the PNG curve is written."""
+    from conftest import make_workspace
+
+    cfg_path = make_workspace(tmp_path)
+    out = tmp_path / "quality.json"
+    rc = main(["bench", "--config", str(cfg_path), "--sections", "quality", "--seeds", "0", "--work", str(tmp_path / "work"),
+               "--schedule", "today", "--schedule", "half", "synthesis.iterations=5", "distill.epochs=1", "--json", str(out)])
+    assert rc == 0
+    r = json.loads(out.read_text())["quality"]
+    assert "error" not in r, r
+    flops = r["synthesis"]
+    assert flops["today"]["iterations"] == 10 and flops["half"]["iterations"] == 5
+    assert abs(flops["today"]["flops"] / flops["half"]["flops"] - 2) < 1e-9
+    assert set(r["summary"]) == {"today", "half"} and len(r["runs"]) == 2
+    assert r["schedules"]["today"]["reaches_baseline"] and r["schedules"]["today"]["compute_ratio"] == 1
+    assert r["compute_ratio_at_equal_accuracy"] in (1, 2)
+    assert r["compute_ratio_at_equal_accuracy"] == (2 if r["schedules"]["half"]["reaches_baseline"] else 1)
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert "compute_ratio_at_equal_accuracy" in capsys.readouterr().out
+
+
+def test_equal_accuracy_counts_only_schedules_within_the_baselines_spread():
+    from dfkd_assets.bench import equal_accuracy
+
+    summary = {"today": {"mean": (0.60, 0.02), "synthesis_flops": 100.0},
+               "fifth": {"mean": (0.585, 0.05), "synthesis_flops": 20.0},   # within 0.60 - 0.02
+               "tenth": {"mean": (0.57, 0.01), "synthesis_flops": 10.0}}    # below it: cheaper but worse
+    r = equal_accuracy(summary, "today")
+    assert r["schedules"]["fifth"]["reaches_baseline"] and not r["schedules"]["tenth"]["reaches_baseline"]
+    assert r["compute_ratio_at_equal_accuracy"] == 5
