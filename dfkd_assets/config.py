@@ -154,6 +154,8 @@ class SynthesisConfig(SettingsModel):
     images_per_class: int = Field(64, gt=0)
     iterations: int = Field(400, ge=0, description="0 = decode random latents without CLIP guidance (a baseline)")
     lr: float = Field(0.1, gt=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Adam's step size over the iterations: constant (the paper), or cosine decay from lr to 0")
     cutn: int = Field(32, gt=0)
     cut_pow: float = Field(1.0, gt=0)
     image_size: int = Field(224, gt=0, description="Output side in pixels; must be a multiple of the VQGAN factor.")

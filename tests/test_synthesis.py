@@ -133,7 +133,8 @@ def test_resume_recomputes_only_missing_batches(vqgan, teacher, tmp_path):
     assert len(list((tmp_path / "w").glob("batch_*.npz"))) == 1  # other settings: stale batches dropped
 
 
-def test_engine_equals_reference_loop_at_batch_one(vqgan, teacher):
+@pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
+def test_engine_equals_reference_loop_at_batch_one(vqgan, teacher, lr_schedule):
     """The engine changes scheduling only: at batch 1 it makes the reference loop's image.
 
     Equal to float rounding, not always bit for bit: the reference cuts each view in its own
@@ -144,7 +145,7 @@ def test_engine_equals_reference_loop_at_batch_one(vqgan, teacher):
     from dfkd_assets.core.reference_synthesis import reference_synthesize_one
 
     t = targets(teacher, 2)
-    s = synthesis_settings(iterations=10, cutn=6, image_size=32)
+    s = synthesis_settings(iterations=10, cutn=6, image_size=32, lr_schedule=lr_schedule)
     images = []
     for i, seed in enumerate([21, 22]):
         ref_image, ref_cos, ref_losses = reference_synthesize_one(vqgan, teacher, t[i], seed, s)
@@ -195,3 +196,28 @@ def test_channels_last_engine_keeps_the_image(tmp_path):
     assert vqgan.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not vqgan.decoder.conv_in.weight.is_contiguous()
     assert np.abs(plain.images.astype(int) - nhwc.images).max() <= 2
+
+
+def test_cosine_lr_schedule_decays_the_step_to_zero_and_changes_the_image(vqgan, teacher):
+    """synthesis.lr_schedule: cosine gives the latents large early steps and near-zero late ones:
+    the last step moves them far less than under the constant rate, so the image differs."""
+    from dfkd_assets.core.augment import ImageRngs
+    from dfkd_assets.core.synthesis import LatentOptimizer, draw_step, step_loss
+
+    t = targets(teacher, 1)
+
+    def last_move(schedule):
+        s = synthesis_settings(iterations=8, cutn=4, image_size=32, lr_schedule=schedule)
+        rngs = ImageRngs([3], torch.device("cpu"))
+        lat = LatentOptimizer.start(vqgan, rngs, s)
+        for _ in range(s.iterations):
+            before = lat.z.detach().clone()
+            lat.step(step_loss(vqgan, teacher, lat.z, draw_step(rngs, s, teacher.image_size, lat.z.device), t, s).sum())
+        return (lat.z.detach() - before).abs().max().item(), lat.opt.param_groups[0]["lr"]
+
+    (move_c, lr_c), (move_k, lr_k) = last_move("constant"), last_move("cosine")
+    assert lr_c == pytest.approx(0.1) and lr_k == pytest.approx(0.0, abs=1e-9)
+    assert move_k < 0.2 * move_c
+    a = synthesize_batch(vqgan, teacher, t, [3], synthesis_settings(iterations=8, cutn=4, image_size=32))
+    b = synthesize_batch(vqgan, teacher, t, [3], synthesis_settings(iterations=8, cutn=4, image_size=32, lr_schedule="cosine"))
+    assert np.abs(a.images.astype(int) - b.images).mean() > 0.5

@@ -40,6 +40,7 @@ class SynthesisSettings:
 
     iterations: int
     lr: float
+    lr_schedule: str  # constant | cosine (Adam's step size decays to 0 over the iterations)
     cutn: int
     cut_pow: float
     image_size: int
@@ -190,17 +191,25 @@ class LatentOptimizer:
     opt: torch.optim.Optimizer
     z_min: torch.Tensor
     z_max: torch.Tensor
+    sched: torch.optim.lr_scheduler.LRScheduler | None = None
 
     @classmethod
     def start(cls, vqgan: torch.nn.Module, rngs: ImageRngs, settings: SynthesisSettings) -> "LatentOptimizer":
+        """Why a cosine schedule (`lr_schedule: cosine`): a short schedule needs large early steps to
+        move the start far enough, and small late ones so the last steps settle the image rather than
+        jump between codes."""
         z = init_latents(vqgan, rngs, settings.image_size, settings.noise_start_fraction).requires_grad_(True)
         book = codebook(vqgan)
-        return cls(z, torch.optim.Adam([z], lr=settings.lr), book.min(0).values.view(1, -1, 1, 1), book.max(0).values.view(1, -1, 1, 1))
+        opt = torch.optim.Adam([z], lr=settings.lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, settings.iterations)) if settings.lr_schedule == "cosine" else None
+        return cls(z, opt, book.min(0).values.view(1, -1, 1, 1), book.max(0).values.view(1, -1, 1, 1), sched)
 
     def step(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
+        if self.sched is not None:
+            self.sched.step()
         with torch.no_grad():
             self.z.copy_(torch.maximum(torch.minimum(self.z, self.z_max), self.z_min))
 
