@@ -117,7 +117,8 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     try:
         if args.fleet_cmd == "up":
             fleet.up(args.config or os.environ.get("DFKD_CONFIG") or "configs/ci.yaml", workers=args.workers, fleet_dir=args.dir,
-                     broker=args.broker, backend=args.backend, postgres=args.postgres, webserver_port=args.port)
+                     broker=args.broker, backend=args.backend, postgres=args.postgres, webserver_port=args.port,
+                     mlflow_port=args.mlflow_port)
         elif args.fleet_cmd == "down":
             fleet.down(args.dir, drop_databases=args.drop_databases)
         else:
@@ -156,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     fu.add_argument("--config", default=None, help="settings YAML (mlflow.tracking_uri: http://127.0.0.1:<port> of the fleet's MLflow)")
     fu.add_argument("--workers", type=int, default=2)
     fu.add_argument("--port", type=int, default=None, help="Dagster webserver port (default: a free one)")
+    fu.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port when the settings do not name an http:// server")
     fu.add_argument("--broker", default=None, help="Celery broker (default $DFKD_CELERY_BROKER or amqp://guest:guest@127.0.0.1:5672//)")
     fu.add_argument("--backend", default=None, help="Redis result backend (default $DFKD_CELERY_BACKEND or redis://127.0.0.1:6379/0)")
     fu.add_argument("--postgres", default=None, help="admin URL that may create databases (default $DFKD_FLEET_POSTGRES or postgresql://postgres@127.0.0.1:5432/postgres)")

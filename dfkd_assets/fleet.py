@@ -2,7 +2,8 @@
 
 `up` starts, each in its own process group, all bound to 127.0.0.1:
 - an MLflow tracking server on a fresh Postgres database, artifacts under `<fleet>/mlflow-artifacts`
-  (port taken from the settings' `mlflow.tracking_uri`, which must be `http://127.0.0.1:<port>`);
+  (port taken from the settings' `mlflow.tracking_uri` when that is `http://127.0.0.1:<port>`; otherwise
+  the fleet runs a copy of the settings pointing at `--mlflow-port`, default 5000);
 - a Dagster instance on a fresh Postgres database (`infra/dagster-postgres.yaml` with faster run
   monitoring): one gRPC code server (`dfkd_assets.definitions`, `DFKD_EXECUTOR=celery`), the
   webserver and the daemon (run queue, run monitoring through `LocalRunLauncher`, sensors);
@@ -238,6 +239,22 @@ def _wait(what: str, ok, procs: list[tuple[str, dict]], timeout: float) -> None:
         time.sleep(0.5)
 
 
+def fleet_settings(config: Path, fleet_dir: Path, mlflow_port: int) -> Path:
+    """`config` as is when its mlflow.tracking_uri is already an http://127.0.0.1:<port> server; otherwise a
+    copy in the fleet directory pointing MLflow at the fleet's server on `mlflow_port` (other paths stay
+    relative to the directory `dfkd fleet up` runs in, where every fleet process runs)."""
+    import yaml
+
+    raw = yaml.safe_load(config.read_text()) or {}
+    uri = str((raw.get("mlflow") or {}).get("tracking_uri") or "")
+    if uri.startswith("http://"):
+        return config
+    raw.setdefault("mlflow", {}).update(tracking_uri=f"http://127.0.0.1:{mlflow_port}", artifact_location=None)
+    out = fleet_dir / "settings.yaml"
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
 def _mlflow_port(cfg) -> int:
     uri = cfg.resolve(cfg.mlflow.tracking_uri)
     u = urlparse(uri)
@@ -275,7 +292,7 @@ def worker_yaml(prefix: str) -> str:
 
 def up(config: str | Path, workers: int = 2, fleet_dir: str | Path = "storage/fleet", broker: str | None = None,
        backend: str | None = None, postgres: str | None = None, webserver_port: int | None = None,
-       monitor_interval_s: int = 5, timeout_s: float = 300, log=print) -> dict:
+       monitor_interval_s: int = 5, timeout_s: float = 300, mlflow_port: int = 5000, log=print) -> dict:
     """Bring the fleet up; returns its state (also written to `<fleet_dir>/fleet.json`)."""
     from dfkd_assets.config import load_config
     from dfkd_assets.defs.celery import BACKEND_ENV, BROKER_ENV, QUEUE_PREFIX_ENV, queue_names
@@ -287,6 +304,8 @@ def up(config: str | Path, workers: int = 2, fleet_dir: str | Path = "storage/fl
     old = read_state(fleet_dir)
     if old and any(_group_alive(p["pgid"]) for p in old["processes"].values()):
         raise FleetError(f"a fleet is already up in {fleet_dir}; `dfkd fleet down --dir {fleet_dir}` first")
+    fleet_dir.mkdir(parents=True, exist_ok=True)
+    config = fleet_settings(config, fleet_dir, mlflow_port)
     cfg = load_config(config)
     mlflow_port = _mlflow_port(cfg)
     if _port_open(mlflow_port):

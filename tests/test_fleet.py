@@ -387,3 +387,18 @@ def test_fleet_down_leaves_no_process_queue_or_result_key(fleet):
     if shutil.which("rabbitmqctl") and os.geteuid() == 0:  # the whole broker, where this user may list it
         out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=60).stdout
         assert state["queue_prefix"] not in out
+
+
+def test_fleet_up_names_the_setting_when_the_broker_is_unreachable(tmp_path):
+    from dfkd_assets import fleet as fl
+
+    cfg_path = make_workspace(tmp_path, {"mlflow": {"tracking_uri": f"http://127.0.0.1:{_free_port()}", "artifact_location": None}})
+    dead = _free_port()  # nothing listens there
+    with pytest.raises(fl.FleetError, match=rf"broker unreachable at amqp://guest:\*\*\*@127.0.0.1:{dead}//.*--broker / \$DFKD_CELERY_BROKER"):
+        fl.up(cfg_path, workers=1, fleet_dir=tmp_path / "fleet", broker=f"amqp://guest:guest@127.0.0.1:{dead}//")
+    assert not (tmp_path / "fleet" / "fleet.json").exists()  # nothing was started or created
+    bad = yaml.safe_load(cfg_path.read_text())
+    bad["mlflow"]["tracking_uri"] = "http://mlflow.example:5000"
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    with pytest.raises(fl.FleetError, match="mlflow.tracking_uri is 'http://mlflow.example:5000'"):
+        fl.up(tmp_path / "bad.yaml", workers=1, fleet_dir=tmp_path / "fleet2")

@@ -169,3 +169,10 @@ def test_kubernetes_image_and_instance_agree_with_the_job_spec():
     mounts = {m["mountPath"]: m for m in inst["volume_mounts"]}
     assert mounts[f"{K8S_ROOT}/storage/weights"].get("readOnly") and f"{K8S_ROOT}/data" in mounts
     assert inst["dagster_home"] in docker
+
+
+def test_celery_worker_file_carries_the_executor_policy():
+    from dfkd_assets.defs.celery import WORKER_SETTINGS
+
+    celery = yaml.safe_load((ROOT / "infra" / "celery" / "celery.yaml").read_text())
+    assert celery["execution"]["config"]["config_source"] == WORKER_SETTINGS
