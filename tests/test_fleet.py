@@ -81,6 +81,10 @@ class Relay:
                 pass
 
     def cut(self):
+        try:
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread; close() alone leaves the port bound
+        except OSError:
+            pass
         self.listener.close()
         with self.lock:
             conns, self.conns = self.conns, []
@@ -124,11 +128,11 @@ def fleet(tmp_path_factory):
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         if fl.read_state(tmp / "fleet"):
-            try:
+            try:  # a fresh relay so `down` reaches the broker to delete the queues
                 relay.cut()
-            except OSError:
-                pass
-            relay.restore()
+                relay.restore()
+            except OSError as e:
+                print(f"relay restore failed: {e}")
             fl.down(tmp / "fleet", drop_databases=True)
         relay.cut()
 
@@ -185,7 +189,7 @@ def test_backfill_runs_on_two_workers_and_survives_a_worker_killed_mid_class(fle
 
     f, cfg, state = fleet, fleet["cfg"], fleet["state"]
     t0 = time.time()
-    _wait(f, [_launch(f, PREPARE)], 300)
+    _wait(f, [_launch(f, PREPARE)], 600)
     t_prep = time.time() - t0
     runs = {c: _launch(f, SYNTHESIZE, c) for c in cfg.classes}  # one run per class partition: what a backfill launches
     # the victim: a class with a finished batch (of 3) whose step is still running
