@@ -13,7 +13,7 @@ UI_PORT ?= 3000
 # the UI serves anyone who can reach it (no login): loopback only unless you choose otherwise
 UI_HOST ?= 127.0.0.1
 
-.PHONY: install demo test test-fast ui compare clean-data
+.PHONY: install demo test test-fast ui compare clean-data fleet fleet-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,15 @@ test-fast: $(STAMP)
 
 ui: $(STAMP)
 	$(BIN)/dagster dev --host $(UI_HOST) --port $(UI_PORT) -m dfkd_assets.definitions
+
+# a local scale-out fleet (infra/README.md): Dagster + MLflow on Postgres, FLEET_WORKERS Celery workers on RabbitMQ
+FLEET_WORKERS ?= 2
+FLEET_CONFIG ?= configs/ci.yaml
+fleet: $(STAMP)
+	$(BIN)/dfkd fleet up --config $(FLEET_CONFIG) --workers $(FLEET_WORKERS)
+
+fleet-down: $(STAMP)
+	$(BIN)/dfkd fleet down
 
 clean-data:
 	rm -rf data/synthetic data/.work data/student data/reports data/prompt_bank data/teacher_head data/previews data/synthetic.dvc storage dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/.logs_queue dagster_home/.nux dagster_home/.telemetry

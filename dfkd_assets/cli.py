@@ -110,6 +110,25 @@ def _cmd_setup_pools(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fleet(args: argparse.Namespace) -> int:
+    """A local fleet: Dagster and MLflow on Postgres, N dagster-celery workers on the broker (infra/README.md)."""
+    from dfkd_assets import fleet
+
+    try:
+        if args.fleet_cmd == "up":
+            fleet.up(args.config or os.environ.get("DFKD_CONFIG") or "configs/ci.yaml", workers=args.workers, fleet_dir=args.dir,
+                     broker=args.broker, backend=args.backend, postgres=args.postgres, webserver_port=args.port,
+                     mlflow_port=args.mlflow_port)
+        elif args.fleet_cmd == "down":
+            fleet.down(args.dir, drop_databases=args.drop_databases)
+        else:
+            return 0 if fleet.status(args.dir) else 1
+    except fleet.FleetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
@@ -132,6 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--config", default=None)
     sp.add_argument("--gpus", type=int, default=None, help="slots to set (default: GPUs found x steps_per_gpu, at least 1)")
     sp.set_defaults(fn=_cmd_setup_pools)
+    fl = sub.add_parser("fleet", help="a local scale-out fleet: Dagster + MLflow on Postgres, Celery workers on RabbitMQ")
+    fls = fl.add_subparsers(dest="fleet_cmd", required=True)
+    fu = fls.add_parser("up", help="start the fleet (state, pids and logs in --dir)")
+    fu.add_argument("--config", default=None, help="settings YAML (mlflow.tracking_uri: http://127.0.0.1:<port> of the fleet's MLflow)")
+    fu.add_argument("--workers", type=int, default=2)
+    fu.add_argument("--port", type=int, default=None, help="Dagster webserver port (default: a free one)")
+    fu.add_argument("--mlflow-port", type=int, default=5000, help="MLflow server port when the settings do not name an http:// server")
+    fu.add_argument("--broker", default=None, help="Celery broker (default $DFKD_CELERY_BROKER or amqp://guest:guest@127.0.0.1:5672//)")
+    fu.add_argument("--backend", default=None, help="Redis result backend (default $DFKD_CELERY_BACKEND or redis://127.0.0.1:6379/0)")
+    fu.add_argument("--postgres", default=None, help="admin URL that may create databases (default $DFKD_FLEET_POSTGRES or postgresql://postgres@127.0.0.1:5432/postgres)")
+    fd = fls.add_parser("down", help="stop every process of the fleet and delete its broker queues")
+    fd.add_argument("--drop-databases", action="store_true", help="also drop the fleet's two Postgres databases")
+    fls.add_parser("status", help="list the fleet's processes")
+    for f in (fu, fd, fls.choices["status"]):
+        f.add_argument("--dir", default="storage/fleet", help="fleet directory (default storage/fleet)")
+    fl.set_defaults(fn=_cmd_fleet)
     e = sub.add_parser("make-eval-set", help="write the procedural evaluation set(s) named in the settings")
     e.add_argument("--config", default=None)
     e.add_argument("--per-class", type=int, default=4)

@@ -39,10 +39,10 @@ def executor_from_env():
         from dagster_k8s import k8s_job_executor
 
         return k8s_job_executor
-    if kind == "celery":
-        from dagster_celery import celery_executor
+    if kind == "celery":  # dagster-celery with queue prefixes and env defaults (defs/celery.py)
+        from dfkd_assets.defs.celery import build_celery_executor
 
-        return celery_executor
+        return build_celery_executor()
     if kind:
         raise ValueError(f"{EXECUTOR_ENV}={kind!r}: expected empty, 'k8s' or 'celery'")
     return None

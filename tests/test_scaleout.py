@@ -121,7 +121,17 @@ def test_kubernetes_job_spec_of_a_gpu_step_requests_a_gpu():
         assert ((limits or {}).get("nvidia.com/gpu") == "1") == gpu, key
         if gpu:
             assert tags["dagster-celery/queue"] == "gpu"
-            assert any(t.key == "nvidia.com/gpu" for t in job.spec.template.spec.tolerations)
+            pod = job.spec.template.spec
+            assert any(t.key == "nvidia.com/gpu" for t in pod.tolerations)
+            assert pod.node_selector == {"nvidia.com/gpu.present": "true"}  # GPU nodes only
+            # shared volumes: data/ (with the Inductor cache all GPU steps share) and the weights, read-only
+            claims = {v.name: v.persistent_volume_claim for v in pod.volumes}
+            assert claims["dfkd-data"].claim_name == "dfkd-data" and claims["dfkd-weights"].read_only
+            c = pod.containers[0]
+            mounts = {m.mount_path: m for m in c.volume_mounts}
+            assert mounts["/opt/dfkd/storage/weights"].read_only and mounts["/opt/dfkd/storage/weights"].name == "dfkd-weights"
+            cache = next(e.value for e in c.env if e.name == "TORCHINDUCTOR_CACHE_DIR")
+            assert cache.startswith(mounts["/opt/dfkd/data"].mount_path + "/")
 
 
 def test_executor_is_chosen_by_environment(monkeypatch):
@@ -135,3 +145,34 @@ def test_executor_is_chosen_by_environment(monkeypatch):
         build_defs(ROOT / "configs" / "ci.yaml")
     celery = yaml.safe_load((ROOT / "infra" / "celery" / "celery.yaml").read_text())
     assert "broker" in celery["execution"]["config"]
+
+
+def test_kubernetes_image_and_instance_agree_with_the_job_spec():
+    """What a cluster user builds and deploys, checked without Docker or a cluster: the image installs
+    this project on the Python the project requires, puts it where the job spec mounts the volumes,
+    and the instance config runs pods of that image with the same volumes and Inductor cache."""
+    import tomllib
+
+    from dfkd_assets.defs.placement import K8S_INDUCTOR_CACHE, K8S_ROOT
+
+    docker = (ROOT / "infra" / "k8s" / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in docker.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    py = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]  # ">=3.11,<3.12"
+    assert lines[0].startswith("FROM python:3.11") and "3.11" in py
+    assert f"WORKDIR {K8S_ROOT}" in lines
+    for path in ("pyproject.toml", "dfkd_assets", "configs", "infra"):
+        assert any(ln.startswith("COPY") and path in ln for ln in lines), path
+        assert (ROOT / path).exists()
+    assert any("pip install ." in ln for ln in lines) and "HF_HUB_OFFLINE=1" in docker and "DFKD_EXECUTOR=k8s" in docker
+    inst = yaml.safe_load((ROOT / "infra" / "k8s" / "dagster.yaml").read_text())["run_launcher"]["config"]
+    assert f"TORCHINDUCTOR_CACHE_DIR={K8S_INDUCTOR_CACHE}" in inst["env_vars"]
+    mounts = {m["mountPath"]: m for m in inst["volume_mounts"]}
+    assert mounts[f"{K8S_ROOT}/storage/weights"].get("readOnly") and f"{K8S_ROOT}/data" in mounts
+    assert inst["dagster_home"] in docker
+
+
+def test_celery_worker_file_carries_the_executor_policy():
+    from dfkd_assets.defs.celery import WORKER_SETTINGS
+
+    celery = yaml.safe_load((ROOT / "infra" / "celery" / "celery.yaml").read_text())
+    assert celery["execution"]["config"]["config_source"] == WORKER_SETTINGS

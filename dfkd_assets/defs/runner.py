@@ -7,11 +7,16 @@ re-run after kill -9 resumes instead of waiting for a dead run's pool slot.
 """
 
 import os
+import socket
 from typing import Any, Callable
 
 import dagster as dg
 
 from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE, TRAIN
+
+
+HOST_TAG = "dfkd/run_worker_host"
+"""Run tag: the host whose process runs the run (set by `dfkd run` and by `LocalRunLauncher`)."""
 
 
 def _alive(pid: int) -> bool:
@@ -21,7 +26,31 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process
         return True
-    return True
+    try:  # a killed child its parent has not waited for yet is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def run_worker_pid(instance: dg.DagsterInstance, run: dg.DagsterRun) -> int | None:
+    """The pid of the process that started `run` (its RUN_START event), None before it started."""
+    starts = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_START, limit=1).records
+    return starts[0].event_log_entry.dagster_event.pid if starts and starts[0].event_log_entry.dagster_event else None
+
+
+def run_worker_is_local(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """Whether `run`'s worker pid can be checked here: every run of a SQLite instance (one machine),
+    and on any other instance the runs tagged with this host (`dfkd run`, `LocalRunLauncher`)."""
+    return type(instance.run_storage).__name__.startswith("Sqlite") or run.tags.get(HOST_TAG) == socket.gethostname()
+
+
+def dead_run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> int | None:
+    """The pid of `run`'s worker when it ran on this host and is gone (kill -9, OOM killer), else None."""
+    if not run_worker_is_local(instance, run):
+        return None
+    pid = run_worker_pid(instance, run)
+    return pid if pid is not None and not _alive(pid) else None
 
 
 def reap_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
@@ -30,18 +59,14 @@ def reap_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = pr
     Why: a run killed this way stays STARTED and keeps its slot of the `gpu` pool (limit 1 on one
     machine), so every later GPU step of the instance waits for it forever; the daemon's run
     monitoring cannot tell for runs of the default launcher or from `dagster asset materialize`.
-    Only for a SQLite instance, i.e. one machine, where the worker's pid (the process that
-    started the run) can be checked here; on Postgres use run monitoring of a launcher that
-    checks worker health (Kubernetes) or terminate the run in the UI.
+    Any instance (SQLite or Postgres): only runs whose worker ran on this host are checked
+    (`run_worker_is_local`); on a fleet the daemon does the same through `LocalRunLauncher`.
     """
-    if not type(instance.run_storage).__name__.startswith("Sqlite"):
-        return []
     reaped = []
     for record in instance.get_run_records(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
         run = record.dagster_run
-        starts = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_START, limit=1).records
-        pid = starts[0].event_log_entry.dagster_event.pid if starts and starts[0].event_log_entry.dagster_event else None
-        if pid is None or _alive(pid):
+        pid = dead_run_worker(instance, run)
+        if pid is None:
             continue
         msg = f"run {run.run_id} ({run.job_name}) lost its run worker (pid {pid} is gone): marked failed, pool slots freed"
         instance.report_run_failed(run, msg)
@@ -49,6 +74,37 @@ def reap_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = pr
         log(msg)
         reaped.append(run.run_id)
     return reaped
+
+
+def _launcher_base():
+    from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
+
+    return DefaultRunLauncher
+
+
+class LocalRunLauncher(_launcher_base()):
+    """Dagster's default launcher (a run worker process per run, started by the code server on the
+    daemon's host) plus a worker health check, so the daemon's run monitoring fails a run whose
+    worker died and `free_slots_after_run_end_seconds` frees its pool slots, on any storage.
+    Set in the instance's dagster.yaml (`run_launcher: {module: dfkd_assets.defs.runner, class: LocalRunLauncher}`).
+    """
+
+    def launch_run(self, context) -> None:
+        self._instance.add_run_tags(context.dagster_run.run_id, {HOST_TAG: socket.gethostname()})
+        super().launch_run(context)
+
+    @property
+    def supports_check_run_worker_health(self) -> bool:
+        return True
+
+    def check_run_worker_health(self, run: dg.DagsterRun):
+        from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
+
+        run = self._instance.get_run_by_id(run.run_id) or run  # the tag was added after the run was created
+        pid = dead_run_worker(self._instance, run)
+        if pid is None:
+            return CheckRunHealthResult(WorkerStatus.RUNNING)
+        return CheckRunHealthResult(WorkerStatus.FAILED, f"run worker pid {pid} on {socket.gethostname()} is gone (killed or crashed)")
 
 
 def run_pipeline(
@@ -63,5 +119,6 @@ def run_pipeline(
     for i, (job_name, key) in enumerate(plan, 1):
         log(f"[{i}/{len(plan)}] run {job_name}" + (f" partition={key}" if key else ""))
         job = defs.resolve_job_def(job_name)
-        results.append(job.execute_in_process(instance=instance, run_config=run_config or {}, partition_key=key))
+        results.append(job.execute_in_process(instance=instance, run_config=run_config or {}, partition_key=key,
+                                              tags={HOST_TAG: socket.gethostname()}))
     return results
