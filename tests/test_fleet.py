@@ -160,7 +160,15 @@ def _events(f, run_id, kind=None):
 
 
 def _messages(f, run_id) -> list[str]:
-    return [e.dagster_event.message or "" for e in _events(f, run_id)]
+    """Each event's message and, where the event carries one, its error with the cause chain (the
+    broker's exception is there, not in the message: "Encountered error during celery task submission")."""
+    out = []
+    for e in _events(f, run_id):
+        out.append(e.dagster_event.message or "")
+        error = getattr(e.dagster_event.event_specific_data, "error", None)
+        if error is not None:
+            out.append(error.to_string())
+    return out
 
 
 def _celery_workers(f, run_id) -> list[str]:
