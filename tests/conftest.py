@@ -150,11 +150,10 @@ def champion_version(cfg) -> str | None:
 
 
 def load_registered(cfg, alias: str = "champion"):
-    """The PyTorch model behind `models:/<name>@<alias>`, in eval mode on the CPU."""
-    import mlflow.pytorch
+    """The student network behind `models:/<name>@<alias>` (verified, never unpickled), in eval mode on the CPU."""
+    from dfkd_assets.defs.registry import load_student_model
 
-    registry_client(cfg)
-    return mlflow.pytorch.load_model(f"models:/{cfg.mlflow.registered_model_name}@{alias}", map_location="cpu").eval()
+    return load_student_model(registry_client(cfg), f"models:/{cfg.mlflow.registered_model_name}@{alias}")
 
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
