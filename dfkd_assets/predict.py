@@ -1,7 +1,9 @@
 """Using a registered student: load `models:/<name>@<alias>` from MLflow and classify files.
 
 The registered model owns its preprocessing and class names (core/student.StudentClassifier),
-so this is all a consumer needs: images in, class probabilities out.
+so this is all a consumer needs: images in, class probabilities out. It is loaded through
+defs/registry.load_student_model: safetensors + JSON checked against their registered sha256,
+never unpickled; a version in the old pickle format is refused with how to re-register it.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from pathlib import Path
 
 def load_registered(tracking_uri: str, model_uri: str):
     import mlflow
-    import mlflow.pytorch
+    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
+    from dfkd_assets.defs.registry import RegistryError, load_student_model
     from dfkd_assets.redaction import redact, split_credentials
+    from dfkd_assets.registry_model import IntegrityError
 
     tracking_uri, user, password = split_credentials(tracking_uri)  # a server's credentials go to MLflow's variables
     if user is not None:
@@ -23,9 +27,9 @@ def load_registered(tracking_uri: str, model_uri: str):
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
-        return mlflow.pytorch.load_model(model_uri, map_location="cpu").eval()
-    except MlflowException as e:
-        raise SystemExit(redact(f"error: cannot load {model_uri} from {tracking_uri}: {e.message}")) from None
+        return load_student_model(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), model_uri)
+    except (RegistryError, IntegrityError, MlflowException) as e:
+        raise SystemExit(redact(f"error: cannot load {model_uri} from {tracking_uri}: {getattr(e, 'message', e)}")) from None
 
 
 def predict_files(model, files: list[Path], top_k: int = 3, batch_size: int = 32) -> list[dict]:

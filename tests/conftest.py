@@ -8,6 +8,7 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ.setdefault("TORCH_NUM_THREADS", "2")
 
+import contextlib  # noqa: E402
 import ipaddress  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
@@ -150,11 +151,10 @@ def champion_version(cfg) -> str | None:
 
 
 def load_registered(cfg, alias: str = "champion"):
-    """The PyTorch model behind `models:/<name>@<alias>`, in eval mode on the CPU."""
-    import mlflow.pytorch
+    """The student network behind `models:/<name>@<alias>` (verified, never unpickled), in eval mode on the CPU."""
+    from dfkd_assets.defs.registry import load_student_model
 
-    registry_client(cfg)
-    return mlflow.pytorch.load_model(f"models:/{cfg.mlflow.registered_model_name}@{alias}", map_location="cpu").eval()
+    return load_student_model(registry_client(cfg), f"models:/{cfg.mlflow.registered_model_name}@{alias}")
 
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -186,3 +186,71 @@ def drop_postgres_db(name: str) -> None:
     with conn.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     conn.close()
+
+
+# --- what a logged model directory holds and what MLflow says while logging one ---
+
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pth", ".pt", ".joblib", ".cloudpickle")
+
+
+def pickle_findings(directory: Path) -> list[str]:
+    """Files under `directory` that are, or hold, a pickle: a pickle's file name, a file starting with
+    a pickle protocol 2-5 header (a valid safetensors file whose length prefix happens to look like
+    one is not counted), or a zip holding a .pkl member (torch.save's format). Empty when none."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    def is_safetensors(p: Path) -> bool:
+        try:
+            with safe_open(str(p), "np"):
+                return True
+        except Exception:
+            return False
+
+    found = []
+    for p in sorted(Path(directory).rglob("*")):
+        if not p.is_file():
+            continue
+        head = p.read_bytes()[:2]
+        if p.name.endswith(PICKLE_SUFFIXES):
+            found.append(f"{p.name}: pickle file name")
+        elif len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and not is_safetensors(p):
+            found.append(f"{p.name}: starts with a pickle protocol {head[1]} header")
+        elif zipfile.is_zipfile(p) and any(n.endswith(".pkl") for n in zipfile.ZipFile(p).namelist()):
+            found.append(f"{p.name}: zip holding a pickle")
+    return found
+
+
+class MlflowOutput:
+    """MLflow's log records and Python warnings seen inside `with capture_mlflow_output() as out`."""
+
+    def __init__(self):
+        self.messages: list[str] = []
+
+    def mentioning(self, word: str) -> list[str]:
+        return [m for m in self.messages if word.lower() in m.lower()]
+
+
+@contextlib.contextmanager
+def capture_mlflow_output():
+    """MLflow logs through its own logger (it does not propagate to the root logger, so caplog misses
+    it): a handler on it, plus every warning raised meanwhile."""
+    import logging
+    import warnings
+
+    out = MlflowOutput()
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            out.messages.append(record.getMessage())
+
+    handler, logger = Collect(level=logging.DEBUG), logging.getLogger("mlflow")
+    logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield out
+        out.messages.extend(str(w.message) for w in caught)
+    finally:
+        logger.removeHandler(handler)

@@ -138,3 +138,19 @@ def test_assets_stay_thin_and_the_registry_names_live_in_one_module():
             assert not tagging.search(path.read_text()), f"{path.relative_to(ROOT)} sets a registry alias or tag (only defs/registry.py may)"
     compare = (ROOT / "dfkd_assets" / "compare.py").read_text()
     assert "hashlib.sha256(json" not in compare and "markdown_table" not in compare and "def _synthesis_fingerprint" not in compare
+
+
+@pytest.mark.parametrize("instance_yaml", ["dagster_home/dagster.yaml", "infra/dagster-postgres.yaml", "infra/k8s/dagster.yaml"])
+def test_instance_files_validate_and_turn_off_the_sign_up_dialog(instance_yaml, tmp_path):
+    """Every shipped instance file passes the installed Dagster's instance schema with `nux: enabled:
+    false` (an unknown key would fail here), and the one-machine instance starts with the dialog off."""
+    import shutil
+
+    from dagster._core.instance.config import dagster_instance_config
+
+    shutil.copy(ROOT / instance_yaml, tmp_path / "dagster.yaml")
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["nux"] == {"enabled": False}
+    if instance_yaml.startswith("dagster_home"):
+        with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+            assert instance.nux_enabled is False and instance.telemetry_enabled is False

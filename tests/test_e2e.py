@@ -30,7 +30,6 @@ def dvc(ws: Path, *args: str) -> str:
 
 def test_whole_graph_end_to_end(workspace):
     import mlflow
-    import mlflow.pytorch
 
     from dfkd_assets.config import load_config
     from dfkd_assets.definitions import build_defs
@@ -69,7 +68,9 @@ def test_whole_graph_end_to_end(workspace):
     dvc_hash = yaml.safe_load((ws / "data" / "synthetic.dvc").read_text())["outs"][0]["md5"]
     assert champ.tags["dvc_hash"] == dvc_hash and champ.tags["config_hash"] == cfg.config_hash()
     assert {"git_sha", "dagster_run_id", "teacher_id"} <= set(champ.tags)
-    model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    from dfkd_assets.defs.registry import load_student_model
+
+    model = load_student_model(client, f"models:/{name}@champion")
     x = torch.rand(4, 3, 32, 32)
     from dfkd_assets.core.student import load_student
 

@@ -29,7 +29,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, champion_version, load_registered, make_workspace, registry_client
+from conftest import ROOT, capture_mlflow_output, champion_version, load_registered, make_workspace, pickle_findings, registry_client
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +52,8 @@ def _check(result, name: str):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The CI pipeline run once (Contrastive-Prompt, as in the demo): champion v1. Returns the
-    workspace root and a pristine copy of it (workspace, eval set, DVC remote, dagster_home)."""
+    workspace root, a pristine copy of it (workspace, eval set, DVC remote, dagster_home) and what
+    MLflow logged and warned meanwhile."""
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.runner import run_pipeline
 
@@ -63,12 +64,12 @@ def trained(tmp_path_factory):
         # before MLflow first opens this workspace's mlflow.db: the engine it caches for it stays pool-less
         mp.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
         defs = build_defs(cfg_path)
-        with dg.DagsterInstance.get() as instance:
+        with capture_mlflow_output() as mlflow_output, dg.DagsterInstance.get() as instance:
             results = run_pipeline(defs, instance, log=lambda s: None)
     assert all(r.success for r in results)
     pristine = tmp_path_factory.mktemp("ops-pristine") / "root"
     shutil.copytree(root, pristine, symlinks=True)
-    return root, pristine
+    return root, pristine, mlflow_output
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def ops(trained, monkeypatch):
     from dfkd_assets.config import load_config
     from dfkd_assets.definitions import build_defs
 
-    root, pristine = trained
+    root, pristine, _ = trained
     for p in root.iterdir():
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
@@ -103,10 +104,47 @@ def test_clean_run_passes_every_check_and_leaves_nothing_stale(ops):
     assert champion_version(ops.cfg) == "1"
 
 
-def test_champion_onnx_export_matches_pytorch(ops):
+def test_champion_onnx_export_matches_pytorch_and_is_registered_with_its_lineage(ops, tmp_path):
+    """The export passed parity and is version 1 of <name>-onnx; each version names the other; MLflow
+    loads the ONNX version (no pickle in it) and it gives the registered student's logits."""
+    import mlflow.artifacts
+    import mlflow.pyfunc
+
     with dg.DagsterInstance.get() as instance:
         onnx_meta = instance.get_latest_materialization_event(dg.AssetKey("champion_onnx")).asset_materialization.metadata
     assert onnx_meta["max_abs_diff_vs_pytorch"].value < 1e-4 and onnx_meta["champion_version"].value == "1"
+    client = registry_client(ops.cfg)
+    student_version = client.get_model_version(ops.name, "1")
+    onnx_uri = student_version.tags["onnx_model_uri"]
+    assert onnx_uri == f"models:/{ops.name}-onnx/1" == onnx_meta["onnx_model_uri"].value
+    onnx_version = client.get_model_version(f"{ops.name}-onnx", "1")
+    assert onnx_version.tags["source_model_uri"] == f"models:/{ops.name}/1" and onnx_version.tags["source_run_id"] == student_version.run_id
+    assert pickle_findings(Path(mlflow.artifacts.download_artifacts(artifact_uri=onnx_uri, dst_path=str(tmp_path)))) == []
+    x = torch.rand(5, 3, ops.cfg.student.input_size, ops.cfg.student.input_size, generator=torch.Generator().manual_seed(3))
+    logits = mlflow.pyfunc.load_model(onnx_uri).predict({"images": x.numpy()})["logits"]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), load_registered(ops.cfg)(x), atol=1e-4, rtol=0)
+
+
+def test_pipeline_registers_without_pickle_and_writes_a_model_card(trained, ops, tmp_path):
+    """No MLflow pickle warning in the pipeline's output; v1's description carries its lineage, the
+    command that reproduces it (whose settings file gives the same config hash) and accuracy per
+    domain of student and teacher."""
+    import mlflow.artifacts
+
+    from dfkd_assets.config import load_config
+
+    assert not trained[2].mentioning("pickle"), trained[2].mentioning("pickle")
+    client = registry_client(ops.cfg)
+    v1 = client.get_model_version(ops.name, "1")
+    card, tags = v1.description, v1.tags
+    for fact in (tags["teacher_id"], tags["dvc_hash"], f"prompts: `{ops.cfg.prompts.method}`", tags["config_hash"],
+                 f"--run-id {v1.run_id} --artifact-path config.yaml", "dfkd run --config config.yaml", "| ci-shapes/photo |"):
+        assert fact in card, fact
+    header = next(line for line in card.splitlines() if line.startswith("| domain"))
+    assert "student" in header and "teacher" in header
+    settings = mlflow.artifacts.download_artifacts(run_id=v1.run_id, artifact_path="config.yaml", dst_path=str(tmp_path))
+    assert load_config(settings).config_hash() == tags["config_hash"]
 
 
 def test_corrupt_shard_blocks_training_until_it_is_resynthesized(ops):

@@ -96,7 +96,9 @@ def test_pipeline_on_postgres_dagster_and_mlflow_server_with_concurrent_runs(tmp
         champ = client.get_model_version_by_alias("dfkd-pg", "champion")
         assert str(champ.version) == "1" and client.get_run(champ.run_id).info.status == "FINISHED"
         mlflow.set_tracking_uri(tracking)
-        model = mlflow.pytorch.load_model("models:/dfkd-pg@champion")
+        from dfkd_assets.defs.registry import load_student_model
+
+        model = load_student_model(client, "models:/dfkd-pg@champion")
         assert list(model.classes) == ["dog", "elephant", "house"]
     finally:
         server.terminate()

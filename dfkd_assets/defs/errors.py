@@ -21,9 +21,11 @@ def _permanent_types() -> tuple[type, ...]:
     from dfkd_assets.core.teacher import PromptTooLong, TeacherLoadError
     from dfkd_assets.core.vqgan import GeneratorLoadError
     from dfkd_assets.core.weights import WeightsReadError
+    from dfkd_assets.defs.registry import LegacyModelError
+    from dfkd_assets.registry_model import IntegrityError
 
     return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
-            ShardError, WeightsReadError, PromptTooLong, FileNotFoundError)
+            ShardError, WeightsReadError, PromptTooLong, FileNotFoundError, LegacyModelError, IntegrityError)
 
 
 def no_retry_for_bad_input(fn):

@@ -3,8 +3,8 @@
 
 All three are scored on the same images in one pass, so the promotion rule compares like with
 like. Writes data/reports/ (metrics.json for `dvc metrics`, per_domain.csv for `dvc plots`,
-report.md, confusion PNGs), logs them into the challenger's MLflow run and, last, marks the
-version evaluated in the registry.
+report.md, confusion PNGs), logs them into the challenger's MLflow run, writes the per-domain
+table into the version's model card and, last, marks the version evaluated in the registry.
 """
 
 
@@ -51,6 +51,7 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
         report = report_markdown(ev, f"Evaluation of student v{record.version} ({record.model_name})", teacher.teacher_id, record.dvc_hash, pngs)
         out = artifacts.write_evaluation(cfg, metrics, per_domain_csv(ev), report)
         registry.log_evaluation(record.run_id, _run_metrics(ev), out)
+        registry.write_card(record.version, per_domain_table(ev))
         # last: marks the version as evaluated, the only kind promotion and rollback accept (an
         # outage before this line leaves the version unevaluated, never half-evaluated)
         if cfg.promotion.metric in metrics:
@@ -61,10 +62,19 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
 
 
 def _champion_predictor(cfg, registry: ModelRegistry, champion: str | None, challenger: str, device, warn) -> dict:
-    """{'champion': model} when there is a champion other than the challenger, trained for the same classes."""
+    """{'champion': model} when there is a champion other than the challenger, trained for the same classes.
+
+    A champion in the old pickle format is not loaded (nor compared): the challenger then replaces
+    it as it would a champion trained for other classes, which is how such a registry is re-registered."""
+    from dfkd_assets.defs.registry import LegacyModelError
+
     if champion is None or champion == challenger:
         return {}
-    model = registry.load(champion, device)
+    try:
+        model = registry.load(champion, device)
+    except LegacyModelError as e:
+        warn(f"{e}; not compared")
+        return {}
     if list(getattr(model, "classes", [])) != cfg.classes:
         warn(f"champion v{champion} was trained for classes {getattr(model, 'classes', '?')}; not compared")
         return {}

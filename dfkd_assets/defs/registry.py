@@ -8,11 +8,20 @@ tag names (docs/ARCHITECTURE.md).
   the pure rule in core/promotion.py, or by the rollback_champion job. Each move records
   `previous_champion`, `promoted_at`, `promotion_reason` (or `rolled_back_from`, `rolled_back_at`)
   on the version and appends to the registered model's `champion_history` tag.
+- What a version is: a pyfunc "model from code" (dfkd_assets/registry_model.py) whose weights are
+  safetensors and whose architecture is plain JSON; `weights_sha256`, `spec_sha256` and
+  `code_sha256` tags record its files, and `load_student_model` refuses a version whose files no
+  longer match them, or one logged in the old pickle format (MLflow's `pytorch` flavor).
+- Model card: the version's description (lineage, reproduce command, per-domain accuracy).
+- ONNX: `<name>-onnx` versions, tagged `source_model_uri`/`source_run_id`; the student version
+  they were exported from carries `onnx_model_uri`.
 """
 
 from __future__ import annotations
 
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dfkd_assets.config import DfkdConfig
@@ -25,7 +34,15 @@ PREVIOUS_CHAMPION, PROMOTED_AT, PROMOTION_REASON = "previous_champion", "promote
 ROLLED_BACK_FROM, ROLLED_BACK_AT = "rolled_back_from", "rolled_back_at"
 HISTORY = "champion_history"
 HISTORY_MAX_CHARS = 5000  # MLflow's tag value limit is larger; the oldest entries are dropped first
-PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "dfkd-assets"]
+WEIGHTS_SHA256, SPEC_SHA256, CODE_SHA256 = "weights_sha256", "spec_sha256", "code_sha256"
+PROMPT_METHOD = "prompt_method"
+ONNX_MODEL_URI, SOURCE_MODEL_URI, SOURCE_RUN_ID, ONNX_MAX_ABS_DIFF = "onnx_model_uri", "source_model_uri", "source_run_id", "max_abs_diff_vs_pytorch"
+ONNX_SUFFIX = "-onnx"
+MODEL_NAME_IN_RUN = "student"
+DESCRIPTION_MAX_CHARS = 5000  # MLflow's model version description limit
+PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "safetensors", "pandas", "dfkd-assets"]
+ONNX_PIP_REQUIREMENTS = ["onnx", "onnxruntime"]
+EXAMPLE_MAX_SIDE = 64  # the input example's side (the model resizes any size; a 224 px example is 3 MB of JSON)
 
 
 def champion_uri(cfg: DfkdConfig) -> str:
@@ -33,8 +50,17 @@ def champion_uri(cfg: DfkdConfig) -> str:
     return f"models:/{cfg.mlflow.registered_model_name}@{CHAMPION}"
 
 
+def rerun_hint(name: str) -> str:
+    return (f"re-register it by training again: run the `distill_evaluate_promote` job (or `dfkd run --config <settings>`) "
+            f"with mlflow.registered_model_name {name!r}")
+
+
 class RegistryError(RuntimeError):
     """A registry operation that must not happen (no such version, never evaluated, nothing to roll back)."""
+
+
+class LegacyModelError(RegistryError):
+    """A version logged in the old pickle format (MLflow `pytorch` flavor): refused, never unpickled."""
 
 
 def _now() -> str:
@@ -58,26 +84,38 @@ class ModelRegistry:
     def model_uri(self, version: str | None = None) -> str:
         return f"models:/{self.name}/{version}" if version else champion_uri(self.cfg)
 
-    def register_challenger(self, student, input_example, tags: dict[str, str]) -> str:
-        """Log `student` in the active MLflow run as a new version with `tags`; alias `challenger` -> it."""
-        import mlflow.pytorch
+    def register_challenger(self, student, tags: dict[str, str]) -> str:
+        """Log `student` (core/student.StudentClassifier) in the active MLflow run as a new pickle-free
+        version (registry_model.py) with `tags` and its files' sha256; alias `challenger` -> it."""
+        import mlflow.pyfunc
 
-        info = mlflow.pytorch.log_model(
-            student, name="student", registered_model_name=self.name, input_example=input_example,
-            pip_requirements=PIP_REQUIREMENTS, serialization_format="pickle",
-        )
+        from dfkd_assets import registry_model as rm
+        from dfkd_assets.core.io import sha256_file
+        from dfkd_assets.core.student import META, WEIGHTS
+
+        rm.output_columns(student.classes)  # a class named like an output column is refused before anything is logged
+        code = Path(rm.__file__)
+        with tempfile.TemporaryDirectory() as tmp:
+            student.save(Path(tmp))
+            files = {rm.WEIGHTS: Path(tmp) / WEIGHTS, rm.SPEC: Path(tmp) / META}
+            sha = {rm.SHA256[k]: sha256_file(p) for k, p in files.items()}
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={k: str(p) for k, p in files.items()}, model_config=sha,
+                signature=_signature(student.classes), input_example=_input_example(student.input_size),
+                pip_requirements=PIP_REQUIREMENTS, registered_model_name=self.name,
+            )
         version = str(info.registered_model_version)  # from log_model's answer, never "the highest version"
+        integrity = {WEIGHTS_SHA256: sha[rm.SHA256[rm.WEIGHTS]], SPEC_SHA256: sha[rm.SHA256[rm.SPEC]], CODE_SHA256: sha256_file(code)}
         client = self.client
-        for key, value in tags.items():
+        for key, value in {**tags, **integrity}.items():
             client.set_model_version_tag(self.name, version, key, value)
         client.set_registered_model_alias(self.name, CHALLENGER, version)
+        self.write_card(version)
         return version
 
     def load(self, version: str, device="cpu"):
-        import mlflow.pytorch
-
-        self.client  # sets the tracking/registry URIs
-        return mlflow.pytorch.load_model(self.model_uri(version), map_location=device).eval()
+        """The student network of `version`, verified (load_student_model), on `device`."""
+        return load_student_model(self.client, self.model_uri(version)).to(device)
 
     def run_id(self, version: str) -> str:
         return self.client.get_model_version(self.name, version).run_id
@@ -92,11 +130,61 @@ class ModelRegistry:
                 client.log_metric(run_id, key, value)
         client.log_artifacts(run_id, str(reports_dir), "evaluation")
 
-    def log_artifacts(self, version: str, paths: list, folder: str) -> None:
-        """Files attached to the run that produced `version` (e.g. its ONNX export)."""
+    def write_card(self, version: str, per_domain_md: str | None = None) -> str:
+        """The version's description: lineage from its tags, the command that reproduces it and, once
+        evaluated, `per_domain_md` (accuracy per domain of student and teacher); returns the text."""
+        from dfkd_assets.redaction import redact
+
+        client = self.client
+        mv = client.get_model_version(self.name, version)
+        t = mv.tags
+        store = redact(self.tracking.uri(self.cfg))
+        lines = [
+            f"# {self.name} v{version}", "",
+            f"- teacher: `{t.get('teacher_id', '?')}`",
+            f"- data (DVC): `{t.get('dvc_hash', '?')}` (data/synthetic.dvc; `dvc pull` restores it from the DVC remote)",
+            f"- prompts: `{t.get(PROMPT_METHOD, '?')}`",
+            f"- config hash: `{t.get('config_hash', '?')}`, code: git `{t.get('git_sha', '?')}`",
+            f"- MLflow run `{mv.run_id}`, Dagster run `{t.get('dagster_run_id', '?')}`",
+            "- input: float32 images [N, 3, H, W] in [0, 1], any H x W (resized and normalised in the model); "
+            "output: `label`, `score` and one probability column per class", "",
+            "Reproduce (the run's own settings file, then the pipeline):", "",
+            "```bash",
+            f"git checkout {t.get('git_sha', '<git sha>').removesuffix('-dirty')}",
+            f"MLFLOW_TRACKING_URI='{store}' mlflow artifacts download --run-id {mv.run_id} --artifact-path config.yaml --dst-path .",
+            "dfkd run --config config.yaml",
+            "```", "",
+            "## Accuracy per domain (top-1)", "",
+            per_domain_md or "not evaluated yet (evaluation_report writes it here)",
+        ]
+        text = "\n".join(lines)[:DESCRIPTION_MAX_CHARS]
+        client.update_model_version(self.name, version, description=text)
+        return text
+
+    @property
+    def onnx_name(self) -> str:
+        return self.name + ONNX_SUFFIX
+
+    def register_onnx(self, version: str, onnx_file: Path, input_size: int, classes: list[str], max_abs_diff: float) -> str:
+        """`onnx_file` (exported from `version`) as a new version of `<name>-onnx`, logged from the run
+        that trained `version`; each version names the other in a tag. Returns the ONNX version."""
+        import mlflow.onnx
+        import numpy as np
+        import onnx
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
         client, run_id = self.client, self.run_id(version)
-        for p in paths:
-            client.log_artifact(run_id, str(p), folder)
+        signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, input_size, input_size), "images")]),
+                                   Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)), "logits")]))
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_file)), name=MODEL_NAME_IN_RUN + ONNX_SUFFIX, run_id=run_id, signature=signature,
+                                     registered_model_name=self.onnx_name, pip_requirements=ONNX_PIP_REQUIREMENTS, save_as_external_data=False,
+                                     metadata={"classes": list(classes)})
+        onnx_version = str(info.registered_model_version)
+        for key, value in {SOURCE_MODEL_URI: self.model_uri(version), SOURCE_RUN_ID: run_id, ONNX_MAX_ABS_DIFF: f"{max_abs_diff:.3g}"}.items():
+            client.set_model_version_tag(self.onnx_name, onnx_version, key, value)
+        client.set_model_version_tag(self.name, version, ONNX_MODEL_URI, f"models:/{self.onnx_name}/{onnx_version}")
+        return onnx_version
 
     def mark_evaluated(self, version: str, score) -> None:
         """Last step of an evaluation: from now on the version may become champion."""
@@ -146,3 +234,92 @@ class ModelRegistry:
     def _append_history(self, entry: str) -> None:
         text = " ".join([*self.history(), entry])[-HISTORY_MAX_CHARS:]
         self.client.set_registered_model_tag(self.name, HISTORY, text)
+
+
+def _signature(classes: list[str]):
+    """Input: float32 [N, 3, H, W] (any H, W); output: label, score, one probability per class."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+    from dfkd_assets import registry_model as rm
+
+    out = [ColSpec("string", rm.LABEL), ColSpec("double", rm.SCORE), *(ColSpec("double", c) for c in classes)]
+    return ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]), Schema(out))
+
+
+def _input_example(input_size: int):
+    import numpy as np
+
+    side = min(int(input_size), EXAMPLE_MAX_SIDE)
+    return np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
+
+
+def model_version_of(client, model_uri: str) -> tuple[str, str]:
+    """(name, version) behind `models:/<name>/<version>` or `models:/<name>@<alias>`."""
+    from mlflow.exceptions import MlflowException
+
+    ref = model_uri.removeprefix("models:/").strip("/")
+    if not model_uri.startswith("models:/") or not ref:
+        raise RegistryError(f"{model_uri!r} is not a registry URI: give models:/<name>/<version> or models:/<name>@<alias>")
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, version = ref.rsplit("/", 1)
+        return name, str(client.get_model_version(name, version).version)
+    except (MlflowException, ValueError) as e:
+        raise RegistryError(f"{model_uri} is not in the registry: {getattr(e, 'message', e)}") from e
+
+
+def load_student_model(client, model_uri: str):
+    """The student network (core/student.StudentClassifier, CPU, eval mode) behind a registry URI.
+
+    Nothing of the model directory is executed or unpickled: its MLmodel is read as YAML, the
+    weights as safetensors and the architecture from student.json, each file checked against the
+    sha256 tags recorded at registration (and the copy in MLmodel). A version in the old pickle
+    format, or one whose files no longer match, raises with what to do."""
+    import mlflow.artifacts
+
+    from dfkd_assets import registry_model as rm
+
+    name, version = model_version_of(client, model_uri)
+    mv = client.get_model_version(name, version)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        files, code, model_config = _student_files(local, f"{model_uri} ({name} v{version})", name)
+        expected = {rm.SHA256[rm.WEIGHTS]: mv.tags.get(WEIGHTS_SHA256), rm.SHA256[rm.SPEC]: mv.tags.get(SPEC_SHA256)}
+        rm.verify_sha256(files, expected, f"the registry's tags of {name} v{version}")
+        rm.verify_sha256(files, model_config, f"the MLmodel of {name} v{version}")
+        _verify_code(code, mv.tags.get(CODE_SHA256), f"{name} v{version}")
+        return rm.build_student(files)
+
+
+def _student_files(local: Path, what: str, name: str) -> tuple[dict[str, Path], Path, dict]:
+    """The weights and spec files, the code file and the model_config of a downloaded model directory;
+    LegacyModelError for the old pickle format, RegistryError for anything else that is not ours."""
+    import yaml
+
+    from dfkd_assets import registry_model as rm
+
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text()) if (local / "MLmodel").is_file() else {}
+    flavors = mlmodel.get("flavors") or {}
+    if "pytorch" in flavors or (local / "data" / "model.pth").exists():
+        raise LegacyModelError(f"{what} was logged in the old pickle format (MLflow `pytorch` flavor, data/model.pth); "
+                               f"it is not loaded, because unpickling runs whatever code the file holds: {rerun_hint(name)}")
+    pyfunc = flavors.get("python_function") or {}
+    artifacts = pyfunc.get("artifacts") or {}
+    if "model_code_path" not in pyfunc or not {rm.WEIGHTS, rm.SPEC} <= set(artifacts):
+        raise RegistryError(f"{what} is not a dfkd student (no models-from-code pyfunc with '{rm.WEIGHTS}' and '{rm.SPEC}' artifacts): {rerun_hint(name)}")
+    files = {k: local / artifacts[k]["path"] for k in (rm.WEIGHTS, rm.SPEC)}
+    return files, local / Path(pyfunc["model_code_path"]).name, pyfunc.get("config") or {}  # log_model's model_config
+
+
+def _verify_code(code: Path, expected: str | None, what: str) -> None:
+    """The model's code file as registered: dfkd never runs it, but `mlflow models serve` does."""
+    from dfkd_assets import registry_model as rm
+    from dfkd_assets.core.io import sha256_file
+
+    if not expected or not code.is_file() or sha256_file(code) != expected:
+        raise rm.IntegrityError(f"{code.name} ({code}) of {what} does not match the {CODE_SHA256} tag recorded at registration: "
+                                "the model's code was changed after logging (mlflow models serve would run it); refusing to load it")

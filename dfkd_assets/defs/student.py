@@ -1,5 +1,6 @@
 """Asset `student_model`: knowledge distillation on the snapshot (stage: dfkd_assets/stages/training.py),
-tracked in MLflow and registered as the new `challenger` (defs/registry.py).
+tracked in MLflow and registered as the new `challenger` (defs/registry.py: a pickle-free pyfunc,
+dfkd_assets/registry_model.py).
 
 Resumes from the per-epoch checkpoint when the fingerprint (settings, teacher, data hash) is
 unchanged.
@@ -12,7 +13,7 @@ from dfkd_assets import artifacts
 from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.placement import GPU_OP_TAGS
-from dfkd_assets.defs.registry import ModelRegistry
+from dfkd_assets.defs.registry import PROMPT_METHOD, ModelRegistry
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 from dfkd_assets.fingerprints import student_fingerprint
 from dfkd_assets.loaders import device_lease, teacher_for
@@ -30,7 +31,6 @@ from dfkd_assets.redaction import redact
 @no_retry_for_bad_input
 def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import mlflow
-    import numpy as np
 
     from dfkd_assets.core.progress import Progress
     from dfkd_assets.stages.training import distill_student, train_steps, training_set
@@ -43,7 +43,7 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         dvc_hash = artifacts.read_snapshot_hash(cfg)
         images, labels = training_set([artifacts.read_class_images(cfg, c) for c in cfg.classes])
         fingerprint = student_fingerprint(cfg, teacher.teacher_id, dvc_hash)
-        tags = lineage(cfg, context, dvc_hash=dvc_hash, teacher_id=teacher.teacher_id, fingerprint=fingerprint)
+        tags = lineage(cfg, context, dvc_hash=dvc_hash, teacher_id=teacher.teacher_id, fingerprint=fingerprint, **{PROMPT_METHOD: cfg.prompts.method})
         with mlflow_tracking.run(cfg, run_name=f"student-{context.run.run_id[:8]}", tags=tags) as run:
             mlflow_tracking.log_settings(cfg)
             prog = Progress(train_steps(cfg, len(labels)), "distillation", context.log.info, unit="steps")
@@ -54,8 +54,7 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
             prog.close()
             out = artifacts.write_student(cfg, student, history)
             artifacts.write_params(cfg)
-            example = np.random.default_rng(0).random((1, 3, cfg.student.input_size, cfg.student.input_size), dtype=np.float32)
-            version = registry.register_challenger(student, example, tags)
+            version = registry.register_challenger(student, tags)
         record = artifacts.StudentRecord(registry.name, version, run.info.run_id, dvc_hash, fingerprint)
         artifacts.write_student_record(cfg, record)
         last = history[-1]
