@@ -34,7 +34,7 @@ PREVIOUS_CHAMPION, PROMOTED_AT, PROMOTION_REASON = "previous_champion", "promote
 ROLLED_BACK_FROM, ROLLED_BACK_AT = "rolled_back_from", "rolled_back_at"
 HISTORY = "champion_history"
 HISTORY_MAX_CHARS = 5000  # MLflow's tag value limit is larger; the oldest entries are dropped first
-WEIGHTS_SHA256, SPEC_SHA256, CODE_SHA256 = "weights_sha256", "spec_sha256", "code_sha256"
+CODE_SHA256 = "code_sha256"  # the weights/spec tags are named by registry_model.SHA256 (the same keys as in MLmodel)
 PROMPT_METHOD = "prompt_method"
 ONNX_MODEL_URI, SOURCE_MODEL_URI, SOURCE_RUN_ID, ONNX_MAX_ABS_DIFF = "onnx_model_uri", "source_model_uri", "source_run_id", "max_abs_diff_vs_pytorch"
 ONNX_SUFFIX = "-onnx"
@@ -105,7 +105,7 @@ class ModelRegistry:
                 pip_requirements=PIP_REQUIREMENTS, registered_model_name=self.name,
             )
         version = str(info.registered_model_version)  # from log_model's answer, never "the highest version"
-        integrity = {WEIGHTS_SHA256: sha[rm.SHA256[rm.WEIGHTS]], SPEC_SHA256: sha[rm.SHA256[rm.SPEC]], CODE_SHA256: sha256_file(code)}
+        integrity = {**sha, CODE_SHA256: sha256_file(code)}
         client = self.client
         for key, value in {**tags, **integrity}.items():
             client.set_model_version_tag(self.name, version, key, value)
@@ -288,7 +288,7 @@ def load_student_model(client, model_uri: str):
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
         files, code, model_config = _student_files(local, f"{model_uri} ({name} v{version})", name)
-        expected = {rm.SHA256[rm.WEIGHTS]: mv.tags.get(WEIGHTS_SHA256), rm.SHA256[rm.SPEC]: mv.tags.get(SPEC_SHA256)}
+        expected = {key: mv.tags.get(key) for key in rm.SHA256.values()}
         rm.verify_sha256(files, expected, f"the registry's tags of {name} v{version}")
         rm.verify_sha256(files, model_config, f"the MLmodel of {name} v{version}")
         _verify_code(code, mv.tags.get(CODE_SHA256), f"{name} v{version}")
