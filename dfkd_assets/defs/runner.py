@@ -11,6 +11,7 @@ import socket
 from typing import Any, Callable
 
 import dagster as dg
+from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 
 from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE, TRAIN
 
@@ -76,13 +77,7 @@ def reap_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = pr
     return reaped
 
 
-def _launcher_base():
-    from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
-
-    return DefaultRunLauncher
-
-
-class LocalRunLauncher(_launcher_base()):
+class LocalRunLauncher(DefaultRunLauncher):
     """Dagster's default launcher (a run worker process per run, started by the code server on the
     daemon's host) plus a worker health check, so the daemon's run monitoring fails a run whose
     worker died and `free_slots_after_run_end_seconds` frees its pool slots, on any storage.
