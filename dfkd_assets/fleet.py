@@ -203,6 +203,20 @@ def _stop_groups(pgids: list[int], grace: float) -> None:
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    deadline = time.time() + 10  # until the kernel has dropped every group (dying and unreaped members included)
+    while time.time() < deadline and any(_group_exists(g) for g in pgids):
+        time.sleep(0.1)
+
+
+def _group_exists(pgid: int) -> bool:
+    _reap_children()
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def kill_worker(state: dict, name: str) -> int:
