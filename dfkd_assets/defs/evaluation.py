@@ -63,13 +63,14 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
 
 def _teacher_head(cfg, teacher, device):
     """The stored zero-shot head (teacher_head) when it was built for the settings' classes; otherwise
-    (a run of `add_classes`, whose settings name classes added by name) the same head built now:
-    text encodes only, and the teacher is scored on exactly the classes the challenger serves."""
+    (a run of `add_classes`, whose settings name classes added by name, on a workspace that may never
+    have materialized teacher_head) the same head built now: text encodes only, and the teacher is
+    scored on exactly the classes the challenger serves."""
     from dfkd_assets.stages.prompts import build_head
 
     try:
         return artifacts.read_teacher_head(cfg, teacher, device)
-    except artifacts.TeacherHeadMismatch:
+    except (FileNotFoundError, artifacts.TeacherHeadMismatch):
         return build_head(cfg, teacher).to(device)
 
 
