@@ -92,6 +92,12 @@ def run_seed(cfg: DfkdConfig, seed: int, held_out: list[str], feature_weight: fl
     return out
 
 
+def _nanmean(values) -> float:
+    """Mean of the finite values; NaN, without a warning, when there are none (a teacher at chance)."""
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 def summarise(runs: list[dict], chance: float) -> dict:
     """Mean and spread over seeds of every number, and the transfer ratios against the teacher."""
     from dfkd_assets.core.evaluation import transfer_ratio
@@ -108,9 +114,9 @@ def summarise(runs: list[dict], chance: float) -> dict:
             if m != "teacher":
                 tr = {d: [transfer_ratio(r["models"][m][key][d], r["models"]["teacher"][key][d], chance) for r in runs] for d in domains}
                 entry[key.replace("top1", "transfer")] = {
-                    "per_domain": {d: float(np.nanmean(v)) for d, v in tr.items()},
-                    "mean_over_domains": float(np.nanmean([np.nanmean(v) for v in tr.values()])),
-                    "per_seed": [float(np.nanmean([tr[d][i] for d in domains])) for i in range(len(runs))],
+                    "per_domain": {d: _nanmean(v) for d, v in tr.items()},
+                    "mean_over_domains": _nanmean([_nanmean(v) for v in tr.values()]),
+                    "per_seed": [_nanmean([tr[d][i] for d in domains]) for i in range(len(runs))],
                 }
         out[m] = entry
     closed = [r["models"]["embedding_all"]["mean"] - r["models"]["logit_all"]["mean"] for r in runs]
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for seed in args.seeds:
         runs.append(run_seed(cfg, seed, args.held_out, args.feature_weight, args.work or args.out / "work", teacher, head, sets, print))
-        result = {"config": str(args.config), "classes": cfg.classes, "held_out": args.held_out, "chance": chance,
+        result = {"config": str(args.config), "classes": cfg.classes, "held_out": args.held_out, "chance": chance, "models": MODELS,
                   "feature_weight": args.feature_weight, "seeds": [r["seed"] for r in runs], "overrides": args.set,
                   "summary": summarise(runs, chance), "runs": runs}
         (args.out / "open_vocab.json").write_text(json.dumps(result, indent=2))  # after every seed: an interrupted run keeps its numbers

@@ -273,3 +273,31 @@ def test_tampered_head_is_refused_naming_the_file(reg, tmp_path):
     finally:
         head.write_bytes(original)
     assert load_student_model(client, uri).classes == reg.cfg.classes
+
+
+def test_open_vocab_script_runs_end_to_end_sharing_synthesis(tmp_path):
+    """scripts/open_vocab_eval.py on the CI models (random, so only the plumbing is measured): per seed,
+    one synthesis per class shared by all students (the held-out class's images feed only the
+    students trained on every class), three distillations, the numbers consistent with each other."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    path = make_workspace(tmp_path, {"classes": ["dog", "elephant", "house", "cat"]})
+    spec = importlib.util.spec_from_file_location("open_vocab_eval", ROOT / "scripts" / "open_vocab_eval.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "out"
+    tiny = ["synthesis.images_per_class=4", "synthesis.iterations=2", "prompts.steps=2", "distill.epochs=1"]
+    assert script.main(["--config", str(path), "--seeds", "0", "--held-out", "cat", "--out", str(out), *sum((["--set", s] for s in tiny), [])]) == 0
+    result = json.loads((out / "open_vocab.json").read_text())
+    work = out / "work" / "contrastive_s0"
+    assert sorted(p.name for p in work.iterdir() if p.name != "student") == ["cat", "dog", "elephant", "house"]  # synthesised once
+    assert len(list((work / "student").iterdir())) == 3  # logit on all, embedding on all, embedding without `cat`
+    run = result["runs"][0]["models"]
+    assert set(run) == {"teacher", "logit_all", "embedding_all", "embedding_added"} and result["chance"] == 0.25
+    for m, r in run.items():
+        assert r["mean"] == pytest.approx(np.mean(list(r["top1"].values())))
+        assert all(0 <= r[k][d] <= 1 for k in ("top1", "added_top1", "trained_top1") for d in r["top1"]), m
+    s = result["summary"]
+    assert s["embedding_all_minus_logit_all_mean"]["per_seed"] == [pytest.approx(run["embedding_all"]["mean"] - run["logit_all"]["mean"])]
