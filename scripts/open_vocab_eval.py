@@ -6,15 +6,16 @@ For every seed, through the product's stage functions (as `dfkd compare` does, d
      and it reuses that comparison's images and logit-student checkpoints);
   2. `logit_all`: today's logit student distilled on every class (closed vocabulary);
   3. `embedding_all`: an embedding student (`student.head: embedding`) distilled on every class;
-  4. `embedding_added`: an embedding student distilled on the images of the classes not held out
-     only, the same images as in 2 and 3, then the held-out classes added by name
+  4. `embedding_added`: an embedding student distilled on images synthesised for the classes not
+     held out (a prompt bank and synthesis of those classes only), then the held-out classes added by name
      (stages/training.student_for_classes: the teacher's text head, no images of them, no KD);
   5. all three and the teacher's zero-shot head evaluated on every class of the evaluation sets.
 
 Reports per domain: top-1 on all classes, top-1 on the images of the added classes and of the
 trained classes (argmax over all classes), and transfer = (student - chance) / (teacher - chance).
-Caveat: with contrastive prompts the styles that made the trained classes' images were learned
-against every class name (held-out ones among the negatives); no held-out image or logit is ever seen.
+The student that gets classes added by name is distilled on images synthesised for the kept
+classes alone (their own prompt bank and synthesis under WORK/<method>_s<seed>_without_<held-out>),
+so nothing in its training, not even a contrastive style's negatives, knows the held-out names.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 PYTHONPATH=. python scripts/open_vocab_eval.py \\
         --config configs/demo.yaml --seeds 0 1 2 --out storage/open_vocab
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dfkd_assets.compare import _variant, distill_variant, parse_sets, synthesize_classes, teacher_reference
-from dfkd_assets.config import DfkdConfig, load_config
+from dfkd_assets.config import DfkdConfig, class_key, load_config
 
 MODELS = ["teacher", "logit_all", "embedding_all", "embedding_added"]
 
@@ -73,7 +74,12 @@ def run_seed(cfg: DfkdConfig, seed: int, held_out: list[str], feature_weight: fl
         "embedding_all": distill_variant(emb, teacher, head, per_class, run_dir),
     }
     t_all = time.perf_counter() - t1
-    trained = distill_variant(emb_trained, teacher, build_head(emb_trained, teacher).to(device), [per_class[i] for i in keep], run_dir)
+    # the 4-class student's images come from a prompt bank and synthesis that never saw the held-out
+    # names (contrastive styles are learned against the other classes as negatives)
+    kept_dir = work / f"{method}_s{seed}_without_{'_'.join(class_key(c) for c in held_out)}"
+    kept_head = build_head(emb_trained, teacher).to(device)
+    kept_images = synthesize_classes(emb_trained, method, seed, kept_dir, teacher, kept_head)
+    trained = distill_variant(emb_trained, teacher, kept_head, kept_images, kept_dir)
     t2 = time.perf_counter()
     students["embedding_added"] = student_for_classes(emb, teacher, trained, "the student distilled without the held-out classes")
     t_add = time.perf_counter() - t2
