@@ -58,7 +58,7 @@ def test_string_selection_parses():
     graph = build_defs(ROOT / "configs" / "ci.yaml").resolve_asset_graph()
     sel = dg.AssetSelection.from_string('key:"synthetic_dataset"+ or key:prompt_bank')
     assert {k.to_user_string() for k in sel.resolve(graph)} == {
-        "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "champion_onnx", "prompt_bank"
+        "synthetic_dataset", "student_model", "student_head", "evaluation_report", "champion_student", "champion_onnx", "prompt_bank"
     }
 
 
@@ -120,6 +120,8 @@ def test_operations_wiring_retries_runtime_checks_schedule_sensors():
     assert defs.resolve_job_def("rollback_champion") is not None
     add = defs.resolve_job_def("add_classes")  # classes added by name: re-head, then the same evaluation and promotion
     assert {k.to_user_string() for k in add.asset_layer.selected_asset_keys} == {"student_head", "evaluation_report", "champion_student", "champion_onnx"}
+    train_keys = {k.to_user_string() for k in train.asset_layer.selected_asset_keys}  # student_head passes the distilled student through there
+    assert {"student_model", "student_head", "evaluation_report"} <= train_keys and "student_model" not in {k.to_user_string() for k in add.asset_layer.selected_asset_keys}
     assert defs.resolve_sensor_def("record_failures").sensor_type.name == "RUN_STATUS"
 
 

@@ -83,14 +83,17 @@ def _student_metadata(cfg, registry: ModelRegistry, record: artifacts.StudentRec
 
 
 class StudentHeadConfig(dg.Config):
-    base_version: str = Field("", description="registered version whose weights are reused (an embedding student); empty = the champion")
+    base_version: str = Field("", description="registered embedding student to re-head for the settings' classes: a version ('3') or "
+                              "'champion'. Empty (Materialize all, the train job): nothing is re-headed, the student just distilled passes through")
 
 
 @dg.asset(
     group_name="training",
+    deps=["student_model"],  # orders it after a distillation in the same run (Materialize all), where it passes that student through
     kinds={"pytorch", "mlflow"},
-    description="A registered embedding student (the champion by default) with the teacher's zero-shot head for the settings' classes: "
-                "classes added by name in seconds, same weights; new MLflow model version, alias `challenger`.",
+    description="With `base_version` set (job `add_classes`, `dfkd add-classes`): a registered embedding student with the teacher's "
+                "zero-shot head for the settings' classes, classes added by name in seconds, same weights; new MLflow model version, "
+                "alias `challenger`. Without it: the student just distilled passes through unchanged.",
 )
 @no_retry_for_bad_input
 def student_head(context: dg.AssetExecutionContext, config: StudentHeadConfig, settings: PipelineSettings,
@@ -100,8 +103,11 @@ def student_head(context: dg.AssetExecutionContext, config: StudentHeadConfig, s
     from dfkd_assets.stages.training import student_for_classes
 
     cfg = settings.load()
+    if not config.base_version.strip():
+        context.log.info("no base_version: nothing re-headed; evaluation_report reads the student distilled by student_model")
+        return dg.MaterializeResult(metadata={"reheaded": False})
     registry = ModelRegistry(cfg, mlflow_tracking)
-    base_version = registry.version_or_champion(config.base_version)
+    base_version = registry.version_or_champion("" if config.base_version.strip() == "champion" else config.base_version)
     student = student_for_classes(cfg, teacher_for(cfg, torch.device("cpu")), registry.load(base_version), f"{registry.name} v{base_version}")
     if cfg.evaluation.datasets:  # a version is promoted only once evaluated on every class: refuse before registering
         eval_sets(cfg)
