@@ -7,7 +7,7 @@ their paths (docs/ARCHITECTURE.md).
 | prompt bank           | prompt_bank        | synthetic_images, the stale_partitions sensor    |
 | class shard           | synthetic_images   | synthetic_dataset, its checks, student_model     |
 | snapshot (DVC file)   | synthetic_dataset  | student_model                                    |
-| student + its record  | student_model      | evaluation_report, few_shot_report, its check    |
+| student + its record  | student_model, student_head | evaluation_report, few_shot_report, its check |
 | evaluation metrics    | evaluation_report  | champion_student, its check                      |
 
 Every write is atomic (core/io.py), so a reader sees the previous version or the new one, never
@@ -40,8 +40,12 @@ def write_teacher_head(cfg: DfkdConfig, head, teacher_id: str) -> Path:
     return out
 
 
+class TeacherHeadMismatch(RuntimeError):
+    """The stored teacher head was built for another teacher or class list."""
+
+
 def read_teacher_head(cfg: DfkdConfig, teacher, device):
-    """The zero-shot head, refused if another teacher or class list made it."""
+    """The zero-shot head, refused (TeacherHeadMismatch) if another teacher or class list made it."""
     from safetensors.torch import load_file
 
     d = cfg.path(TEACHER_HEAD)
@@ -49,7 +53,7 @@ def read_teacher_head(cfg: DfkdConfig, teacher, device):
         raise FileNotFoundError(f"teacher head not found in {d}: materialize teacher_head first")
     meta = json.loads((d / "head.json").read_text())
     if meta["teacher_id"] != teacher.teacher_id or meta["classes"] != cfg.classes:
-        raise RuntimeError(
+        raise TeacherHeadMismatch(
             f"{d} was built for teacher {meta['teacher_id']!r} and classes {meta['classes']}, "
             f"not {teacher.teacher_id!r} and {cfg.classes}: re-materialize teacher_head"
         )

@@ -89,6 +89,54 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add_classes(args: argparse.Namespace) -> int:
+    """Classes added by name to the champion embedding student (or --base): the `add_classes` job with
+    the base's classes plus the new names as the run's `classes`, so the new version is evaluated and
+    promoted like any challenger. Names are checked first: a refused name registers nothing."""
+    os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+    if args.config:
+        os.environ["DFKD_CONFIG"] = args.config
+    import dagster as dg
+
+    from dfkd_assets import registry_model as rm
+    from dfkd_assets.config import load_config
+    from dfkd_assets.core.vocabulary import ClassNameError, NotAnEmbeddingStudent, require_embedding_student
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.jobs import ADD_CLASSES
+    from dfkd_assets.defs.registry import ModelRegistry, RegistryError
+    from dfkd_assets.defs.resources import MlflowTracking
+    from dfkd_assets.defs.runner import HOST_TAG, reap_dead_runs
+    from dfkd_assets.stages.training import classes_with
+
+    cfg = load_config(args.config)
+    registry = ModelRegistry(cfg, MlflowTracking())
+    try:
+        base = registry.version_or_champion(args.base)
+        what = f"{registry.name} v{base}"
+        student = require_embedding_student(registry.load(base), what)
+        classes = classes_with(student.classes, args.names, (rm.LABEL, rm.SCORE))
+    except (ClassNameError, NotAnEmbeddingStudent, RegistryError, rm.IntegrityError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_config = {"resources": {"settings": {"config": {"overrides": {"classes": classes}}}},
+                  "ops": {"student_head": {"config": {"base_version": base}}}}
+    import socket
+
+    with dg.DagsterInstance.get() as instance:
+        reap_dead_runs(instance)
+        result = build_defs(args.config).resolve_job_def(ADD_CLASSES).execute_in_process(
+            instance=instance, run_config=run_config, raise_on_error=False, tags={HOST_TAG: socket.gethostname()})
+    if not result.success:
+        errors = [e.step_failure_data.error.message.strip() for e in result.all_events if e.is_step_failure and e.step_failure_data.error]
+        print("error: adding classes failed (the champion is unchanged): " + ("\n".join(errors) or "see the Dagster run " + result.run_id),
+              file=sys.stderr)
+        return 1
+    challenger, champion = registry.tracking.alias_version(cfg, "challenger"), registry.champion()
+    print(f"{registry.name} v{challenger}: the weights of v{base}, classes {classes}")
+    print(f"champion: v{champion}" + (" (promoted)" if champion == challenger else " (kept: see the evaluation report)"))
+    return 0
+
+
 def _cmd_setup_pools(args: argparse.Namespace) -> int:
     """Sets the Dagster pool `gpu` to the number of GPUs here (times steps_per_gpu), so concurrent
     GPU steps each get a GPU of their own (core/devices.lease_device picks which)."""
@@ -147,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--top-k", type=int, default=3)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(fn=_cmd_predict)
+    ac = sub.add_parser("add-classes", help="add classes by name to the champion embedding student: a new version, same weights, no re-distillation")
+    ac.add_argument("names", nargs="+", help="class names to add, e.g. cheetah zebra (quote names with spaces)")
+    ac.add_argument("--config", default=None, help="settings YAML: its MLflow store, model name, teacher and evaluation sets")
+    ac.add_argument("--base", default="", help="version whose weights are reused (default: the champion)")
+    ac.set_defaults(fn=_cmd_add_classes)
     sp = sub.add_parser("setup-pools", help="set the Dagster pool `gpu` to the number of GPUs of this machine")
     sp.add_argument("--config", default=None)
     sp.add_argument("--gpus", type=int, default=None, help="slots to set (default: GPUs found x steps_per_gpu, at least 1)")

@@ -54,37 +54,54 @@ def _real_images(v: DfkdConfig, seed: int) -> list[np.ndarray]:
     return per_class
 
 
+def synthesize_classes(v: DfkdConfig, method: str, seed: int, run_dir: Path, teacher, head) -> list[np.ndarray]:
+    """The training images of every class of variant `v` (uint8 [N,H,W,3] per class, class order): prompt
+    bank, then class synthesis resumable under `run_dir/<class key>` (keyed by the class fingerprint,
+    so every experiment using the same `run_dir` gets the same images); the `real` reference instead
+    renders world images."""
+    from dfkd_assets.fingerprints import class_fingerprint
+    from dfkd_assets.loaders import generator_for
+    from dfkd_assets.stages.prompts import build_prompt_bank
+    from dfkd_assets.stages.synthesis import class_plan, synthesize_class
+
+    if method == "real":
+        return _real_images(v, seed)
+    device = head.device
+    bank, _ = build_prompt_bank(v, teacher, head)
+    vqgan = generator_for(v, device)
+    return [
+        synthesize_class(v, class_plan(v, bank, c), bank, vqgan, teacher, head, device, run_dir / class_key(c),
+                         class_fingerprint(v, teacher.teacher_id, c)).images
+        for c in v.classes
+    ]
+
+
+def distill_variant(v: DfkdConfig, teacher, head, per_class: list[np.ndarray], run_dir: Path):
+    """A student of variant `v` distilled on `per_class` (head: the teacher's for `v.classes`), resumable
+    under `run_dir/student/<fingerprint>`: a folder per KD setting and data, so levers may share `run_dir`."""
+    import hashlib
+
+    from dfkd_assets.fingerprints import student_fingerprint
+    from dfkd_assets.stages.training import distill_student, training_set
+
+    images, labels = training_set(per_class)
+    data_id = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
+    fp = student_fingerprint(v, teacher.teacher_id, data_id)
+    return distill_student(v, teacher, head, images, labels, head.device, run_dir / "student" / fp, fp)[0]
+
+
 def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, sets, log) -> dict:
     """One variant at one seed through the product's stages: prompt bank, class synthesis, training set,
     distillation, evaluation (dfkd_assets/stages/)."""
-    import hashlib
-
-    from dfkd_assets.fingerprints import class_fingerprint, student_fingerprint
-    from dfkd_assets.loaders import generator_for
     from dfkd_assets.stages.evaluation import evaluate_models
-    from dfkd_assets.stages.prompts import build_prompt_bank
-    from dfkd_assets.stages.synthesis import class_plan, synthesize_class
-    from dfkd_assets.stages.training import distill_student, training_set
 
     v = _variant(cfg, method, seed)
     device = head.device
     run_dir = work / f"{method}_s{seed}"
     t0 = time.perf_counter()
-    if method == "real":
-        per_class = _real_images(v, seed)
-    else:
-        bank, _ = build_prompt_bank(v, teacher, head)
-        vqgan = generator_for(v, device)
-        per_class = [
-            synthesize_class(v, class_plan(v, bank, c), bank, vqgan, teacher, head, device, run_dir / class_key(c),
-                             class_fingerprint(v, teacher.teacher_id, c)).images
-            for c in v.classes
-        ]
+    per_class = synthesize_classes(v, method, seed, run_dir, teacher, head)
     t_syn = time.perf_counter() - t0
-    images, labels = training_set(per_class)
-    data_id = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-    fp = student_fingerprint(v, teacher.teacher_id, data_id)
-    student, _ = distill_student(v, teacher, head, images, labels, device, run_dir / "student" / fp, fp)  # a folder per KD setting: levers may share `work`
+    student = distill_variant(v, teacher, head, per_class, run_dir)
     t_kd = time.perf_counter() - t0 - t_syn
     res = evaluate_models(v, {"student": student.to(device).eval()}, sets, device, max(v.student.input_size, teacher.image_size))
     top1, mean = res.top1["student"], res.mean["student"]

@@ -179,6 +179,10 @@ class StudentConfig(SettingsModel):
     arch: str = "resnet18"
     input_size: int = Field(224, gt=0)
     init_seed: int = 0
+    head: Literal["logits", "embedding"] = Field(
+        "logits", description="logits: a K-class linear head. embedding: the student outputs a vector in the teacher's image-embedding "
+        "space and its classifier is the teacher's zero-shot text head of `classes`, kept as data (core/student.EmbeddingStudent), so "
+        "`dfkd add-classes` adds a class from its name without re-distilling; needs distill.feature_weight > 0")
 
 
 class DistillConfig(SettingsModel):
@@ -309,6 +313,18 @@ class DvcConfig(SettingsModel):
 _JOINERS = {"\u200c", "\u200d"}
 
 
+def clean_class_name(name: str) -> str:
+    """A class name with its whitespace collapsed; ValueError, naming it, when it is empty or holds a
+    control/format character (the rule for `classes` and for classes added by name)."""
+    clean = " ".join(name.split())
+    if not clean:
+        raise ValueError(f"class name {name!r} is empty (or only whitespace): class names must not be empty")
+    bad = [ch for ch in clean if unicodedata.category(ch).startswith("C") and ch not in _JOINERS]
+    if bad:
+        raise ValueError(f"class name {name!r} contains the control/format character U+{ord(bad[0]):04X}")
+    return clean
+
+
 class DfkdConfig(SettingsModel):
     """Root of the settings tree. Paths are relative to the current directory unless absolute."""
 
@@ -347,12 +363,7 @@ class DfkdConfig(SettingsModel):
     def _classes(cls, v: list[str]) -> list[str]:
         out, seen = [], {}
         for name in v:
-            clean = " ".join(name.split())
-            if not clean:
-                raise ValueError("class names must not be empty")
-            bad = [ch for ch in clean if unicodedata.category(ch).startswith("C") and ch not in _JOINERS]
-            if bad:
-                raise ValueError(f"class name {name!r} contains the control/format character U+{ord(bad[0]):04X}")
+            clean = clean_class_name(name)
             key = class_key(clean)
             if key in seen:
                 raise ValueError(f"class names {seen[key]!r} and {name!r} are duplicates (case/space/punctuation-insensitive)")
@@ -362,6 +373,9 @@ class DfkdConfig(SettingsModel):
 
     @model_validator(mode="after")
     def _cross(self) -> "DfkdConfig":
+        if self.student.head == "embedding" and self.distill.feature_weight <= 0:
+            raise ValueError("student.head: embedding needs distill.feature_weight > 0: the cosine loss to the teacher's image embedding is "
+                             "what places the student's output in the teacher's space, where classes added by name are read (try 1.0)")
         for ds in self.evaluation.datasets:
             unknown = set(ds.class_map.values()) - set(self.classes)
             if unknown:

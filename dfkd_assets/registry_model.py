@@ -1,11 +1,14 @@
 """The registered student as MLflow loads and serves it: a pyfunc "model from code", no pickle.
 
 `defs/registry.py` logs this very file as the model's code (`mlflow.pyfunc.log_model(python_model=
-<this file>)`) with two plain artifacts: `student.json` (timm name, input size, normalisation, class
-list) and the weights as safetensors. Loading rebuilds the network from those two files
-(core/student.py) after checking each against the sha256 recorded when it was logged, so nothing
-in the model directory is ever unpickled; `mlflow models serve` answers with it, and dfkd's own
-loader (defs/registry.py) reads the same two files without running this copy of the code.
+<this file>)`) with plain artifacts: `student.json` (timm name, input size, normalisation, class
+list), the weights as safetensors and, for an embedding student (`student.head: embedding`), its
+classifier as data, `head.safetensors` (the teacher's text embeddings of the classes and its logit
+scale): a version made by `dfkd add-classes` differs from its base in student.json and the head
+only. Loading rebuilds the network from those files (core/student.py) after checking each against
+the sha256 recorded when it was logged, so nothing in the model directory is ever unpickled;
+`mlflow models serve` answers with it, and dfkd's own loader (defs/registry.py) reads the same
+files without running this copy of the code.
 
 Input: float32 images [N, 3, H, W] in [0, 1], any H and W (the model resizes and normalises).
 Output: one row per image, `label` (the most probable class), `score` (its probability) and one
@@ -20,8 +23,8 @@ import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
-WEIGHTS, SPEC = "weights", "spec"  # artifact names in the model (files keep their own names)
-SHA256 = {WEIGHTS: "weights_sha256", SPEC: "spec_sha256"}  # keys of the model_config in MLmodel
+WEIGHTS, SPEC, HEAD = "weights", "spec", "head"  # artifact names in the model (files keep their own names); `head`: embedding students only
+SHA256 = {WEIGHTS: "weights_sha256", SPEC: "spec_sha256", HEAD: "head_sha256"}  # keys of the model_config in MLmodel
 LABEL, SCORE = "label", "score"
 
 
@@ -52,10 +55,10 @@ def verify_sha256(files: dict[str, Path], expected: dict[str, str], recorded_in:
 
 
 def build_student(files: dict[str, Path]):
-    """The student network (core/student.StudentClassifier, eval mode, CPU) from its two files."""
+    """The student network (core/student.StudentClassifier, eval mode, CPU) from its files."""
     from dfkd_assets.core.student import load_student_files
 
-    return load_student_files(Path(files[SPEC]), Path(files[WEIGHTS]))
+    return load_student_files(Path(files[SPEC]), Path(files[WEIGHTS]), Path(files[HEAD]) if HEAD in files else None)
 
 
 def as_batch(images):
@@ -89,7 +92,7 @@ class StudentModel(PythonModel):
     """What `mlflow.pyfunc.load_model` and `mlflow models serve` build from the model directory."""
 
     def load_context(self, context) -> None:
-        files = {name: Path(context.artifacts[name]) for name in (WEIGHTS, SPEC)}
+        files = {name: Path(context.artifacts[name]) for name in (WEIGHTS, SPEC, HEAD) if name in context.artifacts}
         verify_sha256(files, context.model_config or {}, "the model's MLmodel (model_config)")
         self.student = build_student(files)
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT, NetworkAccessError
 from dfkd_assets.definitions import build_defs
 
-ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "champion_onnx"}
+ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_dataset", "student_model", "student_head", "evaluation_report",
+          "champion_student", "champion_onnx"}
 
 
 def test_definitions_import_without_heavy_modules():
@@ -57,7 +58,7 @@ def test_string_selection_parses():
     graph = build_defs(ROOT / "configs" / "ci.yaml").resolve_asset_graph()
     sel = dg.AssetSelection.from_string('key:"synthetic_dataset"+ or key:prompt_bank')
     assert {k.to_user_string() for k in sel.resolve(graph)} == {
-        "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "champion_onnx", "prompt_bank"
+        "synthetic_dataset", "student_model", "student_head", "evaluation_report", "champion_student", "champion_onnx", "prompt_bank"
     }
 
 
@@ -86,7 +87,7 @@ def test_paper_configs_validate_and_fewshot_adds_its_asset(tmp_path):
     keys = {k.to_user_string() for k in build_defs("configs/paper-smoke.yaml").resolve_asset_graph().get_all_asset_keys()}
     assert "few_shot_report" in keys
     keys_ci = {k.to_user_string() for k in build_defs("configs/ci.yaml").resolve_asset_graph().get_all_asset_keys()}
-    assert "few_shot_report" not in keys_ci and len(keys_ci) == 8  # seven pipeline assets + champion_onnx
+    assert "few_shot_report" not in keys_ci and len(keys_ci) == 9  # seven pipeline assets + student_head + champion_onnx
 
 
 def test_paper_config_without_its_weight_files_names_them(tmp_path):
@@ -117,6 +118,10 @@ def test_operations_wiring_retries_runtime_checks_schedule_sensors():
     assert defs.resolve_schedule_def("retrain").cron_schedule == "0 3 * * 1"
     assert {s.name for s in defs.sensors} == {"stale_partitions", "record_failures"}
     assert defs.resolve_job_def("rollback_champion") is not None
+    add = defs.resolve_job_def("add_classes")  # classes added by name: re-head, then the same evaluation and promotion
+    assert {k.to_user_string() for k in add.asset_layer.selected_asset_keys} == {"student_head", "evaluation_report", "champion_student", "champion_onnx"}
+    train_keys = {k.to_user_string() for k in train.asset_layer.selected_asset_keys}  # student_head passes the distilled student through there
+    assert {"student_model", "student_head", "evaluation_report"} <= train_keys and "student_model" not in {k.to_user_string() for k in add.asset_layer.selected_asset_keys}
     assert defs.resolve_sensor_def("record_failures").sensor_type.name == "RUN_STATUS"
 
 

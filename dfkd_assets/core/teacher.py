@@ -26,7 +26,11 @@ class TeacherLoadError(RuntimeError):
     pass
 
 
-class PromptTooLong(ValueError):
+class PromptNotEncodable(ValueError):
+    """A prompt the teacher's text tower cannot encode as written (too long, or refused by its tokenizer)."""
+
+
+class PromptTooLong(PromptNotEncodable):
     """A prompt longer than the text encoder's context. open_clip's tokenizer would cut it without a
     word, and the class would then be encoded from a fragment of its name; refused instead."""
 
@@ -209,9 +213,14 @@ def _create(model_name: str, weights: str | None, device: torch.device) -> torch
 
 
 def check_prompts_fit(teacher: Teacher, class_name: str, prompts: Sequence[str], setting: str) -> None:
-    """Refuse, naming the class and the setting, a class whose prompts exceed the text context."""
+    """Refuse, naming the class and the setting, a class whose prompts exceed the text context or
+    that the tokenizer cannot take at all."""
     for p in prompts:
-        n = token_count(teacher.tokenizer, p)
+        try:
+            n = token_count(teacher.tokenizer, p)
+        except Exception as e:  # a tokenizer's own failure would not say which class it was given
+            raise PromptNotEncodable(f"class {class_name!r} cannot be encoded by the teacher's text tower: its tokenizer failed on the "
+                                f"prompt {p!r} ({type(e).__name__}: {e}). Rename the class.") from e
         if n > teacher.context_length:
             raise PromptTooLong(
                 f"class {class_name!r} (in `classes`) does not fit the teacher's text encoder: with {setting} its prompt "

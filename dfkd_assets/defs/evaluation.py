@@ -21,7 +21,7 @@ from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 
 @dg.asset(
     group_name="training",
-    deps=["student_model"],
+    deps=["student_model", "student_head"],  # whichever of them wrote data/student last
     pool="gpu",
     op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
@@ -39,7 +39,7 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
     registry = ModelRegistry(cfg, mlflow_tracking)
     with device_lease(cfg) as device:
         teacher = teacher_for(cfg, device)
-        head = artifacts.read_teacher_head(cfg, teacher, device)
+        head = _teacher_head(cfg, teacher, device)
         record = artifacts.read_student_record(cfg)
         student = artifacts.read_student(cfg).to(device)
         predictors = {"student": student, "teacher": lambda x: teacher_logits(teacher, head, x)}
@@ -59,6 +59,19 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
         table = per_domain_table(ev)
         context.log.info("\n" + table)
         return dg.MaterializeResult(metadata={**_report_metadata(ev, metrics, table, out, pngs[0]), "mlflow_run_id": record.run_id, **lineage(cfg, context)})
+
+
+def _teacher_head(cfg, teacher, device):
+    """The stored zero-shot head (teacher_head) when it was built for the settings' classes; otherwise
+    (a run of `add_classes`, whose settings name classes added by name, on a workspace that may never
+    have materialized teacher_head) the same head built now: text encodes only, and the teacher is
+    scored on exactly the classes the challenger serves."""
+    from dfkd_assets.stages.prompts import build_head
+
+    try:
+        return artifacts.read_teacher_head(cfg, teacher, device)
+    except (FileNotFoundError, artifacts.TeacherHeadMismatch):
+        return build_head(cfg, teacher).to(device)
 
 
 def _champion_predictor(cfg, registry: ModelRegistry, champion: str | None, challenger: str, device, warn) -> dict:

@@ -15,6 +15,7 @@ from dfkd_assets.config import DfkdConfig
 PREPARE = "prepare_prompts"
 SYNTHESIZE = "synthesize_class"
 TRAIN = "distill_evaluate_promote"
+ADD_CLASSES = "add_classes"
 
 
 def build_jobs(cfg: DfkdConfig) -> list:
@@ -29,4 +30,6 @@ def build_jobs(cfg: DfkdConfig) -> list:
         job(PREPARE, "key:teacher_head or key:prompt_bank", "Teacher head and prompt bank."),
         job(SYNTHESIZE, 'key:"synthetic_images"', "VQGAN-CLIP images of one class (one run per class partition, or a backfill)."),
         job(TRAIN, "key:synthetic_dataset+", "Snapshot (DVC), distil, evaluate, promote (blocking checks guard each step)."),
+        job(ADD_CLASSES, "key:student_head+", "Classes added by name: the champion embedding student with a head for the settings' classes "
+            "(run overrides `classes`, or `dfkd add-classes`), evaluated and promoted like any challenger. Seconds, no distillation."),
     ]

@@ -9,9 +9,13 @@ tag names (docs/ARCHITECTURE.md).
   `previous_champion`, `promoted_at`, `promotion_reason` (or `rolled_back_from`, `rolled_back_at`)
   on the version and appends to the registered model's `champion_history` tag.
 - What a version is: a pyfunc "model from code" (dfkd_assets/registry_model.py) whose weights are
-  safetensors and whose architecture is plain JSON; `weights_sha256`, `spec_sha256` and
+  safetensors and whose architecture is plain JSON (an embedding student adds its classifier as
+  data, head.safetensors); `weights_sha256`, `spec_sha256` (`head_sha256`) and
   `code_sha256` tags record its files, and `load_student_model` refuses a version whose files no
   longer match them, or one logged in the old pickle format (MLflow's `pytorch` flavor).
+- `weights_from`: on a version made by adding classes by name (the `student_head` asset, `dfkd
+  add-classes`), the version whose weights it reuses unchanged; its head is new, and it is
+  evaluated and promoted like any challenger.
 - Model card: the version's description (lineage, reproduce command, per-domain accuracy).
 - ONNX: `<name>-onnx` versions, tagged `source_model_uri`/`source_run_id`; the student version
   they were exported from carries `onnx_model_uri`.
@@ -36,6 +40,8 @@ HISTORY = "champion_history"
 HISTORY_MAX_CHARS = 5000  # MLflow's tag value limit is larger; the oldest entries are dropped first
 CODE_SHA256 = "code_sha256"  # the weights/spec tags are named by registry_model.SHA256 (the same keys as in MLmodel)
 PROMPT_METHOD = "prompt_method"
+WEIGHTS_FROM = "weights_from"
+BASE_LINEAGE = ("teacher_id", "dvc_hash", "fingerprint", PROMPT_METHOD)  # what a re-headed version inherits from its base: what made its weights
 ONNX_MODEL_URI, SOURCE_MODEL_URI, SOURCE_RUN_ID, ONNX_MAX_ABS_DIFF = "onnx_model_uri", "source_model_uri", "source_run_id", "max_abs_diff_vs_pytorch"
 ONNX_SUFFIX = "-onnx"
 MODEL_NAME_IN_RUN = "student"
@@ -91,13 +97,15 @@ class ModelRegistry:
 
         from dfkd_assets import registry_model as rm
         from dfkd_assets.core.io import sha256_file
-        from dfkd_assets.core.student import META, WEIGHTS
+        from dfkd_assets.core.student import HEAD, META, WEIGHTS
 
         rm.output_columns(student.classes)  # a class named like an output column is refused before anything is logged
         code = Path(rm.__file__)
         with tempfile.TemporaryDirectory() as tmp:
             student.save(Path(tmp))
             files = {rm.WEIGHTS: Path(tmp) / WEIGHTS, rm.SPEC: Path(tmp) / META}
+            if (Path(tmp) / HEAD).is_file():  # an embedding student's classifier, as data
+                files[rm.HEAD] = Path(tmp) / HEAD
             sha = {rm.SHA256[k]: sha256_file(p) for k, p in files.items()}
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={k: str(p) for k, p in files.items()}, model_config=sha,
@@ -112,6 +120,19 @@ class ModelRegistry:
         client.set_registered_model_alias(self.name, CHALLENGER, version)
         self.write_card(version)
         return version
+
+    def version_or_champion(self, version: str = "") -> str:
+        """`version` ('3' or 'v3'), or the champion's when empty; RegistryError when there is none."""
+        version = version.strip().lstrip("v") or self.champion()
+        if not version:
+            raise RegistryError(f"model {self.name} has no champion: name the version to start from")
+        return version
+
+    def reheaded_tags(self, base_version: str) -> dict[str, str]:
+        """Tags of a version that reuses `base_version`'s weights with a new head: the base's tags that say
+        how those weights were made (teacher, data, fingerprint, prompts) and `weights_from`."""
+        t = self.client.get_model_version(self.name, base_version).tags
+        return {**{k: t[k] for k in BASE_LINEAGE if k in t}, WEIGHTS_FROM: base_version}
 
     def load(self, version: str, device="cpu"):
         """The student network of `version`, verified (load_student_model), on `device`."""
@@ -146,6 +167,8 @@ class ModelRegistry:
             f"- prompts: `{t.get(PROMPT_METHOD, '?')}`",
             f"- config hash: `{t.get('config_hash', '?')}`, code: git `{t.get('git_sha', '?')}`",
             f"- MLflow run `{mv.run_id}`, Dagster run `{t.get('dagster_run_id', '?')}`",
+            *([f"- weights: those of v{t[WEIGHTS_FROM]} unchanged; classes added by name (a new zero-shot head, no distillation)"]
+              if WEIGHTS_FROM in t else []),
             "- input: float32 images [N, 3, H, W] in [0, 1], any H x W (resized and normalised in the model); "
             "output: `label`, `score` and one probability column per class", "",
             "Reproduce (the run's own settings file, then the pipeline):", "",
@@ -289,6 +312,10 @@ def load_student_model(client, model_uri: str):
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
         files, code, model_config = _student_files(local, f"{model_uri} ({name} v{version})", name)
         expected = {key: mv.tags.get(key) for key in rm.SHA256.values()}
+        missing = [k for k, tag in rm.SHA256.items() if expected[tag] and k not in files]
+        if missing:
+            raise rm.IntegrityError(f"{name} v{version} was registered with {', '.join(missing)} files its model directory no longer "
+                                    "lists (MLmodel changed after logging); refusing to load it")
         rm.verify_sha256(files, expected, f"the registry's tags of {name} v{version}")
         rm.verify_sha256(files, model_config, f"the MLmodel of {name} v{version}")
         _verify_code(code, mv.tags.get(CODE_SHA256), f"{name} v{version}")
@@ -311,7 +338,7 @@ def _student_files(local: Path, what: str, name: str) -> tuple[dict[str, Path], 
     artifacts = pyfunc.get("artifacts") or {}
     if "model_code_path" not in pyfunc or not {rm.WEIGHTS, rm.SPEC} <= set(artifacts):
         raise RegistryError(f"{what} is not a dfkd student (no models-from-code pyfunc with '{rm.WEIGHTS}' and '{rm.SPEC}' artifacts): {rerun_hint(name)}")
-    files = {k: local / artifacts[k]["path"] for k in (rm.WEIGHTS, rm.SPEC)}
+    files = {k: local / artifacts[k]["path"] for k in (rm.WEIGHTS, rm.SPEC, rm.HEAD) if k in artifacts}
     return files, local / Path(pyfunc["model_code_path"]).name, pyfunc.get("config") or {}  # log_model's model_config
 
 

@@ -1,22 +1,24 @@
-"""Asset `student_model`: knowledge distillation on the snapshot (stage: dfkd_assets/stages/training.py),
+"""Assets `student_model`: knowledge distillation on the snapshot (stage: dfkd_assets/stages/training.py),
 tracked in MLflow and registered as the new `challenger` (defs/registry.py: a pickle-free pyfunc,
-dfkd_assets/registry_model.py).
+dfkd_assets/registry_model.py); and `student_head`: a registered embedding student re-headed for
+the settings' classes (classes added by name, job `add_classes`, `dfkd add-classes`).
 
-Resumes from the per-epoch checkpoint when the fingerprint (settings, teacher, data hash) is
-unchanged.
+student_model resumes from the per-epoch checkpoint when the fingerprint (settings, teacher, data
+hash) is unchanged. Both write data/student/ and its record, which evaluation_report reads.
 """
 
 
 import dagster as dg
+from pydantic import Field
 
 from dfkd_assets import artifacts
 from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.placement import GPU_OP_TAGS
-from dfkd_assets.defs.registry import PROMPT_METHOD, ModelRegistry
+from dfkd_assets.defs.registry import PROMPT_METHOD, WEIGHTS_FROM, ModelRegistry
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 from dfkd_assets.fingerprints import student_fingerprint
-from dfkd_assets.loaders import device_lease, teacher_for
+from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 from dfkd_assets.redaction import redact
 
 
@@ -78,3 +80,43 @@ def _student_metadata(cfg, registry: ModelRegistry, record: artifacts.StudentRec
             + "\n".join(f"| {h['epoch']} | {h['kd_loss']:.4f} | {h['teacher_agreement']:.3f} |" for h in history)
         ),
     }
+
+
+class StudentHeadConfig(dg.Config):
+    base_version: str = Field("", description="registered embedding student to re-head for the settings' classes: a version ('3') or "
+                              "'champion'. Empty (Materialize all, the train job): nothing is re-headed, the student just distilled passes through")
+
+
+@dg.asset(
+    group_name="training",
+    deps=["student_model"],  # orders it after a distillation in the same run (Materialize all), where it passes that student through
+    kinds={"pytorch", "mlflow"},
+    description="With `base_version` set (job `add_classes`, `dfkd add-classes`): a registered embedding student with the teacher's "
+                "zero-shot head for the settings' classes, classes added by name in seconds, same weights; new MLflow model version, "
+                "alias `challenger`. Without it: the student just distilled passes through unchanged.",
+)
+@no_retry_for_bad_input
+def student_head(context: dg.AssetExecutionContext, config: StudentHeadConfig, settings: PipelineSettings,
+                 mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+    import torch
+
+    from dfkd_assets.stages.training import student_for_classes
+
+    cfg = settings.load()
+    if not config.base_version.strip():
+        context.log.info("no base_version: nothing re-headed; evaluation_report reads the student distilled by student_model")
+        return dg.MaterializeResult(metadata={"reheaded": False})
+    registry = ModelRegistry(cfg, mlflow_tracking)
+    base_version = registry.version_or_champion("" if config.base_version.strip() == "champion" else config.base_version)
+    student = student_for_classes(cfg, teacher_for(cfg, torch.device("cpu")), registry.load(base_version), f"{registry.name} v{base_version}")
+    if cfg.evaluation.datasets:  # a version is promoted only once evaluated on every class: refuse before registering
+        eval_sets(cfg)
+    tags = lineage(cfg, context, **registry.reheaded_tags(base_version))
+    with mlflow_tracking.run(cfg, run_name=f"student-head-{context.run.run_id[:8]}", tags=tags) as run:
+        mlflow_tracking.log_settings(cfg)
+        out = artifacts.write_student(cfg, student, [])
+        version = registry.register_challenger(student, tags)
+    artifacts.write_student_record(cfg, artifacts.StudentRecord(registry.name, version, run.info.run_id, tags.get("dvc_hash", ""), tags.get("fingerprint", "")))
+    context.log.info(f"student v{version}: the weights of v{base_version} with a head for {cfg.classes}")
+    return dg.MaterializeResult(metadata={"model_version": version, WEIGHTS_FROM: base_version, "classes": ", ".join(cfg.classes),
+                                          "model_uri": registry.model_uri(version), "path": dg.MetadataValue.path(str(out.resolve())), **tags})

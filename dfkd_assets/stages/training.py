@@ -30,11 +30,32 @@ def distill_student(
     """A fresh `student.arch` distilled from the teacher on (images, labels): (student on CPU in eval
     mode, per-epoch history). Resumes from `checkpoint_dir` when `fingerprint` matches."""
     from dfkd_assets.core.distill import distill
-    from dfkd_assets.core.student import build_student
+    from dfkd_assets.core.student import build_embedding_student, build_student
     from dfkd_assets.loaders import distill_settings
 
-    embed_dim = int(head.shape[1]) if cfg.distill.feature_weight > 0 else None  # feature distillation: the teacher's embedding size
-    student = build_student(cfg.student.arch, cfg.classes, cfg.student.input_size, cfg.student.init_seed, embed_dim)
+    s = cfg.student
+    if s.head == "embedding":  # its classifier is the teacher's text head: KD trains it through that head
+        student = build_embedding_student(s.arch, cfg.classes, s.input_size, s.init_seed, head, teacher.logit_scale, teacher.teacher_id)
+    else:
+        embed_dim = int(head.shape[1]) if cfg.distill.feature_weight > 0 else None  # feature distillation: the teacher's embedding size
+        student = build_student(s.arch, cfg.classes, s.input_size, s.init_seed, embed_dim)
     history = distill(student, teacher, head, images, labels, distill_settings(cfg, device), checkpoint_dir=checkpoint_dir,
                       fingerprint=fingerprint, on_epoch=on_epoch, on_step=on_step)
     return student.cpu().eval(), history
+
+
+def student_for_classes(cfg: DfkdConfig, teacher, base, what: str = "the base student"):
+    """`base` (an embedding student distilled from this teacher) serving `cfg.classes`: same weights,
+    the teacher's zero-shot head of the classes from their names (`teacher.templates`). Seconds:
+    text encodes only, no synthesis, no distillation. Refuses a logit student or another teacher's
+    student (core/vocabulary.NotAnEmbeddingStudent), and a name the text tower cannot encode."""
+    from dfkd_assets.core.vocabulary import head_for
+
+    return head_for(base, teacher, cfg.classes, cfg.teacher.templates, what).eval()
+
+
+def classes_with(base_classes: list[str], names: list[str], reserved: tuple[str, ...] = ()) -> list[str]:
+    """The class list of `base_classes` plus `names`, each new name checked (core/vocabulary.new_class_names)."""
+    from dfkd_assets.core.vocabulary import new_class_names
+
+    return [*base_classes, *new_class_names(base_classes, names, reserved)]
