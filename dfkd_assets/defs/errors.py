@@ -18,6 +18,7 @@ def _permanent_types() -> tuple[type, ...]:
     from dfkd_assets.core.evaluation import EvalDataError
     from dfkd_assets.core.io import ShardError
     from dfkd_assets.core.prompts import PromptBankMismatch, PromptError
+    from dfkd_assets.core.rounds import CapError
     from dfkd_assets.core.teacher import PromptTooLong, TeacherLoadError
     from dfkd_assets.core.vqgan import GeneratorLoadError
     from dfkd_assets.core.weights import WeightsReadError
@@ -25,7 +26,7 @@ def _permanent_types() -> tuple[type, ...]:
     from dfkd_assets.registry_model import IntegrityError
 
     return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
-            ShardError, WeightsReadError, PromptTooLong, FileNotFoundError, LegacyModelError, IntegrityError)
+            ShardError, WeightsReadError, PromptTooLong, FileNotFoundError, LegacyModelError, IntegrityError, CapError)
 
 
 def no_retry_for_bad_input(fn):

@@ -15,6 +15,8 @@ from dfkd_assets.config import DfkdConfig
 PREPARE = "prepare_prompts"
 SYNTHESIZE = "synthesize_class"
 TRAIN = "distill_evaluate_promote"
+SYNTHESIZE_ROUND = "synthesize_round"
+ROUND = "grow_distill_evaluate_promote"
 
 
 def build_jobs(cfg: DfkdConfig) -> list:
@@ -29,4 +31,8 @@ def build_jobs(cfg: DfkdConfig) -> list:
         job(PREPARE, "key:teacher_head or key:prompt_bank", "Teacher head and prompt bank."),
         job(SYNTHESIZE, 'key:"synthetic_images"', "VQGAN-CLIP images of one class (one run per class partition, or a backfill)."),
         job(TRAIN, "key:synthetic_dataset+", "Snapshot (DVC), distil, evaluate, promote (blocking checks guard each step)."),
+        job(SYNTHESIZE_ROUND, 'key:"synthetic_round_images"', "More images of a class in a round >= 1 (one class x round cell, or a backfill)."),
+        job(ROUND, 'key:"synthetic_round_images" or key:synthetic_dataset+',
+            "One retraining round: operations.images_per_round new images of every class, then snapshot, distil on the union, "
+            "evaluate, promote (the `retrain` schedule's job; one run for all classes of the round)."),
     ]
