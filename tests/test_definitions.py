@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, NetworkAccessError
 from dfkd_assets.definitions import build_defs
 
-ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "champion_onnx"}
+ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_round_images", "synthetic_dataset", "student_model", "evaluation_report", "champion_student", "champion_onnx"}
 
 
 def test_definitions_import_without_heavy_modules():
@@ -50,6 +50,8 @@ def test_graph_has_all_assets_and_class_partitions():
     part = graph.get(dg.AssetKey("synthetic_images")).partitions_def
     assert part.get_partition_keys() == ["dog", "elephant", "house"]
     assert graph.get(dg.AssetKey("student_model")).partitions_def is None
+    rounds = graph.get(dg.AssetKey("synthetic_round_images")).partitions_def  # class x round (rounds: dynamic, added per retrain tick)
+    assert isinstance(rounds, dg.MultiPartitionsDefinition) and rounds.partition_dimension_names == ["class", "round"]
 
 
 def test_string_selection_parses():

@@ -99,8 +99,9 @@ def test_three_scheduled_rounds_grow_the_set_version_it_and_keep_the_best_champi
     cfg_path.write_text(yaml.safe_dump(raw))
     low = build_defs(cfg_path)
     with dg.DagsterInstance.get() as instance:
-        with pytest.raises(Exception, match=r"operations\.max_images_per_class \(16\) is below the images that exist"):
+        with pytest.raises(Exception) as tick_error:  # Dagster wraps it in a ScheduleExecutionError: the tick fails, showing it
             low.resolve_schedule_def("retrain").evaluate_tick(dg.build_schedule_context(instance=instance, repository_def=low.get_repository_def()))
+        assert "operations.max_images_per_class (16) is below the images that exist" in str(tick_error.value.__cause__)
         r = low.resolve_job_def("distill_evaluate_promote").execute_in_process(
             instance=instance, raise_on_error=False, asset_selection=[dg.AssetKey("synthetic_dataset")])
         assert not r.success and "operations.max_images_per_class" in r.failure_data_for_node("synthetic_dataset").error.message
