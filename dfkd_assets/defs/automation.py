@@ -45,6 +45,8 @@ def next_round_request(cfg: DfkdConfig, instance: dg.DagsterInstance) -> dg.RunR
     from dfkd_assets.core.io import ShardError
     from dfkd_assets.core.rounds import check_cap, next_growth
 
+    if not cfg.operations.images_per_round:  # unset in the file since the code location loaded: nothing to grow
+        return dg.SkipReason("operations.images_per_round is not set: no round to make (reload the code location to re-distil instead)")
     rounds = artifacts.common_rounds(cfg)
     try:
         counts = {c: artifacts.images_in_rounds(cfg, c, rounds) for c in cfg.classes}
