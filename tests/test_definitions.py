@@ -88,7 +88,7 @@ def test_paper_configs_validate_and_fewshot_adds_its_asset(tmp_path):
     keys = {k.to_user_string() for k in build_defs("configs/paper-smoke.yaml").resolve_asset_graph().get_all_asset_keys()}
     assert "few_shot_report" in keys
     keys_ci = {k.to_user_string() for k in build_defs("configs/ci.yaml").resolve_asset_graph().get_all_asset_keys()}
-    assert "few_shot_report" not in keys_ci and len(keys_ci) == 8  # seven pipeline assets + champion_onnx
+    assert "few_shot_report" not in keys_ci and len(keys_ci) == 9  # eight pipeline assets (synthetic_round_images included) + champion_onnx
 
 
 def test_paper_config_without_its_weight_files_names_them(tmp_path):
