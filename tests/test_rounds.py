@@ -167,3 +167,37 @@ def test_bad_round_settings_name_the_setting(tmp_path):
         check_cap({"dog": 12, "house": 8}, 10)
     assert next_growth(3, 16, 4, 20).fits and not next_growth(4, 20, 4, 20).fits
     assert not next_growth(1, 8, 4, None).reason.startswith("operations")  # no cap: always fits
+
+
+def test_rounds_draw_fresh_seeds_and_write_folders_of_their_own(tmp_path):
+    """Round 0's plan is today's; every round's seeds are new; each round writes (and resumes in) its own
+    folders, outside round 0's work folder, which round 0 deletes when its shard is written."""
+    import torch
+
+    from dfkd_assets import artifacts
+    from dfkd_assets.config import load_config
+    from dfkd_assets.core.prompts import PromptBank
+    from dfkd_assets.core.seeding import derive_seed
+    from dfkd_assets.fingerprints import round_fingerprint
+    from dfkd_assets.stages.synthesis import class_plan
+
+    cfg = load_config(make_workspace(tmp_path), {"operations": {"images_per_round": 4}})
+    styles = [f"s{i}" for i in range(4)]
+    bank = PromptBank("mix", cfg.classes, styles, [[f"{s} {c}" for c in cfg.classes] for s in styles], torch.zeros(4, 3, 8), "teacher")
+    plans = {r: class_plan(cfg, bank, "dog", r) for r in range(4)}
+    assert plans[0].seeds == [derive_seed(cfg.synthesis.seed, "dog", i) for i in range(IMAGES)] and plans[0].styles == bank.assignments(IMAGES)
+    assert [len(p.seeds) for p in plans.values()] == [IMAGES, 4, 4, 4]
+    seeds = [s for p in plans.values() for s in p.seeds]
+    assert len(set(seeds)) == len(seeds)  # no image of one round repeats another round's start
+    assert all(sorted(plans[r].styles) == [0, 1, 2, 3] for r in (1, 2, 3))  # a round of 4 covers the bank's 4 styles once each
+    dirs = [artifacts.round_dir(cfg, "dog", r) for r in range(4)]
+    work = [artifacts.class_work_dir(cfg, "dog", r) for r in range(4)]
+    assert len(set(dirs)) == 4 and len(set(work)) == 4
+    assert not any(w.is_relative_to(work[0]) for w in work[1:])
+    fps = {round_fingerprint(cfg, "teacher", "dog", r) for r in range(4)}
+    assert len(fps) == 4
+    # the size of round 0 is not part of a later round's fingerprint: changing it leaves rounds >= 1 current
+    (tmp_path / "b").mkdir()
+    bigger = load_config(make_workspace(tmp_path / "b"), {"operations": {"images_per_round": 4}, "synthesis": {"images_per_class": 16}})
+    assert round_fingerprint(bigger, "teacher", "dog", 2) == round_fingerprint(cfg, "teacher", "dog", 2)
+    assert round_fingerprint(bigger, "teacher", "dog", 0) != round_fingerprint(cfg, "teacher", "dog", 0)
