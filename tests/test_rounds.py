@@ -201,3 +201,22 @@ def test_rounds_draw_fresh_seeds_and_write_folders_of_their_own(tmp_path):
     bigger = load_config(make_workspace(tmp_path / "b"), {"operations": {"images_per_round": 4}, "synthesis": {"images_per_class": 16}})
     assert round_fingerprint(bigger, "teacher", "dog", 2) == round_fingerprint(cfg, "teacher", "dog", 2)
     assert round_fingerprint(bigger, "teacher", "dog", 0) != round_fingerprint(cfg, "teacher", "dog", 0)
+
+
+def test_drop_round_is_the_explicit_deletion_and_leaves_the_other_rounds(tmp_path):
+    from dfkd_assets import artifacts
+    from dfkd_assets.config import load_config
+
+    cfg = load_config(make_workspace(tmp_path), {"operations": {"images_per_round": 4}})
+    for c in cfg.classes:
+        for r in (1, 2):
+            d = artifacts.round_dir(cfg, c, r)
+            d.mkdir(parents=True)
+            (d / "manifest.json").write_text("{}")
+    artifacts.round_dir(cfg, "dog", 3).mkdir()  # a round only one class has (unfinished: no manifest)
+    assert artifacts.common_rounds(cfg) == [0, 1, 2] and artifacts.class_rounds(cfg, "dog") == [1, 2]
+    gone = artifacts.drop_round(cfg, 1)
+    assert len(gone) == 3 and artifacts.common_rounds(cfg) == [0, 2]
+    assert artifacts.round_dir(cfg, "dog", 3).is_dir()
+    with pytest.raises(ValueError, match="round 0"):
+        artifacts.drop_round(cfg, 0)
