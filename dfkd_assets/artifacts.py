@@ -6,6 +6,7 @@ their paths (docs/ARCHITECTURE.md).
 | teacher head          | teacher_head       | prompt_bank, synthetic_images, student_model, evaluation_report |
 | prompt bank           | prompt_bank        | synthetic_images, the stale_partitions sensor    |
 | class shard           | synthetic_images   | synthetic_dataset, its checks, student_model     |
+| round shard (r >= 1)  | synthetic_round_images | synthetic_dataset, its checks, student_model |
 | snapshot (DVC file)   | synthetic_dataset  | student_model                                    |
 | student + its record  | student_model, student_head | evaluation_report, few_shot_report, its check |
 | evaluation metrics    | evaluation_report  | champion_student, its check                      |
@@ -84,82 +85,173 @@ def read_prompt_bank(cfg: DfkdConfig):
 
 # ---- class shards -------------------------------------------------------------------------------
 
+ROUND_PREFIX = "round_"
+
+
 def class_lock(cfg: DfkdConfig, class_name: str) -> Path:
-    """Lock file held while a class is synthesized (one run per class at a time)."""
-    return cfg.work_dir / "synthetic" / f"{class_key(class_name)}.lock"
+    """Lock file held while any round of a class is synthesized (one writer per class at a time:
+    two runs asking for the same round wait for each other and the second reuses the shard)."""
+    return _key_lock(cfg, class_key(class_name))
 
 
-def class_work_dir(cfg: DfkdConfig, class_name: str) -> Path:
+def _key_lock(cfg: DfkdConfig, key: str) -> Path:
+    return cfg.work_dir / "synthetic" / f"{key}.lock"
+
+
+def round_dir(cfg: DfkdConfig, class_name: str, round_: int = 0) -> Path:
+    """Where round `round_` of a class lives: round 0 is the class folder itself (as before rounds
+    existed), round r >= 1 a `round_NNN` folder inside it, so `dvc add data/synthetic` versions all."""
+    return cfg.class_dir(class_name) if round_ == 0 else cfg.class_dir(class_name) / f"{ROUND_PREFIX}{round_:03d}"
+
+
+def class_work_dir(cfg: DfkdConfig, class_name: str, round_: int = 0) -> Path:
     """Finished batches of an unfinished shard (resumable synthesis); removed once the shard is written."""
-    return cfg.work_dir / "synthetic" / class_key(class_name)
+    key = class_key(class_name)
+    return cfg.work_dir / "synthetic" / (key if round_ == 0 else f"{key}.{ROUND_PREFIX}{round_:03d}")
+
+
+def class_rounds(cfg: DfkdConfig, class_name: str) -> list[int]:
+    """The rounds >= 1 of a class whose manifest exists (a round's manifest is written last, so a
+    round killed mid-synthesis is not listed), ascending."""
+    from dfkd_assets.core.io import MANIFEST_NAME
+
+    d = cfg.class_dir(class_name)
+    found = []
+    for sub in d.glob(f"{ROUND_PREFIX}*") if d.is_dir() else ():
+        suffix = sub.name[len(ROUND_PREFIX):]
+        if suffix.isdigit() and int(suffix) > 0 and (sub / MANIFEST_NAME).is_file():
+            found.append(int(suffix))
+    return sorted(found)
+
+
+def common_rounds(cfg: DfkdConfig) -> list[int]:
+    """Rounds every configured class has: 0 and the rounds >= 1 present for all classes. A round
+    only some classes have (being synthesized, or a class added since) stays out of training."""
+    sets = [set(class_rounds(cfg, c)) for c in cfg.classes]
+    return [0, *sorted(set.intersection(*sets))] if sets else [0]
 
 
 def class_preview(cfg: DfkdConfig, class_name: str) -> Path:
     return cfg.path(PREVIEWS) / f"{class_key(class_name)}.png"
 
 
-def remove_partial_writes(cfg: DfkdConfig, class_name: str) -> None:
+def remove_partial_writes(cfg: DfkdConfig, class_name: str, round_: int = 0) -> None:
     """Temp files of a run killed while writing this class (atomic writes only rename complete files).
     Call under the class lock; `dvc add` would otherwise version them."""
-    for stale in cfg.class_dir(class_name).glob(".*.tmp"):
+    for stale in round_dir(cfg, class_name, round_).glob(".*.tmp"):
         stale.unlink()
 
 
-def current_shard(cfg: DfkdConfig, class_name: str, fingerprint: str) -> dict | None:
-    """The class's manifest when its shard exists and was made with `fingerprint`, else None."""
+def current_shard(cfg: DfkdConfig, class_name: str, fingerprint: str, round_: int = 0) -> dict | None:
+    """The manifest of a class's round when its shard exists and was made with `fingerprint`, else None."""
     from dfkd_assets.core.io import ShardError, read_manifest
 
+    d = round_dir(cfg, class_name, round_)
     try:
-        manifest = read_manifest(cfg.class_dir(class_name))
+        manifest = read_manifest(d)
     except (ShardError, ValueError):
         return None
-    if manifest.get("fingerprint") != fingerprint or not (cfg.class_dir(class_name) / manifest["shard"]).is_file():
+    if manifest.get("fingerprint") != fingerprint or not (d / manifest["shard"]).is_file():
         return None
     return manifest
 
 
-def write_class_shard(cfg: DfkdConfig, class_name: str, images, records: list[dict], meta: dict) -> dict:
-    """PNG files named <class key>_<index>.png in one tar, then the manifest; returns the manifest."""
+def write_class_shard(cfg: DfkdConfig, class_name: str, images, records: list[dict], meta: dict, round_: int = 0) -> dict:
+    """PNG files named <class key>_<index>.png (round r >= 1: <class key>_rNNN_<index>.png, so names
+    stay unique over the union) in one tar, then the manifest; returns the manifest."""
     from dfkd_assets.core.io import encode_png, write_shard
 
-    key = class_key(class_name)
+    key = class_key(class_name) + (f"_r{round_:03d}" if round_ else "")
     items = [(f"{key}_{i:06d}.png", encode_png(im)) for i, im in enumerate(images)]
-    return write_shard(cfg.class_dir(class_name), items, records, meta={"class": class_name, **meta})
+    return write_shard(round_dir(cfg, class_name, round_), items, records, meta={"class": class_name, **({"round": round_} if round_ else {}), **meta})
 
 
-def read_class_manifest(cfg: DfkdConfig, class_name: str) -> dict:
+def read_class_manifest(cfg: DfkdConfig, class_name: str, round_: int = 0) -> dict:
     """The manifest, checked for shape (ShardError naming the file otherwise)."""
     from dfkd_assets.core.io import read_manifest
 
-    return read_manifest(cfg.class_dir(class_name))
+    return read_manifest(round_dir(cfg, class_name, round_))
 
 
-def verify_class_shard(cfg: DfkdConfig, class_name: str) -> dict:
+def verify_class_shard(cfg: DfkdConfig, class_name: str, round_: int = 0) -> dict:
     """The manifest, after checking the whole tar against its recorded sha256 (cheap: no decoding)."""
     from dfkd_assets.core.io import ShardError, sha256_file
 
-    d = cfg.class_dir(class_name)
-    m = read_class_manifest(cfg, class_name)
+    d = round_dir(cfg, class_name, round_)
+    m = read_class_manifest(cfg, class_name, round_)
     if sha256_file(d / m["shard"]) != m["shard_sha256"]:
         raise ShardError(f"{d / m['shard']} does not match the sha256 in its manifest")
     return m
 
 
-def read_class_images(cfg: DfkdConfig, class_name: str):
-    """uint8 [N,H,W,3], every image checked against its sha256 in the manifest."""
+def read_class_images(cfg: DfkdConfig, class_name: str, rounds: tuple[int, ...] | list[int] = (0,)):
+    """uint8 [N,H,W,3] of the given rounds of a class, concatenated in round order, every image
+    checked against its sha256 in its manifest."""
+    import numpy as np
+
     from dfkd_assets.core.io import read_shard
 
-    return read_shard(cfg.class_dir(class_name), verify=True)[0]
+    return np.concatenate([read_shard(round_dir(cfg, class_name, r), verify=True)[0] for r in rounds])
+
+
+def images_in_rounds(cfg: DfkdConfig, class_name: str, rounds: list[int]) -> int:
+    """A class's image count over `rounds`, from their manifests (ShardError when one is missing)."""
+    return sum(read_class_manifest(cfg, class_name, r)["count"] for r in rounds)
+
+
+def images_before_round(cfg: DfkdConfig, class_name: str, round_: int) -> int:
+    """A class's images in the rounds before `round_`: the counts of the shards that exist, and
+    for an earlier round not made yet, the size it will have (round 0: synthesis.images_per_class,
+    later: operations.images_per_round). What the cap is checked against."""
+    from dfkd_assets.core.io import ShardError
+
+    total = 0
+    for r in range(round_):
+        try:
+            total += read_class_manifest(cfg, class_name, r)["count"]
+        except ShardError:
+            total += cfg.synthesis.images_per_class if r == 0 else (cfg.operations.images_per_round or 0)
+    return total
+
+
+def drop_round(cfg: DfkdConfig, round_: int) -> list[Path]:
+    """Delete round `round_` >= 1 of every class folder that has it (the explicit command behind
+    `dfkd rounds drop`; no setting ever deletes a round). Takes each class's lock. Returns what went."""
+    import shutil
+
+    from dfkd_assets.core.io import exclusive_lock
+
+    if round_ < 1:
+        raise ValueError("round 0 is the synthetic_images partition of each class, not a round to drop")
+    gone = []
+    for d in sorted(cfg.synthetic_dir.glob(f"*/{ROUND_PREFIX}{round_:03d}")) if cfg.synthetic_dir.is_dir() else ():
+        with exclusive_lock(_key_lock(cfg, d.parent.name)):
+            shutil.rmtree(d)
+            shutil.rmtree(cfg.work_dir / "synthetic" / f"{d.parent.name}.{d.name}", ignore_errors=True)
+        gone.append(d)
+    return gone
 
 
 # ---- snapshot -----------------------------------------------------------------------------------
 
-def write_snapshot_index(cfg: DfkdConfig, counts: dict[str, int]) -> Path:
-    """Which classes a snapshot is for (the folder may hold classes dropped from the config since)."""
+def write_snapshot_index(cfg: DfkdConfig, counts: dict[str, int], rounds: list[int] | None = None) -> Path:
+    """Which classes and rounds a snapshot is for (the folder may hold classes dropped from the
+    config since, or a round not every class has yet): what training reads, and what a restored
+    version says it held."""
     from dfkd_assets.core.io import atomic_write_json
 
-    atomic_write_json(cfg.synthetic_dir / "index.json", {"classes": cfg.classes, "counts": counts})
+    atomic_write_json(cfg.synthetic_dir / "index.json", {"classes": cfg.classes, "counts": counts, "rounds": rounds or [0]})
     return cfg.synthetic_dir
+
+
+def read_snapshot_index(cfg: DfkdConfig, directory: Path | None = None) -> dict:
+    """index.json of the snapshot in data/synthetic (or a restored copy in `directory`); a snapshot
+    written before rounds existed holds round 0 only."""
+    path = Path(directory or cfg.synthetic_dir) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: materialize synthetic_dataset first")
+    index = json.loads(path.read_text())
+    return {**index, "rounds": index.get("rounds", [0])}
 
 
 def snapshot_dvc_file(cfg: DfkdConfig) -> Path:

@@ -34,6 +34,50 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_retrain(args: argparse.Namespace) -> int:
+    """N scheduled retraining rounds now: the `retrain` schedule's tick and job, run in this process."""
+    os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+    if args.config:
+        os.environ["DFKD_CONFIG"] = args.config
+    import dagster as dg
+
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.runner import run_retrain_rounds
+
+    with dg.DagsterInstance.get() as instance:
+        results = run_retrain_rounds(build_defs(args.config), instance, args.rounds)
+    return 0 if all(r.success for r in results) else 1
+
+
+def _cmd_rounds(args: argparse.Namespace) -> int:
+    """The explicit commands on rounds: drop one (the only way a round is deleted), restore a recorded version."""
+    from dfkd_assets.config import load_config
+
+    cfg = load_config(args.config)
+    if args.rounds_cmd == "drop":
+        from dfkd_assets import artifacts
+
+        gone = artifacts.drop_round(cfg, args.round)
+        os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+        import dagster as dg
+
+        from dfkd_assets.defs.synthesis import ROUNDS
+
+        with dg.DagsterInstance.get() as instance:
+            if instance.has_dynamic_partition(ROUNDS.name, str(args.round)):
+                instance.delete_dynamic_partition(ROUNDS.name, str(args.round))
+        print(f"dropped round {args.round}: {len(gone)} class folder(s) removed, partition key deleted; the next snapshot leaves it out")
+        return 0
+    from dfkd_assets.defs.resources import DvcRepo
+
+    out = DvcRepo().restore(cfg, args.dvc_hash, Path(args.out))
+    from dfkd_assets.artifacts import read_snapshot_index
+
+    index = read_snapshot_index(cfg, out)
+    print(f"restored {args.dvc_hash} into {out}: rounds {index['rounds']}, images per class {index['counts']}")
+    return 0
+
+
 def _cmd_eval_set(args: argparse.Namespace) -> int:
     from dfkd_assets.config import load_config
     from dfkd_assets.toyworld.evalset import write_eval_set
@@ -188,6 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="materialize the whole asset graph (prompts, every class partition, training)")
     r.add_argument("--config", default=None, help="settings YAML (default: $DFKD_CONFIG or configs/demo.yaml)")
     r.set_defaults(fn=_cmd_run)
+    rt = sub.add_parser("retrain", help="run N rounds of scheduled retraining now (the `retrain` schedule's tick and job)")
+    rt.add_argument("--config", default=None, help="settings YAML (operations.images_per_round set: each round grows the synthetic set)")
+    rt.add_argument("--rounds", type=int, default=1)
+    rt.set_defaults(fn=_cmd_retrain)
+    ro = sub.add_parser("rounds", help="drop a synthesis round, or restore a recorded training set with DVC").add_subparsers(dest="rounds_cmd", required=True)
+    rd = ro.add_parser("drop", help="delete round R >= 1 of every class and its partition key (nothing else deletes a round)")
+    rd.add_argument("round", type=int)
+    rs = ro.add_parser("restore", help="check out the data version a model was trained on (its dvc_hash tag) into a new folder")
+    rs.add_argument("dvc_hash")
+    rs.add_argument("--out", required=True, help="new folder inside the workspace, e.g. data/restored/v3")
+    for q in (rd, rs):
+        q.add_argument("--config", default=None)
+        q.set_defaults(fn=_cmd_rounds)
     pr = sub.add_parser("predict", help="classify image files with the registered champion (models:/<name>@champion)")
     pr.add_argument("images", nargs="+", help="image files (any size, RGB/grayscale/CMYK)")
     pr.add_argument("--config", default=None, help="settings YAML: its MLflow store and model name")

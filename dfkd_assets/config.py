@@ -283,6 +283,13 @@ class OperationsConfig(SettingsModel):
     max_retries: int = Field(2, ge=0, description="retries of a GPU step after a transient error (bad input is never retried)")
     retry_delay_s: float = Field(30, ge=0)
     max_runtime_s: int = Field(24 * 3600, gt=0, description="Dagster run monitoring cancels a run of a pipeline job after this long")
+    images_per_round: int | None = Field(
+        None, gt=0, description="new images per class each `retrain` run synthesizes (a round, fresh seeds) before it trains on the "
+        "union of all rounds; None = no rounds: `retrain` re-distils the current snapshot (docs/ARCHITECTURE.md, rounds)")
+    max_images_per_class: int | None = Field(
+        None, gt=0, description="cap on a class's images over all rounds: at the cap growth stops and `retrain` skips (None = no cap); "
+        "a cap below what exists is an error, nothing is deleted (`dfkd rounds drop`)")
+    warm_start: bool = Field(False, description="a round's student starts from the champion's weights (same arch and classes) instead of its init")
 
     @field_validator("retrain_cron")
     @classmethod
@@ -290,6 +297,13 @@ class OperationsConfig(SettingsModel):
         if len(v.split()) != 5:
             raise ValueError("must be a 5-field cron expression, e.g. '0 3 * * 1'")
         return v
+
+    @model_validator(mode="after")
+    def _round_fits_cap(self) -> "OperationsConfig":
+        if self.images_per_round and self.max_images_per_class and self.images_per_round > self.max_images_per_class:
+            raise ValueError(f"operations.images_per_round ({self.images_per_round}) is above operations.max_images_per_class "
+                             f"({self.max_images_per_class}): no round could ever be made")
+        return self
 
 
 class MlflowConfig(SettingsModel):
@@ -376,6 +390,10 @@ class DfkdConfig(SettingsModel):
         if self.student.head == "embedding" and self.distill.feature_weight <= 0:
             raise ValueError("student.head: embedding needs distill.feature_weight > 0: the cosine loss to the teacher's image embedding is "
                              "what places the student's output in the teacher's space, where classes added by name are read (try 1.0)")
+        cap = self.operations.max_images_per_class
+        if cap is not None and self.synthesis.images_per_class > cap:
+            raise ValueError(f"operations.max_images_per_class ({cap}) is below synthesis.images_per_class "
+                             f"({self.synthesis.images_per_class}), the first round alone")
         for ds in self.evaluation.datasets:
             unknown = set(ds.class_map.values()) - set(self.classes)
             if unknown:

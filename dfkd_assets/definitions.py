@@ -23,7 +23,7 @@ from dfkd_assets.defs.promotion import champion_student
 from dfkd_assets.defs.rollback import rollback_champion
 from dfkd_assets.defs.resources import DvcRepo, MlflowTracking, bound_settings
 from dfkd_assets.defs.student import student_head, student_model
-from dfkd_assets.defs.synthesis import build_synthetic_images
+from dfkd_assets.defs.synthesis import build_synthetic_images, build_synthetic_rounds, round_partitions
 
 
 EXECUTOR_ENV = "DFKD_EXECUTOR"
@@ -52,7 +52,8 @@ def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
     config_file = Path(config_file) if config_file else config_path_from_env()
     cfg = load_config(config_file)
     partitions = dg.StaticPartitionsDefinition([class_key(c) for c in cfg.classes])
-    assets = [teacher_head, prompt_bank, build_synthetic_images(partitions), synthetic_dataset, student_model, student_head, evaluation_report, champion_student, champion_onnx]
+    assets = [teacher_head, prompt_bank, build_synthetic_images(partitions), build_synthetic_rounds(round_partitions(partitions)), synthetic_dataset,
+              student_model, student_head, evaluation_report, champion_student, champion_onnx]
     if cfg.fewshot.enabled:
         assets.append(few_shot_report)
     jobs = {j.name: j for j in build_jobs(cfg)}

@@ -11,8 +11,8 @@ import pytest
 from conftest import ROOT, NetworkAccessError
 from dfkd_assets.definitions import build_defs
 
-ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_dataset", "student_model", "student_head", "evaluation_report",
-          "champion_student", "champion_onnx"}
+ASSETS = {"teacher_head", "prompt_bank", "synthetic_images", "synthetic_round_images", "synthetic_dataset", "student_model", "student_head",
+          "evaluation_report", "champion_student", "champion_onnx"}
 
 
 def test_definitions_import_without_heavy_modules():
@@ -51,6 +51,8 @@ def test_graph_has_all_assets_and_class_partitions():
     part = graph.get(dg.AssetKey("synthetic_images")).partitions_def
     assert part.get_partition_keys() == ["dog", "elephant", "house"]
     assert graph.get(dg.AssetKey("student_model")).partitions_def is None
+    rounds = graph.get(dg.AssetKey("synthetic_round_images")).partitions_def  # class x round (rounds: dynamic, added per retrain tick)
+    assert isinstance(rounds, dg.MultiPartitionsDefinition) and rounds.partition_dimension_names == ["class", "round"]
 
 
 def test_string_selection_parses():
@@ -87,7 +89,7 @@ def test_paper_configs_validate_and_fewshot_adds_its_asset(tmp_path):
     keys = {k.to_user_string() for k in build_defs("configs/paper-smoke.yaml").resolve_asset_graph().get_all_asset_keys()}
     assert "few_shot_report" in keys
     keys_ci = {k.to_user_string() for k in build_defs("configs/ci.yaml").resolve_asset_graph().get_all_asset_keys()}
-    assert "few_shot_report" not in keys_ci and len(keys_ci) == 9  # seven pipeline assets + student_head + champion_onnx
+    assert "few_shot_report" not in keys_ci and len(keys_ci) == 10  # eight pipeline assets (synthetic_round_images included) + student_head + champion_onnx
 
 
 def test_paper_config_without_its_weight_files_names_them(tmp_path):

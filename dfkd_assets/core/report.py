@@ -116,3 +116,25 @@ def write_fewshot_png(path: Path, summary: dict, title: str) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def write_round_curve_png(path: Path, series: dict[str, list[tuple[int, float]]], title: str) -> None:
+    """Accuracy against images per class, one line per domain (a point per retraining round)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for name, points in series.items():
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", lw=2 if name == "mean" else 1, label=name)
+    ax.set_xlabel("synthetic images per class")
+    ax.set_ylabel("student top-1")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -13,17 +13,19 @@ from dfkd_assets import artifacts
 from dfkd_assets.defs.resources import PipelineSettings
 
 
-@dg.asset_check(asset="synthetic_dataset", blocking=True, description="Every image decodes, its sha256 matches the manifest, count as configured.")
+@dg.asset_check(asset="synthetic_dataset", blocking=True, description="Every image of every round in the snapshot decodes, its sha256 matches its manifest, round 0's count as configured.")
 def shard_integrity(settings: PipelineSettings) -> dg.AssetCheckResult:
     from dfkd_assets.core.io import ShardError
 
     cfg = settings.load()
+    rounds = artifacts.read_snapshot_index(cfg)["rounds"]  # round 0 and the rounds the snapshot holds (training's union)
     problems, counts = [], {}
     for c in cfg.classes:
         try:
-            counts[c] = len(artifacts.read_class_images(cfg, c))
-            if counts[c] != cfg.synthesis.images_per_class:
-                problems.append(f"{c}: {counts[c]} images, synthesis.images_per_class is {cfg.synthesis.images_per_class}")
+            first = len(artifacts.read_class_images(cfg, c))
+            if first != cfg.synthesis.images_per_class:
+                problems.append(f"{c}: {first} images, synthesis.images_per_class is {cfg.synthesis.images_per_class}")
+            counts[c] = first + sum(len(artifacts.read_class_images(cfg, c, [r])) for r in rounds if r)
         except ShardError as e:
             problems.append(f"{c}: {e}")
     return dg.AssetCheckResult(
@@ -39,10 +41,12 @@ def teacher_agreement(settings: PipelineSettings) -> dg.AssetCheckResult:
 
     cfg = settings.load()
     floor = cfg.checks.min_teacher_agreement
+    rounds = artifacts.read_snapshot_index(cfg)["rounds"]
     per_class = {}
     for c in cfg.classes:
         try:
-            per_class[c] = shard_summary(c, artifacts.read_class_manifest(cfg, c)["images"])["teacher_agreement"]
+            records = [rec for r in rounds for rec in artifacts.read_class_manifest(cfg, c, r)["images"]]
+            per_class[c] = shard_summary(c, records)["teacher_agreement"]
         except ShardError:
             continue  # shard_integrity reports it
     low = {c: a for c, a in per_class.items() if a < floor}

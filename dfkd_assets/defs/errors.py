@@ -18,6 +18,7 @@ def _permanent_types() -> tuple[type, ...]:
     from dfkd_assets.core.evaluation import EvalDataError
     from dfkd_assets.core.io import ShardError
     from dfkd_assets.core.prompts import PromptBankMismatch, PromptError
+    from dfkd_assets.core.rounds import CapError
     from dfkd_assets.core.teacher import PromptNotEncodable, TeacherLoadError
     from dfkd_assets.core.vocabulary import ClassNameError, NotAnEmbeddingStudent
     from dfkd_assets.core.vqgan import GeneratorLoadError
@@ -27,7 +28,7 @@ def _permanent_types() -> tuple[type, ...]:
 
     return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
             ShardError, WeightsReadError, PromptNotEncodable, FileNotFoundError, LegacyModelError, IntegrityError,
-            ClassNameError, NotAnEmbeddingStudent)
+            ClassNameError, NotAnEmbeddingStudent, CapError)
 
 
 def no_retry_for_bad_input(fn):

@@ -5,6 +5,11 @@ All three are scored on the same images in one pass, so the promotion rule compa
 like. Writes data/reports/ (metrics.json for `dvc metrics`, per_domain.csv for `dvc plots`,
 report.md, confusion PNGs), logs them into the challenger's MLflow run, writes the per-domain
 table into the version's model card and, last, marks the version evaluated in the registry.
+
+The round curve: every evaluation adds the student's top-1 per domain at its training set's
+images per class to the metric histories of one MLflow run per registered model
+(`round-curve-<name>`, step = images per class), and attaches the plot of those histories:
+what each retraining round bought.
 """
 
 
@@ -58,7 +63,31 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
             registry.mark_evaluated(record.version, metrics[cfg.promotion.metric])
         table = per_domain_table(ev)
         context.log.info("\n" + table)
-        return dg.MaterializeResult(metadata={**_report_metadata(ev, metrics, table, out, pngs[0]), "mlflow_run_id": record.run_id, **lineage(cfg, context)})
+        curve = _round_curve(cfg, mlflow_tracking, registry, record.version, ev)
+        return dg.MaterializeResult(metadata={**_report_metadata(ev, metrics, table, out, pngs[0]), "mlflow_run_id": record.run_id, **curve,
+                                              **lineage(cfg, context)})
+
+
+def _round_curve(cfg, tracking: MlflowTracking, registry: ModelRegistry, version: str, ev) -> dict:
+    """Adds this evaluation to the round curve (MLflow metric histories, step = images per class)
+    and plots them into reports/round_curve.png: the metadata entries, none for a version without
+    a recorded training-set size."""
+    from dfkd_assets.core.report import write_round_curve_png
+
+    images = registry.trained_images_per_class(version)
+    if images is None:
+        return {}
+    run_id = tracking.curve_run_id(cfg, f"round-curve-{registry.name}")
+    points = {"mean": ev.mean["student"], **{d: ev.top1["student"][d] for d in ev.domains}}
+    series = {}
+    for name, value in points.items():
+        key = "round_curve_top1." + name.replace("/", ".")
+        tracking.log_series(cfg, run_id, key, [(images, value)])
+        series[name] = tracking.metric_history(cfg, run_id, key)
+    png = artifacts.reports_dir(cfg) / "round_curve.png"
+    write_round_curve_png(png, series, f"{registry.name}: student top-1 per round")
+    return {"round_curve": dg.MetadataValue.md(md_image(png, "student top-1 against images per class")),
+            "round_curve_points": dg.MetadataValue.json(series), "train_images_per_class": images, "round_curve_run_id": run_id}
 
 
 def _teacher_head(cfg, teacher, device):

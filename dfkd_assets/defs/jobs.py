@@ -16,6 +16,8 @@ PREPARE = "prepare_prompts"
 SYNTHESIZE = "synthesize_class"
 TRAIN = "distill_evaluate_promote"
 ADD_CLASSES = "add_classes"
+SYNTHESIZE_ROUND = "synthesize_round"
+ROUND = "grow_distill_evaluate_promote"
 
 
 def build_jobs(cfg: DfkdConfig) -> list:
@@ -32,4 +34,8 @@ def build_jobs(cfg: DfkdConfig) -> list:
         job(TRAIN, "key:synthetic_dataset+", "Snapshot (DVC), distil, evaluate, promote (blocking checks guard each step)."),
         job(ADD_CLASSES, "key:student_head+", "Classes added by name: the champion embedding student with a head for the settings' classes "
             "(run overrides `classes`, or `dfkd add-classes`), evaluated and promoted like any challenger. Seconds, no distillation."),
+        job(SYNTHESIZE_ROUND, 'key:"synthetic_round_images"', "More images of a class in a round >= 1 (one class x round cell, or a backfill)."),
+        job(ROUND, 'key:"synthetic_round_images" or key:synthetic_dataset+',
+            "One retraining round: operations.images_per_round new images of every class, then snapshot, distil on the union, "
+            "evaluate, promote (the `retrain` schedule's job; one run for all classes of the round)."),
     ]

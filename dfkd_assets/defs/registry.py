@@ -42,6 +42,9 @@ CODE_SHA256 = "code_sha256"  # the weights/spec tags are named by registry_model
 PROMPT_METHOD = "prompt_method"
 WEIGHTS_FROM = "weights_from"
 BASE_LINEAGE = ("teacher_id", "dvc_hash", "fingerprint", PROMPT_METHOD)  # what a re-headed version inherits from its base: what made its weights
+# what a version was trained on, with rounds (docs/ARCHITECTURE.md): the newest round in its snapshot, all of
+# them, the images per class, and the champion version it was warm-started from (absent: from init)
+DATA_ROUND, DATA_ROUNDS, TRAIN_IMAGES_PER_CLASS, WARM_START_FROM = "data_round", "data_rounds", "train_images_per_class", "warm_start_from"
 ONNX_MODEL_URI, SOURCE_MODEL_URI, SOURCE_RUN_ID, ONNX_MAX_ABS_DIFF = "onnx_model_uri", "source_model_uri", "source_run_id", "max_abs_diff_vs_pytorch"
 ONNX_SUFFIX = "-onnx"
 MODEL_NAME_IN_RUN = "student"
@@ -49,6 +52,11 @@ DESCRIPTION_MAX_CHARS = 5000  # MLflow's model version description limit
 PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "safetensors", "pandas", "dfkd-assets"]
 ONNX_PIP_REQUIREMENTS = ["onnx", "onnxruntime"]
 EXAMPLE_MAX_SIDE = 64  # the input example's side (the model resizes any size; a 224 px example is 3 MB of JSON)
+
+
+def data_round_tags(rounds: list[int], images_per_class: int) -> dict[str, str]:
+    """The version tags naming the rounds of its training set (with `dvc_hash`, its DVC version)."""
+    return {DATA_ROUND: str(max(rounds)), DATA_ROUNDS: ",".join(map(str, rounds)), TRAIN_IMAGES_PER_CLASS: str(images_per_class)}
 
 
 def champion_uri(cfg: DfkdConfig) -> str:
@@ -212,6 +220,12 @@ class ModelRegistry:
     def mark_evaluated(self, version: str, score) -> None:
         """Last step of an evaluation: from now on the version may become champion."""
         self.client.set_model_version_tag(self.name, version, self.evaluated_tag, str(score))
+
+    def trained_images_per_class(self, version: str) -> int | None:
+        """Images per class of the version's training set (tag `train_images_per_class`); None for a
+        version registered before rounds existed."""
+        value = self.client.get_model_version(self.name, version).tags.get(TRAIN_IMAGES_PER_CLASS)
+        return int(value) if value else None
 
     def evaluated_score(self, version: str) -> str | None:
         return self.client.get_model_version(self.name, version).tags.get(self.evaluated_tag)

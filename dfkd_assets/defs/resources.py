@@ -120,6 +120,24 @@ class MlflowTracking(dg.ConfigurableResource):
         for i in range(0, len(series), 1000):
             client.log_batch(run_id, metrics=series[i : i + 1000])
 
+    def curve_run_id(self, cfg: DfkdConfig, name: str) -> str:
+        """The run holding a curve across model versions (one per `name`, e.g. the round curve of a
+        registered model), made on first use: its metric histories are the curve, one step per point."""
+        client = self.client(cfg)
+        exp_id = self.experiment_id(cfg)
+        found = client.search_runs([exp_id], filter_string=f"tags.dfkd_curve = '{name}'", max_results=1)
+        if found:
+            return found[0].info.run_id
+        run = client.create_run(exp_id, run_name=name, tags={"dfkd_curve": name})
+        return run.info.run_id
+
+    def metric_history(self, cfg: DfkdConfig, run_id: str, key: str) -> list[tuple[int, float]]:
+        """(step, value) of a metric, the last value logged at each step, by step."""
+        last = {}
+        for m in sorted(self.client(cfg).get_metric_history(run_id, key), key=lambda m: m.timestamp):
+            last[m.step] = m.value
+        return sorted(last.items())
+
     def alias_version(self, cfg: DfkdConfig, alias: str) -> str | None:
         """The version `alias` points at; None only when the registry says the model or the alias does not exist.
 
@@ -209,3 +227,22 @@ class DvcRepo(dg.ConfigurableResource):
         from dfkd_assets.artifacts import dvc_file_hash
 
         return dvc_file_hash(cfg.workspace / f"{rel}.dvc")
+
+    def restore(self, cfg: DfkdConfig, dvc_hash: str, out: Path) -> Path:
+        """The directory version `dvc_hash` (a `dvc_hash` tag of a model version) checked out into
+        `out` (inside the workspace), from the local cache or else the remote: any round's training
+        set, whatever data/synthetic holds now. A throwaway .dvc file beside `out` names the version."""
+        out = Path(out).resolve()
+        ws = cfg.workspace.resolve()
+        rel = out.relative_to(ws)  # DVC outputs live inside the repository
+        if out.exists():
+            raise DvcError(f"{out} exists: restore into a new folder")
+        md5 = dvc_hash if dvc_hash.endswith(".dir") else f"{dvc_hash}.dir"
+        dvc_file = out.with_name(out.name + ".dvc")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": md5, "hash": "md5", "path": out.name}]}))
+        try:
+            self._run(cfg, "pull", "-r", cfg.dvc.remote_name, str(rel) + ".dvc")
+        finally:
+            dvc_file.unlink(missing_ok=True)
+        return out

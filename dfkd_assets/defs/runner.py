@@ -117,3 +117,29 @@ def run_pipeline(
         results.append(job.execute_in_process(instance=instance, run_config=run_config or {}, partition_key=key,
                                               tags={HOST_TAG: socket.gethostname()}))
     return results
+
+
+def run_retrain_rounds(
+    defs: dg.Definitions, instance: dg.DagsterInstance, rounds: int, log: Callable[[str], None] = print,
+) -> list[dg.ExecuteInProcessResult]:
+    """`rounds` ticks of the `retrain` schedule, each run at once: the schedule's own evaluation
+    (defs/automation.py: next round, cap) and its own job, as the daemon would launch them, in this
+    process (what `dfkd retrain --rounds N` does). Stops at the first skip (the cap) or failed run."""
+    reap_dead_runs(instance, log)
+    schedule = defs.resolve_schedule_def("retrain")
+    job = defs.resolve_job_def(schedule.job_name)
+    results = []
+    for i in range(1, rounds + 1):
+        tick = schedule.evaluate_tick(dg.build_schedule_context(instance=instance, repository_def=defs.get_repository_def()))
+        if not tick.run_requests:
+            log(f"[retrain {i}/{rounds}] skipped: {tick.skip_message}")
+            break
+        for req in tick.run_requests:
+            log(f"[retrain {i}/{rounds}] run {job.name} " + " ".join(f"{k}={v}" for k, v in req.tags.items() if k.startswith(("dfkd/round", "dagster/asset_partition"))))
+            result = job.execute_in_process(instance=instance, run_config=req.run_config or {}, partition_key=req.partition_key,
+                                            tags={**req.tags, HOST_TAG: socket.gethostname()}, raise_on_error=False)
+            results.append(result)
+            if not result.success:
+                log(f"[retrain {i}/{rounds}] run {result.run_id} failed")
+                return results
+    return results

@@ -3,8 +3,11 @@ tracked in MLflow and registered as the new `challenger` (defs/registry.py: a pi
 dfkd_assets/registry_model.py); and `student_head`: a registered embedding student re-headed for
 the settings' classes (classes added by name, job `add_classes`, `dfkd add-classes`).
 
-student_model resumes from the per-epoch checkpoint when the fingerprint (settings, teacher, data
-hash) is unchanged. Both write data/student/ and its record, which evaluation_report reads.
+student_model resumes from the per-epoch checkpoint when the fingerprint (settings, teacher, data hash) is
+unchanged. Trains on the snapshot's union of rounds (index.json); the version's tags name the
+rounds, the images per class and the DVC hash of that snapshot, so `dfkd rounds restore` gets its
+training set back. With `operations.warm_start`, starts from the champion's weights. Both
+assets write data/student/ and its record, which evaluation_report reads.
 """
 
 
@@ -15,7 +18,7 @@ from dfkd_assets import artifacts
 from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.placement import GPU_OP_TAGS
-from dfkd_assets.defs.registry import PROMPT_METHOD, WEIGHTS_FROM, ModelRegistry
+from dfkd_assets.defs.registry import PROMPT_METHOD, WARM_START_FROM, WEIGHTS_FROM, ModelRegistry, data_round_tags
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 from dfkd_assets.fingerprints import student_fingerprint
 from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
@@ -42,16 +45,20 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
     with device_lease(cfg) as device:
         teacher = teacher_for(cfg, device)
         head = artifacts.read_teacher_head(cfg, teacher, device)
-        dvc_hash = artifacts.read_snapshot_hash(cfg)
-        images, labels = training_set([artifacts.read_class_images(cfg, c) for c in cfg.classes])
-        fingerprint = student_fingerprint(cfg, teacher.teacher_id, dvc_hash)
-        tags = lineage(cfg, context, dvc_hash=dvc_hash, teacher_id=teacher.teacher_id, fingerprint=fingerprint, **{PROMPT_METHOD: cfg.prompts.method})
+        dvc_hash, rounds = artifacts.read_snapshot_hash(cfg), artifacts.read_snapshot_index(cfg)["rounds"]
+        per_class = [artifacts.read_class_images(cfg, c, rounds) for c in cfg.classes]
+        images, labels = training_set(per_class)
+        init, init_tags = _warm_start(cfg, registry, context.log)
+        fingerprint = student_fingerprint(cfg, teacher.teacher_id, dvc_hash + init_tags.get(WARM_START_FROM, ""))
+        tags = lineage(cfg, context, dvc_hash=dvc_hash, teacher_id=teacher.teacher_id, fingerprint=fingerprint, **{PROMPT_METHOD: cfg.prompts.method},
+                       **data_round_tags(rounds, min(map(len, per_class))), **init_tags)
         with mlflow_tracking.run(cfg, run_name=f"student-{context.run.run_id[:8]}", tags=tags) as run:
             mlflow_tracking.log_settings(cfg)
             prog = Progress(train_steps(cfg, len(labels)), "distillation", context.log.info, unit="steps")
             student, history = distill_student(
                 cfg, teacher, head, images, labels, device, cfg.work_dir / "student", fingerprint,
                 on_epoch=lambda rec: mlflow.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=rec["epoch"]), on_step=prog.update,
+                init_from=init,
             )
             prog.close()
             out = artifacts.write_student(cfg, student, history)
@@ -62,6 +69,23 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         last = history[-1]
         context.log.info(f"student v{version}: final KD loss {last['kd_loss']:.4f}, teacher agreement {last['teacher_agreement']:.3f}")
         return dg.MaterializeResult(metadata={**_student_metadata(cfg, registry, record, history, out), "num_train_images": len(labels), **tags})
+
+
+def _warm_start(cfg, registry: ModelRegistry, log) -> tuple[object | None, dict]:
+    """(the champion's network, {warm_start_from: version}) when operations.warm_start is on and the
+    champion fits the settings; (None, {}) otherwise (logged: the student starts from its init)."""
+    from dfkd_assets.stages.training import warm_start_refusal
+
+    champion = registry.champion() if cfg.operations.warm_start else None
+    if champion is None:
+        return None, {}
+    model = registry.load(champion)
+    refusal = warm_start_refusal(cfg, model)
+    if refusal:
+        log.warning(f"operations.warm_start: not starting from v{champion} ({refusal}); training from init")
+        return None, {}
+    log.info(f"operations.warm_start: starting from the weights of champion v{champion}")
+    return model, {WARM_START_FROM: champion}
 
 
 def _student_metadata(cfg, registry: ModelRegistry, record: artifacts.StudentRecord, history: list[dict], out) -> dict:

@@ -1,9 +1,16 @@
-"""Asset `synthetic_images`, one partition per class (stage: dfkd_assets/stages/synthesis.py).
+"""Assets `synthetic_images` (round 0, one partition per class) and `synthetic_round_images`
+(rounds >= 1, one partition per class x round) (stage: dfkd_assets/stages/synthesis.py).
 
 Resumable: every finished batch is saved under data/.work/synthetic/<class>/ with a fingerprint
 of everything that determines it; a re-run after a crash recomputes only missing batches, and
 the final shard is identical to an uninterrupted run (seeds depend on (seed, class, index) only).
 A shard whose manifest already carries the current fingerprint is reused as it is.
+
+Rounds (docs/ARCHITECTURE.md): each run of the `retrain` schedule adds a round r, a dynamic
+partition key of `synthesis_rounds`; `synthetic_round_images` is partitioned class x round, so the
+UI's partition grid shows which rounds each class has, and one cell can be backfilled (or a round
+dropped: `dfkd rounds drop`). One run makes every cell it is given (single-run backfill policy),
+each under its class's lock, into `round_NNN/` beside the earlier shards, which it never touches.
 """
 
 
@@ -12,14 +19,29 @@ import shutil
 import dagster as dg
 
 from dfkd_assets import artifacts
+from dfkd_assets.config import class_key
 from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.defs.placement import GPU_OP_TAGS
 from dfkd_assets.defs.resources import PipelineSettings
-from dfkd_assets.fingerprints import class_fingerprint
+from dfkd_assets.fingerprints import class_fingerprint, round_fingerprint
 from dfkd_assets.loaders import device_lease, generator_for, teacher_for
 
 ASSET_KEY = "synthetic_images"
+ROUND_ASSET_KEY = "synthetic_round_images"
+ROUNDS = dg.DynamicPartitionsDefinition(name="synthesis_rounds")
+CLASS_DIM, ROUND_DIM = "class", "round"
+
+
+def round_partitions(classes: dg.StaticPartitionsDefinition) -> dg.MultiPartitionsDefinition:
+    """class x round: the static class keys by the rounds added so far (dynamic)."""
+    return dg.MultiPartitionsDefinition({CLASS_DIM: classes, ROUND_DIM: ROUNDS})
+
+
+def round_cell(key: str) -> tuple[str, int]:
+    """(class key, round) of a class x round partition key ('dog|3': dimensions in name order)."""
+    class_part, round_part = str(key).split("|")
+    return class_part, int(round_part)
 
 
 def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.AssetsDefinition:
@@ -64,20 +86,23 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
     return synthetic_images
 
 
-def _synthesize(cfg, context, class_name: str, bank, teacher, head, device, fp: str) -> tuple[dict, dict]:
-    """Plan, synthesize (resuming finished batches), write the shard and its preview: (manifest, metadata)."""
+def _synthesize(cfg, context, class_name: str, bank, teacher, head, device, fp: str, round_: int = 0) -> tuple[dict, dict]:
+    """Plan, synthesize (resuming finished batches), write the shard and (round 0) its preview: (manifest, metadata)."""
     from dfkd_assets.core.progress import Progress
     from dfkd_assets.stages.synthesis import class_plan, synthesize_class
 
-    plan = class_plan(cfg, bank, class_name)
-    prog = Progress(len(plan.seeds) * cfg.synthesis.iterations, f"synthesis[{class_name}]", context.log.info, unit="img-steps")
-    out = synthesize_class(cfg, plan, bank, generator_for(cfg, device), teacher, head, device, artifacts.class_work_dir(cfg, class_name), fp,
+    plan = class_plan(cfg, bank, class_name, round_)
+    label = class_name + (f" round {round_}" if round_ else "")
+    work = artifacts.class_work_dir(cfg, class_name, round_)
+    prog = Progress(len(plan.seeds) * cfg.synthesis.iterations, f"synthesis[{label}]", context.log.info, unit="img-steps")
+    out = synthesize_class(cfg, plan, bank, generator_for(cfg, device), teacher, head, device, work, fp,
                            on_step=lambda m, loss: prog.update(m, **({} if loss != loss else {"loss": loss})))
     elapsed = prog.close()
     manifest = artifacts.write_class_shard(cfg, class_name, out.images, out.records,
-                                           {"fingerprint": fp, "teacher_id": teacher.teacher_id, "image_size": cfg.synthesis.image_size})
-    _write_preview(cfg, class_name, out.images, bank.num_styles)
-    shutil.rmtree(artifacts.class_work_dir(cfg, class_name), ignore_errors=True)
+                                           {"fingerprint": fp, "teacher_id": teacher.teacher_id, "image_size": cfg.synthesis.image_size}, round_)
+    if round_ == 0:
+        _write_preview(cfg, class_name, out.images, bank.num_styles)
+    shutil.rmtree(work, ignore_errors=True)
     return manifest, {"reused": False, "resumed_images": out.resumed, **({"images_per_second": len(out.records) / elapsed} if elapsed > 0 else {})}
 
 
@@ -101,3 +126,59 @@ def _shard_metadata(cfg, context, class_name: str, manifest: dict, fp: str, teac
     if preview.is_file():
         meta["preview"] = dg.MetadataValue.md(md_image(preview, f"samples of {class_name}"))
     return meta
+
+
+def build_synthetic_rounds(partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
+    @dg.asset(
+        name=ROUND_ASSET_KEY,
+        group_name="synthesis",
+        partitions_def=partitions_def,
+        backfill_policy=dg.BackfillPolicy.single_run(),  # a round of every class is one run (one model load)
+        deps=["prompt_bank", "teacher_head",
+              dg.AssetDep(ASSET_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM))],
+        pool="gpu",
+        op_tags=GPU_OP_TAGS,
+        kinds={"pytorch"},
+        description="operations.images_per_round more images of a class in round r >= 1 (fresh seeds), a shard beside the earlier rounds'.",
+    )
+    @no_retry_for_bad_input
+    def synthetic_round_images(context: dg.AssetExecutionContext, settings: PipelineSettings) -> dg.MaterializeResult:
+        cfg = settings.load()
+        cells = [(cfg.class_for_key(k), r) for k, r in map(round_cell, context.partition_keys)]
+        per_cell = {f"{class_key(c)}|{r}": _make_round(cfg, context, c, r) for c, r in cells}
+        context.log.info("; ".join(f"{k}: {m['num_images']} images ({'reused' if m['reused'] else 'new'})" for k, m in per_cell.items()))
+        return dg.MaterializeResult(metadata={
+            "cells": dg.MetadataValue.json(per_cell),
+            "fingerprints": dg.MetadataValue.json({k: m["fingerprint"] for k, m in per_cell.items()}),
+            "num_images": sum(m["num_images"] for m in per_cell.values()),
+            **lineage(cfg, context),
+        })
+
+    return synthetic_round_images
+
+
+def _make_round(cfg, context, class_name: str, round_: int) -> dict:
+    """One class x round cell, under the class lock: reused when its shard carries the current
+    fingerprint, refused when it would cross the cap, else synthesized (resuming finished batches)."""
+    from dfkd_assets.core.io import exclusive_lock
+    from dfkd_assets.core.rounds import CapError, next_growth
+    from dfkd_assets.stages.synthesis import shard_summary
+
+    with exclusive_lock(artifacts.class_lock(cfg, class_name), on_wait=context.log.info), device_lease(cfg) as device:
+        teacher = teacher_for(cfg, device)
+        bank = artifacts.read_prompt_bank(cfg)
+        bank.check_teacher(teacher.teacher_id)
+        bank.class_index(class_name)
+        fp = round_fingerprint(cfg, teacher.teacher_id, class_name, round_)
+        artifacts.remove_partial_writes(cfg, class_name, round_)
+        manifest = artifacts.current_shard(cfg, class_name, fp, round_)
+        meta = {"reused": manifest is not None, "resumed_images": 0}
+        if manifest is None:
+            growth = next_growth(round_, artifacts.images_before_round(cfg, class_name, round_), cfg.operations.images_per_round or 0,
+                                 cfg.operations.max_images_per_class)
+            if not growth.fits:
+                raise CapError(f"{class_name} round {round_}: {growth.reason}")
+            head = artifacts.read_teacher_head(cfg, teacher, device)
+            manifest, meta = _synthesize(cfg, context, class_name, bank, teacher, head, device, fp, round_)
+    return {**shard_summary(class_name, manifest["images"]), **meta, "fingerprint": fp,
+            "shard_sha256": manifest["shard_sha256"], "seeds": f"derive_seed({cfg.synthesis.seed}, {class_name!r}, 'round', {round_}, index)"}

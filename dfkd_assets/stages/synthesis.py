@@ -38,15 +38,24 @@ class ClassSynthesis:
     resumed: int  # images kept from an interrupted run's finished batches
 
 
-def class_plan(cfg: DfkdConfig, bank, class_name: str) -> ClassPlan:
+def class_plan(cfg: DfkdConfig, bank, class_name: str, round_: int = 0) -> ClassPlan:
     """Images spread evenly over the bank's styles; seeds depend on (synthesis.seed, class, index)
-    only, so a class's images do not change when other classes are added."""
+    only, so a class's images do not change when other classes are added.
+
+    Round r >= 1 (`operations.images_per_round` images) draws its seeds from (seed, class, round,
+    index), never used by another round, and continues the round-robin over the same bank's
+    styles from a round-dependent offset (core/rounds.py): new images of the same styles; the
+    styles themselves are redrawn only by a new prompt bank."""
+    from dfkd_assets.core.rounds import round_seed_parts, style_offset
     from dfkd_assets.core.seeding import derive_seed
 
-    n, k = cfg.synthesis.images_per_class, bank.class_index(class_name)
-    styles = bank.assignments(n)
+    n = cfg.synthesis.images_per_class if round_ == 0 else cfg.operations.images_per_round
+    if not n:
+        raise ValueError(f"round {round_} asked for, but operations.images_per_round is not set")
+    k, offset = bank.class_index(class_name), style_offset(cfg.synthesis.seed, round_, bank.num_styles)
+    styles = [(offset + s) % bank.num_styles for s in bank.assignments(n)]
     return ClassPlan(class_name, k, styles, [bank.prompts[s][k] for s in styles],
-                     [derive_seed(cfg.synthesis.seed, class_name, i) for i in range(n)])
+                     [derive_seed(*round_seed_parts(cfg.synthesis.seed, class_name, round_, i)) for i in range(n)])
 
 
 def synthesize_class(

@@ -25,10 +25,13 @@ def train_steps(cfg: DfkdConfig, num_images: int) -> int:
 
 def distill_student(
     cfg: DfkdConfig, teacher, head, images, labels, device, checkpoint_dir: Path, fingerprint: str,
-    on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[dict], None] | None = None, on_step: Callable[[int], None] | None = None, init_from=None,
 ):
     """A fresh `student.arch` distilled from the teacher on (images, labels): (student on CPU in eval
-    mode, per-epoch history). Resumes from `checkpoint_dir` when `fingerprint` matches."""
+    mode, per-epoch history). Resumes from `checkpoint_dir` when `fingerprint` matches.
+
+    `init_from`: a student whose weights the new one starts from (warm start from the champion,
+    `operations.warm_start`); it must be the same architecture for the same classes."""
     from dfkd_assets.core.distill import distill
     from dfkd_assets.core.student import build_embedding_student, build_student
     from dfkd_assets.loaders import distill_settings
@@ -39,6 +42,8 @@ def distill_student(
     else:
         embed_dim = int(head.shape[1]) if cfg.distill.feature_weight > 0 else None  # feature distillation: the teacher's embedding size
         student = build_student(s.arch, cfg.classes, s.input_size, s.init_seed, embed_dim)
+    if init_from is not None:
+        student.load_state_dict(init_from.state_dict())
     history = distill(student, teacher, head, images, labels, distill_settings(cfg, device), checkpoint_dir=checkpoint_dir,
                       fingerprint=fingerprint, on_epoch=on_epoch, on_step=on_step)
     return student.cpu().eval(), history
@@ -59,3 +64,10 @@ def classes_with(base_classes: list[str], names: list[str], reserved: tuple[str,
     from dfkd_assets.core.vocabulary import new_class_names
 
     return [*base_classes, *new_class_names(base_classes, names, reserved)]
+
+
+def warm_start_refusal(cfg: DfkdConfig, model) -> str | None:
+    """Why `model` (the champion) cannot seed a warm start, None when it can: same arch, classes, input size."""
+    have = (getattr(model, "arch", None), list(getattr(model, "classes", [])), getattr(model, "input_size", None))
+    want = (cfg.student.arch, cfg.classes, cfg.student.input_size)
+    return None if have == want else f"champion is {have}, the settings ask for {want}"
