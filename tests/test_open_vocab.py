@@ -304,3 +304,12 @@ def test_open_vocab_script_runs_end_to_end_sharing_synthesis(tmp_path):
         assert all(0 <= r[k][d] <= 1 for k in ("top1", "added_top1", "trained_top1") for d in r["top1"]), m
     s = result["summary"]
     assert s["embedding_all_minus_logit_all_mean"]["per_seed"] == [pytest.approx(run["embedding_all"]["mean"] - run["logit_all"]["mean"])]
+    # extended with a seed that trains only the added-by-name student: seed 0 is kept as it was, not re-run
+    assert script.main(["--config", str(path), "--seeds", "0", "1", "--held-out", "cat", "--out", str(out), "--models",
+                        *sum((["--set", s] for s in tiny), [])]) == 0
+    extended = json.loads((out / "open_vocab.json").read_text())
+    assert [r["seed"] for r in extended["runs"]] == [0, 1] and extended["runs"][0] == result["runs"][0]
+    assert set(extended["runs"][1]["models"]) == {"teacher", "embedding_added"} and not (out / "work" / "contrastive_s1").exists()
+    assert extended["summary"]["embedding_added"]["seeds"] == [0, 1] and extended["summary"]["logit_all"]["seeds"] == [0]
+    with pytest.raises(SystemExit, match="another setup"):  # runs of other settings are never mixed in
+        script.main(["--config", str(path), "--seeds", "2", "--held-out", "elephant", "--out", str(out), *sum((["--set", s] for s in tiny), [])])
