@@ -18,7 +18,7 @@ def shard_integrity(settings: PipelineSettings) -> dg.AssetCheckResult:
     from dfkd_assets.core.io import ShardError
 
     cfg = settings.load()
-    rounds = artifacts.read_snapshot_index(cfg)["rounds"]  # round 0 and the rounds the snapshot holds (training's union)
+    rounds = _snapshot_rounds(cfg)
     problems, counts = [], {}
     for c in cfg.classes:
         try:
@@ -34,6 +34,15 @@ def shard_integrity(settings: PipelineSettings) -> dg.AssetCheckResult:
     )
 
 
+def _snapshot_rounds(cfg) -> list[int]:
+    """The rounds the snapshot holds (training's union; round 0 first); with no snapshot yet (a check
+    run on its own, before synthetic_dataset), the class shards of round 0 that it would take."""
+    try:
+        return artifacts.read_snapshot_index(cfg)["rounds"]
+    except FileNotFoundError:
+        return [0]
+
+
 @dg.asset_check(asset="synthetic_dataset", blocking=True, description="The teacher labels enough synthetic images as the class they were made for.")
 def teacher_agreement(settings: PipelineSettings) -> dg.AssetCheckResult:
     from dfkd_assets.core.io import ShardError
@@ -41,7 +50,7 @@ def teacher_agreement(settings: PipelineSettings) -> dg.AssetCheckResult:
 
     cfg = settings.load()
     floor = cfg.checks.min_teacher_agreement
-    rounds = artifacts.read_snapshot_index(cfg)["rounds"]
+    rounds = _snapshot_rounds(cfg)
     per_class = {}
     for c in cfg.classes:
         try:
