@@ -462,14 +462,12 @@ def sets_of(schedules: list[list[str]], name: str) -> list[str]:
 
 def write_quality_png(path: Path, summary: dict, baseline: str) -> None:
     """Mean top-1 (+- std over seeds) against synthesis GFLOPs, one point per schedule, the baseline's band shaded."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dfkd_assets.core.io import atomic_write_bytes
+    from dfkd_assets.core.report import save_figure
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     m, sd = summary[baseline]["mean"]
@@ -481,11 +479,7 @@ def write_quality_png(path: Path, summary: dict, baseline: str) -> None:
     ax.set_xlabel("synthesis compute (TFLOP, all images)")
     ax.set_ylabel("student mean top-1 over domains")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def run(a) -> dict:

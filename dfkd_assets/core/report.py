@@ -59,11 +59,7 @@ def write_confusion_png(path: Path, cm: np.ndarray, classes: list[str], title: s
     for i in range(k):
         for j in range(k):
             ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def write_curves_png(path: Path, curves: list[list[float]], title: str, ylabel: str = "loss") -> None:
@@ -81,11 +77,7 @@ def write_curves_png(path: Path, curves: list[list[float]], title: str, ylabel: 
     ax.set_title(title)
     if len(curves) <= 10:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def write_fewshot_png(path: Path, summary: dict, title: str) -> None:
@@ -111,11 +103,7 @@ def write_fewshot_png(path: Path, summary: dict, title: str) -> None:
     axes[0][0].set_ylabel("top-1")
     axes[0][-1].legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 def write_round_curve_png(path: Path, series: dict[str, list[tuple[int, float]]], title: str) -> None:
@@ -133,6 +121,13 @@ def write_round_curve_png(path: Path, series: dict[str, list[tuple[int, float]]]
     ax.set_ylim(0, 1)
     ax.set_title(title)
     ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, render to PNG in memory and write atomically (a reader never sees half a plot); closes `fig`."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
