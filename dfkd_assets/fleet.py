@@ -151,14 +151,8 @@ def _reap_children() -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    _reap_children()
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return any(_alive(p) for p in _group_members(pgid)) or _alive(pgid)
+    """The group exists and one of its members is still running (not a zombie)."""
+    return _group_exists(pgid) and (any(_alive(p) for p in _group_members(pgid)) or _alive(pgid))
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -209,6 +203,7 @@ def _stop_groups(pgids: list[int], grace: float) -> None:
 
 
 def _group_exists(pgid: int) -> bool:
+    """The kernel still knows the group (dying or unreaped members included); reaps our own children first."""
     _reap_children()
     try:
         os.killpg(pgid, 0)
