@@ -114,3 +114,53 @@ def test_class_in_config_but_not_in_benchmark_is_named(tmp_path):
     ds = {"name": "pacs", "root": str(tmp_path), "preset": "pacs", "other_classes": "skip"}
     with pytest.raises(EvalDataError, match="no images for classes \\['zebra'\\]"):
         eval_sets(load_config("configs/ci.yaml", {"classes": ["dog", "zebra"], "evaluation": {"datasets": [ds]}}))
+
+
+def test_a_champion_for_another_class_list_is_scored_on_the_shared_classes_only():
+    """Champion classes in another order and with a class the challenger lacks: its columns are mapped
+    by name into the challenger's order and every non-shared column is -inf for both models."""
+    from dfkd_assets.stages.evaluation import champion_predictors, shared_classes
+
+    classes, theirs = ["dog", "elephant", "house"], ["house", "dog", "cat"]
+    assert shared_classes(classes, theirs) == ["dog", "house"]
+    student = lambda x: torch.tensor([[0.0, 5.0, 2.0]]).repeat(len(x), 1)  # noqa: E731 (full argmax: elephant)
+    champion = lambda x: torch.tensor([[1.0, 3.0, 9.0]]).repeat(len(x), 1)  # noqa: E731 house, dog, cat (full argmax: cat)
+    p = champion_predictors(classes, student, champion, theirs)
+    assert sorted(p) == ["champion@shared", "student@shared"]
+    x = torch.zeros(2, 3, 8, 8)
+    inf = float("-inf")
+    assert p["student@shared"](x).tolist() == [[0.0, inf, 2.0]] * 2
+    assert p["champion@shared"](x).tolist() == [[3.0, inf, 1.0]] * 2  # dog <- its column 1, house <- its column 0
+    same = champion_predictors(classes, student, champion, classes)
+    assert same == {"champion": champion}  # the same class list: compared on every class, as before
+
+
+def test_shared_top1_counts_only_the_shared_classes_images():
+    from dfkd_assets.stages.evaluation import shared_top1
+
+    a = np.array([[4, 1, 0], [9, 9, 9], [1, 0, 3]])  # row 1 (a class the champion lacks) is left out
+    b = np.array([[2, 0, 0], [0, 5, 0], [0, 0, 2]])
+    assert shared_top1({"x/a": a, "x/b": b}, [0, 2]) == pytest.approx(((4 + 3) / 9 + 1.0) / 2)
+
+
+def test_helper_predictors_become_shared_scores_and_leave_the_tables(tmp_path):
+    """One evaluation pass with the helpers; afterwards the models, confusions and metrics.json are the
+    real models' plus the shared-class record, and the restricted top-1 differs from the full one."""
+    from dfkd_assets.stages.evaluation import Evaluation, champion_predictors, compare_on_shared, metrics_record, report_markdown
+
+    classes, theirs = ["dog", "elephant", "house"], ["house", "dog"]
+    write_eval_set(tmp_path, classes, per_class=2, size=16)
+    student = lambda x: torch.tensor([[0.0, 5.0, 2.0]]).repeat(len(x), 1)  # noqa: E731 always elephant; house among the shared
+    champion = lambda x: torch.tensor([[1.0, 3.0]]).repeat(len(x), 1)  # noqa: E731 always dog
+    predictors = {"student": student, "teacher": student, **champion_predictors(classes, student, champion, theirs)}
+    res = evaluate(predictors, scan_domainbed(tmp_path, classes), 3, 16, 8, torch.device("cpu"))
+    ev = Evaluation({m: r.top1 for m, r in res.items()}, res["student"].counts, 1 / 3, {m: r.confusion for m, r in res.items()})
+    ev = compare_on_shared(ev, classes, theirs)
+    assert ev.models == ["student", "teacher"] and sorted(ev.confusion) == ["student", "teacher"]
+    assert ev.mean["student"] == pytest.approx(1 / 3)  # full classes: right on the elephants only
+    assert ev.shared_classes == ["dog", "house"] and ev.shared_top1 == {"student": 0.5, "champion": 0.5}
+    rec = metrics_record(ev, "2", "1", "1")
+    assert rec["shared_classes"] == ["dog", "house"] and rec["champion_version"] == "1"
+    assert rec["student_shared_mean_top1"] == rec["champion_shared_mean_top1"] == 0.5
+    assert not any(k.startswith("champion_mean") or "@" in k for k in rec)
+    assert "compared on the 2 classes both serve (dog, house)" in report_markdown(ev, "t", "teacher", "h", [("photo", "c.png")], "1")

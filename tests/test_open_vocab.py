@@ -168,11 +168,14 @@ def test_embedding_student_setting_needs_feature_distillation_and_distils(teache
 
 def test_add_classes_by_name_registers_a_version_that_predicts_it(reg, teacher):
     """`dfkd add-classes giraffe`: a new version with the champion's weights (same sha256) and a head for
-    the four classes, evaluated and promoted by the usual rules; served through mlflow.pyfunc (what
+    the four classes, compared with the champion on the three classes both serve and promoted by the
+    usual rule (and not promoted were it worse there); served through mlflow.pyfunc (what
     `mlflow models serve` runs) it has a giraffe column, its probabilities are the teacher's text head
     applied to the student's embedding, and it labels the probe the teacher calls a giraffe as one."""
     import mlflow.pyfunc
 
+    from dfkd_assets import artifacts
+    from dfkd_assets.core.promotion import promotion_decision
     from dfkd_assets.core.teacher import zero_shot_head
     from dfkd_assets.defs.registry import WEIGHTS_FROM
 
@@ -192,7 +195,19 @@ def test_add_classes_by_name_registers_a_version_that_predicts_it(reg, teacher):
     assert tags[WEIGHTS_FROM] == reg.version and tags["weights_sha256"] == base_tags["weights_sha256"]
     assert tags["head_sha256"] != base_tags["head_sha256"] and tags["teacher_id"] == base_tags["teacher_id"]
     assert "evaluated_student_mean_top1" in tags  # evaluated like any challenger ...
-    assert client.get_model_version_by_alias(reg.name, "champion").version == new  # ... and promoted (the champion served other classes)
+    assert client.get_model_version_by_alias(reg.name, "champion").version == new  # ... and promoted
+    # compared with the champion on the 3 classes both serve: same weights and the same text rows for
+    # them, so there it answers exactly as the champion does
+    metrics = artifacts.read_metrics(reg.cfg)
+    assert metrics["challenger_version"] == str(new) and metrics["champion_version"] == metrics["champion_seen"] == str(reg.version)
+    assert metrics["shared_classes"] == reg.cfg.classes
+    assert metrics["student_shared_mean_top1"] == metrics["champion_shared_mean_top1"]
+    assert promotion_decision(metrics, "student_mean_top1", 0.01, str(reg.version)).reason.startswith(
+        "on the 3 classes both serve (dog, elephant, house): ")
+    # the same record with the new version worse on those classes beyond the tolerance: not promoted,
+    # however good its score on all four classes
+    worse = metrics | {"student_shared_mean_top1": metrics["champion_shared_mean_top1"] - 0.05, "student_mean_top1": 1.0}
+    assert not promotion_decision(worse, "student_mean_top1", 0.01, str(reg.version)).promote
     assert f"weights: those of v{reg.version} unchanged" in client.get_model_version(reg.name, new).description
 
     model = mlflow.pyfunc.load_model(f"models:/{reg.name}@champion")

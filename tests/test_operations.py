@@ -306,10 +306,12 @@ def test_predict_reads_the_champion_from_the_registry(ops):
     assert abs(sum(p for _, p in pred["predictions"][0]["top"]) - 1) < 1e-4  # all 3 classes listed: probabilities sum to 1
 
 
-def test_added_class_is_synthesized_alone_and_its_model_replaces_the_champion(ops):
+def test_added_class_is_synthesized_alone_and_its_model_is_compared_on_the_old_classes(ops):
     """Add a class: the sensor rebuilds the prompt bank first, then asks for that partition only; the
-    model trained for the new class list replaces the champion trained for the old one."""
+    model trained for the new class list is compared with the champion trained for the old one on the
+    3 classes both serve, and promoted or not by the usual rule on those scores."""
     from dfkd_assets.config import load_config
+    from dfkd_assets.core.promotion import compared_scores
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE, TRAIN
     from dfkd_assets.toyworld.evalset import write_eval_set
@@ -327,16 +329,22 @@ def test_added_class_is_synthesized_alone_and_its_model_replaces_the_champion(op
         reqs = _sensor_requests(defs, instance, "stale_partitions")
         assert [(r.job_name, r.partition_key) for r in reqs] == [(SYNTHESIZE, "tree")]
 
-        # the old champion (other classes) is seen, not compared, and the new version replaces it
-        # (it must not read as "the alias moved")
+        # the old champion (3 classes) is compared on the classes both serve, not replaced unseen
         new_cfg = load_config(cfg_path)
         before = champion_version(new_cfg)
         assert before == "1"
         assert defs.resolve_job_def(SYNTHESIZE).execute_in_process(instance=instance, partition_key="tree").success
-        assert defs.resolve_job_def(TRAIN).execute_in_process(instance=instance).success
+        r = defs.resolve_job_def(TRAIN).execute_in_process(instance=instance, raise_on_error=False)
         metrics = json.loads((new_cfg.path("reports") / "metrics.json").read_text())
-        assert metrics["champion_version"] is None and str(metrics["champion_seen"]) == str(before)
-        assert champion_version(new_cfg) == str(metrics["challenger_version"]) != str(before)
+        assert str(metrics["champion_version"]) == str(metrics["champion_seen"]) == before
+        assert metrics["shared_classes"] == raw["classes"][:-1] and "champion_mean_top1" not in metrics
+        decision = compared_scores(metrics, new_cfg.promotion.metric).decide(new_cfg.promotion.tolerance)
+        assert decision.reason.startswith("on the 3 classes both serve (dog, elephant, house): ")
+        # the blocking check applies the same comparison: a worse challenger fails the run before promotion
+        assert r.success is decision.promote
+        assert champion_version(new_cfg) == (str(metrics["challenger_version"]) if decision.promote else before)
+        report = (new_cfg.path("reports") / "report.md").read_text()
+        assert f"Champion v{before} serves another class list: compared on the 3 classes both serve" in report
 
 
 def test_failure_sensor_records_and_posts_to_the_webhook(workspace, monkeypatch):

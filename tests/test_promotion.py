@@ -33,13 +33,25 @@ def _record(challenger="3", compared="2", seen="2", student=0.6, champion=0.7):
     return rec | ({"champion_mean_top1": champion} if compared else {})
 
 
+def _shared(student, champion, full=0.9):
+    """A champion trained for [dog, elephant, house] compared with a challenger that added giraffe: the
+    full-class scores are the challenger's alone (no champion_mean_top1), the shared ones both."""
+    return _record(student=full, compared="2") | {"shared_classes": ["dog", "elephant", "house"],
+                                                   "student_shared_mean_top1": student, "champion_shared_mean_top1": champion}
+
+
 @pytest.mark.parametrize(
     "record,current,expected",
     [
         (_record(compared=None, seen=None), None, (True, "no champion yet")),  # first model
         (_record(student=0.72), "2", (True, "challenger 0.7200 >= champion")),  # better than the champion it was compared with
         (_record(student=0.6), "2", (False, "worse than champion")),  # worse beyond the tolerance
-        (_record(compared=None, seen="2"), "2", (True, "no champion yet")),  # champion seen but for other classes: replaced
+        (_record(compared=None, seen="2"), "2", (True, "no champion yet")),  # champion seen, fewer than 2 classes in common: replaced
+        # champion for another class list: compared on the classes both serve, whatever the full score
+        (_shared(0.5, 0.7), "2", (False, "on the 3 classes both serve (dog, elephant, house): challenger 0.5000 is worse than champion 0.7000")),
+        (_shared(0.7, 0.7), "2", (True, "on the 3 classes both serve (dog, elephant, house): challenger 0.7000 >= champion 0.7000")),
+        (_shared(0.695, 0.7, full=0.1), "2", (True, "on the 3 classes both serve")),  # within tolerance; the low full score is not compared
+        (_shared(0.7, 0.7), None, (True, "no champion yet")),  # the alias was removed since: nothing compared
         (_record(), "3", (False, "already the champion")),  # promoting twice is a no-op
     ],
 )
@@ -59,3 +71,13 @@ def test_promotion_decision_refuses_a_stale_evaluation_and_an_unknown_metric():
         promotion_decision(_record(compared=None, seen=None), "student_mean_top1", 0.01, "2")  # a champion appeared since
     with pytest.raises(KeyError, match="promotion.metric 'student_top5'"):
         promotion_decision(_record(), "student_top5", 0.01, "2")
+
+
+def test_the_check_and_the_asset_read_the_shared_scores():
+    from dfkd_assets.core.promotion import Comparison, compared_scores
+
+    assert compared_scores(_shared(0.5, 0.7), "student_mean_top1") == Comparison(0.5, 0.7, ("dog", "elephant", "house"))
+    assert compared_scores(_record(student=0.6), "student_mean_top1") == Comparison(0.6, 0.7)
+    assert compared_scores(_record(compared=None), "student_mean_top1") == Comparison(0.6, None)
+    with pytest.raises(KeyError, match="no 'student_shared_mean_top1'"):
+        compared_scores({k: v for k, v in _shared(0.5, 0.7).items() if k != "student_shared_mean_top1"}, "student_mean_top1")

@@ -270,7 +270,7 @@ def test_old_pickle_format_version_is_refused_unloaded_with_guidance(registered,
     import mlflow
     import mlflow.pytorch
 
-    from dfkd_assets.defs.evaluation import _champion_predictor
+    from dfkd_assets.defs.evaluation import _comparable_champion
     from dfkd_assets.defs.registry import LegacyModelError, load_student_model
 
     reg = registered
@@ -288,6 +288,6 @@ def test_old_pickle_format_version_is_refused_unloaded_with_guidance(registered,
     with pytest.raises(LegacyModelError, match=r"old pickle format.*distill_evaluate_promote.*dfkd run"):
         load_student_model(client, f"models:/{reg.name}/{legacy}")
     warnings = []
-    assert _champion_predictor(reg.cfg, reg.registry, legacy, "999", "cpu", warnings.append) == {}
+    assert _comparable_champion(reg.cfg, reg.registry, legacy, "999", "cpu", warnings.append) is None
     assert len(warnings) == 1 and "old pickle format" in warnings[0] and "not compared" in warnings[0]
     assert not marker.exists(), "the legacy model's pickle was executed"

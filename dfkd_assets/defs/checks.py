@@ -75,15 +75,15 @@ def student_weights_finite(settings: PipelineSettings) -> dg.AssetCheckResult:
 
 @dg.asset_check(asset="evaluation_report", blocking=True, description="The challenger is not worse than the champion beyond promotion.tolerance.")
 def not_worse_than_champion(settings: PipelineSettings) -> dg.AssetCheckResult:
-    from dfkd_assets.core.promotion import compared_champion_score, decide_promotion
+    from dfkd_assets.core.promotion import compared_scores
 
     cfg = settings.load()
-    metrics, key = artifacts.read_metrics(cfg), cfg.promotion.metric
-    champion = compared_champion_score(metrics, key)
-    decision = decide_promotion(metrics[key], champion, cfg.promotion.tolerance)
+    compared = compared_scores(artifacts.read_metrics(cfg), cfg.promotion.metric)
+    decision = compared.decide(cfg.promotion.tolerance)
     return dg.AssetCheckResult(
         passed=decision.promote, severity=dg.AssetCheckSeverity.ERROR,
-        metadata={"challenger": metrics[key], "champion": str(champion), "tolerance": cfg.promotion.tolerance, "reason": decision.reason},
+        metadata={"challenger": compared.challenger, "champion": str(compared.champion), "shared_classes": ", ".join(compared.shared_classes),
+                  "tolerance": cfg.promotion.tolerance, "reason": decision.reason},
     )
 
 

@@ -36,7 +36,9 @@ from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     from dfkd_assets.core.evaluation import EvalDataError
     from dfkd_assets.core.teacher import teacher_logits
-    from dfkd_assets.stages.evaluation import evaluate_models, metrics_record, per_domain_csv, per_domain_table, report_markdown
+    from dfkd_assets.stages.evaluation import (
+        champion_predictors, compare_on_shared, evaluate_models, metrics_record, per_domain_csv, per_domain_table, report_markdown,
+    )
 
     cfg = settings.load()
     if not cfg.evaluation.datasets:
@@ -49,11 +51,16 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
         student = artifacts.read_student(cfg).to(device)
         predictors = {"student": student, "teacher": lambda x: teacher_logits(teacher, head, x)}
         champion = registry.champion()
-        predictors.update(_champion_predictor(cfg, registry, champion, record.version, device, context.log.warning))
+        compared = _comparable_champion(cfg, registry, champion, record.version, device, context.log.warning)
+        if compared is not None:
+            predictors.update(champion_predictors(cfg.classes, student, compared, compared.classes))
         ev = evaluate_models(cfg, predictors, eval_sets(cfg), device, max(student.input_size, teacher.image_size))
-        metrics = metrics_record(ev, record.version, champion if "champion" in predictors else None, champion)
+        if compared is not None:
+            ev = compare_on_shared(ev, cfg.classes, compared.classes)
+        metrics = metrics_record(ev, record.version, champion if compared is not None else None, champion)
         pngs = _write_confusions(cfg, ev, record.version)
-        report = report_markdown(ev, f"Evaluation of student v{record.version} ({record.model_name})", teacher.teacher_id, record.dvc_hash, pngs)
+        report = report_markdown(ev, f"Evaluation of student v{record.version} ({record.model_name})", teacher.teacher_id, record.dvc_hash, pngs,
+                                 metrics["champion_version"])
         out = artifacts.write_evaluation(cfg, metrics, per_domain_csv(ev), report)
         registry.log_evaluation(record.run_id, _run_metrics(ev), out)
         registry.write_card(record.version, per_domain_table(ev))
@@ -103,29 +110,43 @@ def _teacher_head(cfg, teacher, device):
         return build_head(cfg, teacher).to(device)
 
 
-def _champion_predictor(cfg, registry: ModelRegistry, champion: str | None, challenger: str, device, warn) -> dict:
-    """{'champion': model} when there is a champion other than the challenger, trained for the same classes.
+def _comparable_champion(cfg, registry: ModelRegistry, champion: str | None, challenger: str, device, warn):
+    """The champion model to compare the challenger with: one other than the challenger that serves the
+    same classes, or at least 2 of them (then both are scored on the classes they share); else None.
 
-    A champion in the old pickle format is not loaded (nor compared): the challenger then replaces
-    it as it would a champion trained for other classes, which is how such a registry is re-registered."""
+    Fewer than 2 classes in common are not compared (on a single class, top-1 with the other classes
+    masked is 1 for any model), and the challenger replaces that champion. A champion in the old pickle
+    format is not loaded (nor compared) either: the challenger replaces it, which is how such a registry
+    is re-registered."""
     from dfkd_assets.defs.registry import LegacyModelError
+    from dfkd_assets.stages.evaluation import shared_classes
 
     if champion is None or champion == challenger:
-        return {}
+        return None
     try:
         model = registry.load(champion, device)
     except LegacyModelError as e:
         warn(f"{e}; not compared")
-        return {}
-    if list(getattr(model, "classes", [])) != cfg.classes:
-        warn(f"champion v{champion} was trained for classes {getattr(model, 'classes', '?')}; not compared")
-        return {}
-    return {"champion": model}
+        return None
+    classes = list(getattr(model, "classes", []))
+    if classes == cfg.classes:
+        return model
+    shared = shared_classes(cfg.classes, classes)
+    if len(shared) < 2:
+        warn(f"champion v{champion} was trained for classes {classes or '?'}, sharing {shared or 'none'} with {cfg.classes}: "
+             "fewer than 2 classes in common, not compared (the challenger replaces it)")
+        return None
+    warn(f"champion v{champion} was trained for classes {classes}: compared on the {len(shared)} classes both serve ({', '.join(shared)})")
+    return model
 
 
 def _report_metadata(ev, metrics: dict, table: str, out, first_png: tuple[str, str]) -> dict:
+    from dfkd_assets.stages.evaluation import shared_line
+
+    shared = {"shared_comparison": shared_line(ev, metrics["champion_version"]),
+              **{k: metrics[k] for k in ("student_shared_mean_top1", "champion_shared_mean_top1")}} if ev.shared_classes else {}
     return {
-        "challenger_version": metrics["challenger_version"], "champion_version": str(metrics["champion_version"]),
+        "challenger_version": metrics["challenger_version"], "champion_version": str(metrics["champion_version"]), **shared,
         **{k: metrics[k] for k in (*(f"{m}_mean_top1" for m in ev.models), "chance", "mean_transfer_ratio")},
         "per_domain": dg.MetadataValue.md(table), "report": dg.MetadataValue.path(str((out / "report.md").resolve())),
         "confusion": dg.MetadataValue.md(md_image(out / first_png[1], first_png[0])),

@@ -28,7 +28,7 @@ from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 )
 @no_retry_for_bad_input
 def champion_student(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
-    from dfkd_assets.core.promotion import PromotionRefused, compared_champion_score, promotion_decision
+    from dfkd_assets.core.promotion import PromotionRefused, compared_scores, promotion_decision
 
     cfg = settings.load()
     registry = ModelRegistry(cfg, mlflow_tracking)
@@ -49,11 +49,13 @@ def champion_student(context: dg.AssetExecutionContext, settings: PipelineSettin
         registry.promote(challenger, current, decision.reason)
     final = registry.champion()
     context.log.info(f"promotion of v{challenger}: {'PROMOTED' if decision.promote else 'kept v' + str(final)} ({decision.reason})")
+    compared = compared_scores(metrics, key) if current not in (None, challenger) else None
     return dg.MaterializeResult(
         metadata={
             "champion_version": str(final), "challenger_version": challenger, "previous_champion": str(current),
-            "promoted": decision.promote, "reason": decision.reason, "challenger_score": metrics[key],
-            "champion_score": str(compared_champion_score(metrics, key) if current not in (None, challenger) else None),
+            "promoted": decision.promote, "reason": decision.reason, "challenger_score": compared.challenger if compared else metrics[key],
+            "champion_score": str(compared.champion if compared else None),
+            "shared_classes": ", ".join(compared.shared_classes) if compared else "",
             "model_uri": registry.model_uri(), **lineage(cfg, context),
         }
     )
