@@ -102,8 +102,17 @@ def _cmd_toyworld_build(args: argparse.Namespace) -> int:
     cfg = validate(ToyworldConfig, raw or {}, str(args.settings or "the built-in toyworld defaults"))
     from dfkd_assets.toyworld.build import build
 
-    m = build(cfg, Path(args.out), force=args.force)
-    print(f"toyworld in {args.out}: teacher zero-shot " + ", ".join(f"{d} {a:.2f}" for d, a in m["teacher_zero_shot"].items()))
+    m = build(cfg, Path(args.out), force=args.force, train=args.train)
+    print(f"toyworld in {args.out} ({m.get('source', 'trained')}): teacher zero-shot "
+          + ", ".join(f"{d} {a:.2f}" for d, a in m["teacher_zero_shot"].items()))
+    return 0
+
+
+def _cmd_toyworld_pin(args: argparse.Namespace) -> int:
+    from dfkd_assets.toyworld.build import pin
+
+    dest = pin(Path(args.dir))
+    print(f"pinned the world in {args.dir} to {dest}: commit that folder; builds of its settings now restore it")
     return 0
 
 
@@ -283,11 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--size", type=int, default=32)
     e.set_defaults(fn=_cmd_eval_set)
     tw = sub.add_parser("toyworld", help="the offline miniature world").add_subparsers(dest="tw_cmd", required=True)
-    b = tw.add_parser("build", help="render the world, train its tiny CLIP and VQGAN, write the evaluation set (cached)")
+    b = tw.add_parser("build", help="render the world, restore (pinned) or train its tiny CLIP and VQGAN, write the evaluation set (cached)")
     b.add_argument("--out", required=True, help="output folder, e.g. storage/toyworld")
     b.add_argument("--settings", default=None, help="YAML with ToyworldConfig values (default: the built-in defaults)")
     b.add_argument("--force", action="store_true", help="rebuild even when the settings are unchanged")
+    b.add_argument("--train", action="store_true",
+                   help="train the tiny CLIP and VQGAN here even when these settings have pinned weights (dfkd_assets/toyworld/pinned/)")
     b.set_defaults(fn=_cmd_toyworld_build)
+    pn = tw.add_parser("pin", help="ship a trained world's weights: copy them to dfkd_assets/toyworld/pinned/<settings hash>/")
+    pn.add_argument("dir", help="a built toyworld, e.g. storage/toyworld")
+    pn.set_defaults(fn=_cmd_toyworld_pin)
     # listed for --help; its own parser (dfkd_assets.bench) takes the arguments, see below
     sub.add_parser("bench", add_help=False, help="reference loop vs engine, FLOPs/MFU, KD throughput, load share, latency (dfkd bench --help)")
     c = sub.add_parser("compare", help="vanilla/mix/random/contrastive (+ noopt, real baselines) over seeds, same budget")

@@ -1,5 +1,6 @@
 """The toyworld: a CI-sized build, its teacher, and a student that really learns (with controls)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -122,3 +123,46 @@ def test_student_learns_the_teacher_on_held_out_synthetic_images_and_the_control
     assert acc["none"] > CHANCE + 0.3, acc
     assert acc["none"] > acc["noopt"] + 0.15, acc  # CLIP guidance, not the generator's prior, carries the classes
     assert acc["shuffle_teacher"] < CHANCE + 0.13, acc
+
+
+def test_a_pinned_world_restores_the_same_teacher_and_refuses_changed_weights(toyworld, tmp_path):
+    """`dfkd toyworld pin` ships a trained world's weights; a build of the same settings then restores
+    them instead of training (the same teacher on every machine) and refuses a pinned file whose bytes
+    changed, naming it, leaving the world already there untouched."""
+    import shutil
+
+    from dfkd_assets.core.io import sha256_file
+    from dfkd_assets.toyworld.build import PINNED_FILES, PinnedWorldError, pin, pinned_dir
+
+    cfg, out, manifest = toyworld
+    root = tmp_path / "pinned"
+    dest = pin(out, root)
+    assert dest == pinned_dir(cfg, root)
+    assert not is_built(out, cfg, pinned_root=root)  # a trained world gives way to the pin ...
+    assert is_built(out, cfg, train=True, pinned_root=root)  # ... unless training is asked for
+    restored = build(cfg, tmp_path / "world", log=lambda s: None, pinned_root=root)
+    assert is_built(tmp_path / "world", cfg, pinned_root=root) and not is_built(tmp_path / "world", cfg, train=True, pinned_root=root)
+    assert restored["source"] == f"pinned {cfg.settings_hash()}" and restored["teacher_zero_shot"] == manifest["teacher_zero_shot"]
+    assert "clip_train_s" not in restored["timings"]  # nothing was trained
+    for f in PINNED_FILES:
+        assert sha256_file(tmp_path / "world" / f) == sha256_file(out / f)
+    assert restored["eval_images"] == manifest["eval_images"]
+
+    # a changed weight file is refused by name; the restored world stays as it was
+    weights = dest / "clip" / "open_clip_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(PinnedWorldError, match="open_clip_model.safetensors"):
+        build(cfg, tmp_path / "world", log=lambda s: None, pinned_root=root, force=True)
+    assert sha256_file(tmp_path / "world" / "clip" / "open_clip_model.safetensors") == sha256_file(out / "clip" / "open_clip_model.safetensors")
+
+    # weights whose recorded sha256 matches but whose teacher does not score what the pin says: refused too
+    shutil.rmtree(dest)
+    pin(out, root)
+    record = json.loads((dest / "toyworld.json").read_text())
+    record["teacher_zero_shot"] = {d: max(0.0, a - 0.2) for d, a in record["teacher_zero_shot"].items()}
+    (dest / "toyworld.json").write_text(json.dumps(record))
+    with pytest.raises(PinnedWorldError, match="pinned teacher scores"):
+        build(cfg, tmp_path / "world2", log=lambda s: None, pinned_root=root)
+    assert not (tmp_path / "world2").exists()

@@ -5,6 +5,14 @@ Cached: DIR/toyworld.json records the hash of the settings; a build with the sam
 no-op, a different one rebuilds. Outputs are written to a temporary folder and swapped in at the
 end, so an interrupted build never leaves a half-built world behind.
 
+Pinned: the tiny CLIP and VQGAN of the default settings are trained once and shipped in
+dfkd_assets/toyworld/pinned/<settings hash>/ (`dfkd toyworld pin DIR`), as a real product ships a
+pretrained CLIP. Training on the CPU is not bit-reproducible across CPU models, so every machine
+that trained its own teacher measured a different one (painting 0.72 on one, 0.76 on another); a
+build of pinned settings restores those weights instead (seconds, not 10-30 minutes), renders the
+evaluation set (procedural, the same on every machine) and refuses weights whose teacher does not
+score what the pin recorded. `--train` trains here anyway; other settings always train.
+
 DIR/
   clip/dfkd-toy-clip.json, clip/open_clip_model.safetensors   open_clip config + weights
   vqgan/config.yaml, vqgan/last.ckpt                          taming config + Lightning-style ckpt
@@ -16,6 +24,7 @@ DIR/
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,19 +32,33 @@ from typing import Callable
 
 import numpy as np
 
+from dfkd_assets.core.io import sha256_file
 from dfkd_assets.toyworld.config import ToyworldConfig
 from dfkd_assets.toyworld import world
 
 CLIP_NAME = "dfkd-toy-clip"
 TEMPLATES = ["a {}", "a photo of a {}", "a sketch of a {}", "a cartoon of a {}", "a painting of a {}"]
 MANIFEST = "toyworld.json"
+PINNED = Path(__file__).parent / "pinned"
+PINNED_FILES = ("clip/" + CLIP_NAME + ".json", "clip/open_clip_model.safetensors", "vqgan/config.yaml", "vqgan/last.ckpt")
 
 
-def is_built(out: Path, cfg: ToyworldConfig) -> bool:
+class PinnedWorldError(RuntimeError):
+    """Pinned weights that are incomplete or do not reproduce the teacher the pin recorded."""
+
+
+def is_built(out: Path, cfg: ToyworldConfig, train: bool = False, pinned_root: Path = PINNED) -> bool:
+    """A world of these settings is in `out`, and of the wanted kind: the pinned weights when these
+    settings have a pin (so a machine that once trained its own teacher moves to the shared one),
+    trained ones otherwise or with `train`."""
     try:
-        return json.loads((Path(out) / MANIFEST).read_text())["settings_hash"] == cfg.settings_hash()
-    except (OSError, ValueError, KeyError):
+        manifest = json.loads((Path(out) / MANIFEST).read_text())
+    except (OSError, ValueError):
         return False
+    if manifest.get("settings_hash") != cfg.settings_hash():
+        return False
+    wants_pin = pinned_dir(cfg, pinned_root).is_dir() and not train
+    return (manifest.get("source") == f"pinned {cfg.settings_hash()}") == wants_pin
 
 
 def write_eval(root: Path, cfg: ToyworldConfig) -> int:
@@ -54,22 +77,53 @@ def write_eval(root: Path, cfg: ToyworldConfig) -> int:
     return n
 
 
-def build(cfg: ToyworldConfig, out: Path, log: Callable[[str], None] = print, force: bool = False) -> dict:
-    import open_clip
-    import torch
+def pinned_dir(cfg: ToyworldConfig, root: Path = PINNED) -> Path:
+    return Path(root) / cfg.settings_hash()
 
-    from dfkd_assets.core.evaluation import evaluate, scan_domainbed
-    from dfkd_assets.core.teacher import load_teacher, teacher_logits, zero_shot_head
-    from dfkd_assets.core.vqgan import build_vqgan, load_vqgan
-    from dfkd_assets.toyworld.train import save_clip, save_vqgan, train_clip, train_vqgan
 
+def build(cfg: ToyworldConfig, out: Path, log: Callable[[str], None] = print, force: bool = False, train: bool = False,
+          pinned_root: Path = PINNED) -> dict:
+    """The world in `out`: restored from the pinned weights of these settings when there are any
+    (unless `train`), else trained here."""
     out = Path(out)
-    if not force and is_built(out, cfg):
+    if not force and is_built(out, cfg, train, pinned_root):
         log(f"toyworld in {out} is up to date (settings {cfg.settings_hash()})")
         return json.loads((out / MANIFEST).read_text())
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    pin = pinned_dir(cfg, pinned_root)
+    try:
+        return _restore_pinned(cfg, pin, tmp, out, log) if pin.is_dir() and not train else _train(cfg, tmp, out, log)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # swapped in (gone) on success; a failure leaves `out` as it was
+
+
+def _restore_pinned(cfg: ToyworldConfig, pin: Path, tmp: Path, out: Path, log) -> dict:
+    """The pinned weights copied into the world; the rest rendered; the teacher checked against the pin."""
+    t0 = time.perf_counter()
+    missing = [f for f in (*PINNED_FILES, MANIFEST) if not (pin / f).is_file()]
+    if missing:
+        raise PinnedWorldError(f"pinned toyworld {pin} lacks {', '.join(missing)}: restore it from git, or build with --train")
+    pinned = json.loads((pin / MANIFEST).read_text())
+    log(f"toyworld: restoring the pinned tiny CLIP and VQGAN of settings {cfg.settings_hash()} (trained on {pinned.get('machine', '?')})")
+    for f in PINNED_FILES:
+        if sha256_file(pin / f) != pinned["files"][f]:
+            raise PinnedWorldError(f"pinned file {pin / f} does not match the sha256 its toyworld.json records: restore it from git, "
+                                   "or build with --train")
+        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(pin / f, tmp / f)
+    extra = {"source": f"pinned {pin.name}", "machine": pinned.get("machine"), "clip_final_loss": pinned.get("clip_final_loss")}
+    return _finish(cfg, tmp, out, extra, t0, log, expect=pinned["teacher_zero_shot"])
+
+
+def _train(cfg: ToyworldConfig, tmp: Path, out: Path, log) -> dict:
+    import open_clip
+    import torch
+
+    from dfkd_assets.core.vqgan import build_vqgan
+    from dfkd_assets.toyworld.train import save_clip, save_vqgan, train_clip, train_vqgan
+
     timings, t0 = {}, time.perf_counter()
     torch.manual_seed(cfg.seed)
 
@@ -107,8 +161,22 @@ def build(cfg: ToyworldConfig, out: Path, log: Callable[[str], None] = print, fo
     t = time.perf_counter()
     vq_stats = train_vqgan(vq, images, v.steps, v.batch_size, v.lr, cfg.seed, log)
     timings["vqgan_train_s"] = time.perf_counter() - t
-    vq_cfg, vq_ckpt = save_vqgan(vq, params, tmp / "vqgan", v.steps)
+    save_vqgan(vq, params, tmp / "vqgan", v.steps)
+    extra = {"clip_final_loss": float(np.mean(losses[-50:])), **{f"vqgan_{k}": val for k, val in vq_stats.items()},
+             "machine": _machine(), "source": "trained", "timings": timings}
+    return _finish(cfg, tmp, out, extra, t0, log)
 
+
+def _finish(cfg: ToyworldConfig, tmp: Path, out: Path, extra: dict, t0: float, log, expect: dict | None = None) -> dict:
+    """Evaluation set and style words rendered into `tmp`, everything loaded through the pipeline's
+    real loaders, the teacher measured (and held to `expect`, a pin's record), `tmp` swapped in."""
+    import torch
+
+    from dfkd_assets.core.evaluation import evaluate, scan_domainbed
+    from dfkd_assets.core.teacher import load_teacher, teacher_logits, zero_shot_head
+    from dfkd_assets.core.vqgan import load_vqgan
+
+    cfg_path, clip_weights = tmp / "clip" / f"{CLIP_NAME}.json", tmp / "clip" / "open_clip_model.safetensors"
     log("toyworld: writing the held-out evaluation set")
     n_eval = write_eval(tmp / "eval", cfg)
     (tmp / "style_words.txt").write_text(
@@ -119,20 +187,53 @@ def build(cfg: ToyworldConfig, out: Path, log: Callable[[str], None] = print, fo
     # check through the pipeline's real loaders, and measure the teacher
     cpu = torch.device("cpu")
     teacher = load_teacher(CLIP_NAME, str(clip_weights), cfg_path, 0, cpu)
-    load_vqgan(vq_cfg, vq_ckpt, 0, cpu)
+    load_vqgan(tmp / "vqgan" / "config.yaml", tmp / "vqgan" / "last.ckpt", 0, cpu)
     head = zero_shot_head(teacher, world.CLASSES, TEMPLATES)
     sets = scan_domainbed(tmp / "eval", world.CLASSES, name="toyworld")
     res = evaluate({"teacher": lambda x: teacher_logits(teacher, head, x)}, sets, len(world.CLASSES), cfg.image_size, 256, cpu)["teacher"]
-    timings["total_s"] = time.perf_counter() - t0
+    # the same weights on another CPU may flip a borderline image or two, tampered ones far more
+    if expect is not None and any(abs(res.top1.get(d, -1.0) - a) > 2.5 / (cfg.eval_per_class * len(world.CLASSES)) for d, a in expect.items()):
+        raise PinnedWorldError(f"the pinned teacher scores {res.top1} here, the pin recorded {expect}: its weights or the evaluation "
+                               "set changed; restore the pinned files from git, or build with --train")
+    seconds = time.perf_counter() - t0
     manifest = {
-        "settings": cfg.model_dump(mode="json"), "settings_hash": cfg.settings_hash(), "classes": world.CLASSES, "domains": world.DOMAINS,
-        "teacher_zero_shot": res.top1, "teacher_zero_shot_mean": res.mean_top1, "templates": TEMPLATES,
-        "clip_final_loss": float(np.mean(losses[-50:])), **{f"vqgan_{k}": val for k, val in vq_stats.items()},
-        "eval_images": n_eval, "timings": timings,
+        **extra, "settings": cfg.model_dump(mode="json"), "settings_hash": cfg.settings_hash(), "classes": world.CLASSES,
+        "domains": world.DOMAINS, "teacher_zero_shot": res.top1, "teacher_zero_shot_mean": res.mean_top1, "templates": TEMPLATES,
+        "eval_images": n_eval, "timings": {**extra.get("timings", {}), "total_s": seconds},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    log(f"toyworld built in {timings['total_s']:.0f} s: teacher zero-shot " + ", ".join(f"{d} {a:.2f}" for d, a in res.top1.items()))
+    log(f"toyworld {'restored' if expect is not None else 'built'} in {seconds:.0f} s: teacher zero-shot "
+        + ", ".join(f"{d} {a:.2f}" for d, a in res.top1.items()))
     return manifest
+
+
+def pin(out: Path, root: Path = PINNED) -> Path:
+    """`dfkd toyworld pin DIR`: the trained weights and manifest of the world in DIR copied to
+    root/<settings hash>/, the files a build of the same settings then restores (commit them)."""
+    manifest = json.loads((Path(out) / MANIFEST).read_text())
+    dest = Path(root) / manifest["settings_hash"]
+    tmp = dest.with_name(dest.name + ".pinning")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in PINNED_FILES:
+        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(out) / f, tmp / f)
+    keep = ("settings", "settings_hash", "teacher_zero_shot", "teacher_zero_shot_mean", "clip_final_loss", "machine", "timings")
+    record = {**{k: manifest[k] for k in keep if k in manifest}, "files": {f: sha256_file(tmp / f) for f in PINNED_FILES}}
+    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def _machine() -> str:
+    """The CPU that trained a world: its teacher differs from another CPU model's."""
+    import platform
+
+    try:
+        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name}, {os.cpu_count()} cores"
