@@ -272,15 +272,15 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
     base = dataclasses.replace(distill_settings(cfg, device), epochs=epochs)
     if batch_size:
         base = dataclasses.replace(base, batch_size=batch_size)
-    out = {"images": n_images, "epochs": epochs, "student": cfg.student.arch, "input_size": cfg.student.input_size,
+    out = {"images": n_images, "epochs": epochs, "student": cfg.student.arch, "model_kwargs": cfg.student.model_kwargs, "input_size": cfg.student.input_size,
            "batch_size": base.batch_size, "bf16": base.bf16}
     for name, s in (("augmented", base), ("cached_teacher_logits", dataclasses.replace(base, augment=False))):
-        student = build_student(cfg.student.arch, classes, cfg.student.input_size, 0)
+        student = build_student(cfg.student.arch, classes, cfg.student.input_size, 0, model_kwargs=cfg.student.model_kwargs)
         with tempfile.TemporaryDirectory() as tmp:
             _, dt = _timed(lambda: distill(student, teacher, head, images, labels, s, Path(tmp), name), device)
         out[f"{name}_images_per_s"] = n_images * epochs / dt
 
-    student = build_student(cfg.student.arch, classes, cfg.student.input_size, 0).to(device).train()
+    student = build_student(cfg.student.arch, classes, cfg.student.input_size, 0, model_kwargs=cfg.student.model_kwargs).to(device).train()
     opt = torch.optim.SGD(student.parameters(), lr=base.lr, momentum=base.momentum)
     data = images.to(device).permute(0, 3, 1, 2).contiguous()
     stages = {"augment": 0.0, "teacher": 0.0, "student": 0.0}

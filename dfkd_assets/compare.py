@@ -156,7 +156,7 @@ def _write_results(cfg: DfkdConfig, runs: list[dict], teacher_top1: dict, seeds:
     summary, table = seed_summary(runs, teacher_top1, chance)
     result = {"teacher": teacher_top1, "chance": chance, "seeds": seeds, "runs": runs, "summary": summary,
               "budget": {"images_per_class": cfg.synthesis.images_per_class, "iterations": cfg.synthesis.iterations, "cutn": cfg.synthesis.cutn,
-                         "student": cfg.student.arch, "epochs": cfg.distill.epochs, "device": cfg.device}}
+                         "student": cfg.student.arch, "model_kwargs": cfg.student.model_kwargs, "epochs": cfg.distill.epochs, "device": cfg.device}}
     (out / "compare.json").write_text(json.dumps(result, indent=2))
     (out / "compare.md").write_text(table + "\n")
     return result

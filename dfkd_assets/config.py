@@ -177,6 +177,9 @@ class StudentConfig(SettingsModel):
     """Student architecture (docs/ALGORITHM.md §4): any timm model name."""
 
     arch: str = "resnet18"
+    model_kwargs: dict[str, int | float | bool | str | list[int]] = Field(
+        default_factory=dict, description="keyword arguments of timm.create_model(arch, ...), e.g. {channels: [32, 64, 128, 256]}: a "
+        "ResNet at half width (a quarter of the convolution FLOPs); recorded in student.json, so the registry's model rebuilds it")
     input_size: int = Field(224, gt=0)
     init_seed: int = 0
     head: Literal["logits", "embedding"] = Field(

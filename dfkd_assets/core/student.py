@@ -34,12 +34,16 @@ class StudentClassifier(torch.nn.Module):
     into the teacher's image-embedding space (trained by feature distillation, distill.feature_weight)."""
 
     def __init__(self, arch: str, classes: list[str], input_size: int, embed_dim: int | None = None,
-                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+                 mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD, model_kwargs: dict | None = None):
         super().__init__()
         if arch not in timm.list_models():
             raise ValueError(f"student.arch {arch!r} is not a timm model name (see timm.list_models())")
         self.arch, self.classes, self.input_size, self.embed_dim = arch, list(classes), int(input_size), embed_dim
-        self.backbone = timm.create_model(arch, pretrained=False, num_classes=self._backbone_outputs(len(classes)))
+        self.model_kwargs = dict(model_kwargs or {})
+        try:
+            self.backbone = timm.create_model(arch, pretrained=False, num_classes=self._backbone_outputs(len(classes)), **self.model_kwargs)
+        except TypeError as e:
+            raise ValueError(f"student.model_kwargs {self.model_kwargs} do not fit timm's {arch!r}: {e}") from None
         self.embed = torch.nn.Linear(self.backbone.num_features, embed_dim) if embed_dim else None
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
@@ -61,9 +65,11 @@ class StudentClassifier(torch.nn.Module):
         return self.backbone.get_classifier()(pooled), F.normalize(self.embed(pooled), dim=-1)
 
     def spec(self) -> dict:
-        """Everything but the weights that rebuilds this model: the content of student.json."""
+        """Everything but the weights that rebuilds this model: the content of student.json
+        (`model_kwargs` only when there are any, so a default student's spec reads as before)."""
         return {"arch": self.arch, "classes": self.classes, "input_size": self.input_size, "embed_dim": self.embed_dim,
-                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+                "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(),
+                **({"model_kwargs": self.model_kwargs} if self.model_kwargs else {})}
 
     def save(self, directory: Path) -> None:
         sd = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
@@ -84,11 +90,12 @@ class EmbeddingStudent(StudentClassifier):
     """
 
     def __init__(self, arch: str, classes: list[str], input_size: int, text_embeddings: torch.Tensor, logit_scale: float,
-                 teacher_id: str, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD):
+                 teacher_id: str, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                 model_kwargs: dict | None = None):
         text_embeddings = torch.as_tensor(text_embeddings, dtype=torch.float32)
         if text_embeddings.ndim != 2 or text_embeddings.shape[0] != len(classes):
             raise ValueError(f"an embedding student's head needs one row per class: {len(classes)} classes, head of shape {tuple(text_embeddings.shape)}")
-        super().__init__(arch, classes, input_size, int(text_embeddings.shape[1]), mean, std)
+        super().__init__(arch, classes, input_size, int(text_embeddings.shape[1]), mean, std, model_kwargs)
         self.teacher_id = str(teacher_id)
         self.register_buffer("text_embeddings", F.normalize(text_embeddings.detach().clone(), dim=-1), persistent=False)
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)), persistent=False)
@@ -132,16 +139,17 @@ class EmbeddingStudent(StudentClassifier):
         super().save(directory)
 
 
-def build_student(arch: str, classes: list[str], input_size: int, init_seed: int, embed_dim: int | None = None) -> StudentClassifier:
+def build_student(arch: str, classes: list[str], input_size: int, init_seed: int, embed_dim: int | None = None,
+                  model_kwargs: dict | None = None) -> StudentClassifier:
     torch.manual_seed(init_seed)
-    return StudentClassifier(arch, classes, input_size, embed_dim)
+    return StudentClassifier(arch, classes, input_size, embed_dim, model_kwargs=model_kwargs)
 
 
 def build_embedding_student(arch: str, classes: list[str], input_size: int, init_seed: int, text_embeddings: torch.Tensor,
-                            logit_scale: float, teacher_id: str) -> EmbeddingStudent:
+                            logit_scale: float, teacher_id: str, model_kwargs: dict | None = None) -> EmbeddingStudent:
     """A fresh embedding student whose classifier is `text_embeddings` (the teacher's zero-shot head for `classes`)."""
     torch.manual_seed(init_seed)
-    return EmbeddingStudent(arch, classes, input_size, text_embeddings.detach().cpu(), logit_scale, teacher_id)
+    return EmbeddingStudent(arch, classes, input_size, text_embeddings.detach().cpu(), logit_scale, teacher_id, model_kwargs=model_kwargs)
 
 
 def load_student(directory: Path) -> StudentClassifier:
@@ -160,11 +168,11 @@ def load_student_files(spec_file: Path, weights_file: Path, head_file: Path | No
             raise ValueError(f"{Path(spec_file).name} describes an embedding student, whose classifier is {HEAD}; no such file was given")
         head = load_file(head_file)
         model = EmbeddingStudent(meta["arch"], meta["classes"], meta["input_size"], head["text_embeddings"], float(head["logit_scale"][0]),
-                                 meta["teacher_id"], *norm)
+                                 meta["teacher_id"], *norm, model_kwargs=meta.get("model_kwargs"))
         if model.embed_dim != meta.get("embed_dim"):
             raise ValueError(f"{Path(head_file).name} holds {model.embed_dim}-d text embeddings, {Path(spec_file).name} says embed_dim {meta.get('embed_dim')}")
     else:
-        model = StudentClassifier(meta["arch"], meta["classes"], meta["input_size"], meta.get("embed_dim"), *norm)
+        model = StudentClassifier(meta["arch"], meta["classes"], meta["input_size"], meta.get("embed_dim"), *norm, model_kwargs=meta.get("model_kwargs"))
     model.load_state_dict(load_file(weights_file), strict=True)
     return model.eval()
 

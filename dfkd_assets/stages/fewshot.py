@@ -22,7 +22,7 @@ def few_shot(cfg: DfkdConfig, student, device, log: Callable[[str], None] = lamb
     fs, arch, size = cfg.fewshot, cfg.student.arch, cfg.student.input_size
 
     def scratch():
-        return build_student(arch, cfg.classes, size, cfg.student.init_seed)
+        return build_student(arch, cfg.classes, size, cfg.student.init_seed, model_kwargs=cfg.student.model_kwargs)
 
     starts = {"distilled": copy_of(student), "scratch": scratch}
     if fs.imagenet_weights is not None:

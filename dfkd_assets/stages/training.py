@@ -38,10 +38,11 @@ def distill_student(
 
     s = cfg.student
     if s.head == "embedding":  # its classifier is the teacher's text head: KD trains it through that head
-        student = build_embedding_student(s.arch, cfg.classes, s.input_size, s.init_seed, head, teacher.logit_scale, teacher.teacher_id)
+        student = build_embedding_student(s.arch, cfg.classes, s.input_size, s.init_seed, head, teacher.logit_scale, teacher.teacher_id,
+                                          s.model_kwargs)
     else:
         embed_dim = int(head.shape[1]) if cfg.distill.feature_weight > 0 else None  # feature distillation: the teacher's embedding size
-        student = build_student(s.arch, cfg.classes, s.input_size, s.init_seed, embed_dim)
+        student = build_student(s.arch, cfg.classes, s.input_size, s.init_seed, embed_dim, s.model_kwargs)
     if init_from is not None:
         student.load_state_dict(init_from.state_dict())
     history = distill(student, teacher, head, images, labels, distill_settings(cfg, device), checkpoint_dir=checkpoint_dir,
@@ -67,7 +68,7 @@ def classes_with(base_classes: list[str], names: list[str], reserved: tuple[str,
 
 
 def warm_start_refusal(cfg: DfkdConfig, model) -> str | None:
-    """Why `model` (the champion) cannot seed a warm start, None when it can: same arch, classes, input size."""
-    have = (getattr(model, "arch", None), list(getattr(model, "classes", [])), getattr(model, "input_size", None))
-    want = (cfg.student.arch, cfg.classes, cfg.student.input_size)
+    """Why `model` (the champion) cannot seed a warm start, None when it can: same arch (and timm kwargs), classes, input size."""
+    have = (getattr(model, "arch", None), getattr(model, "model_kwargs", {}), list(getattr(model, "classes", [])), getattr(model, "input_size", None))
+    want = (cfg.student.arch, cfg.student.model_kwargs, cfg.classes, cfg.student.input_size)
     return None if have == want else f"champion is {have}, the settings ask for {want}"
