@@ -91,6 +91,25 @@ def test_unknown_arch_is_named():
         build_student("resnet-does-not-exist", ["a", "b"], 32, 0)
 
 
+
+def test_timm_kwargs_build_a_narrower_student_that_its_files_rebuild(tmp_path):
+    """student.model_kwargs reach timm (a half-width ResNet has about a quarter of the weights), are
+    written to student.json and rebuild the same network through the registry model's loader."""
+    from dfkd_assets.registry_model import SPEC, WEIGHTS, build_student as rebuild
+
+    full = build_student("resnet18", ["a", "b"], 32, 0)
+    half = build_student("resnet18", ["a", "b"], 32, 0, model_kwargs={"channels": [32, 64, 128, 256]}).eval()
+    ratio = sum(p.numel() for p in half.parameters()) / sum(p.numel() for p in full.parameters())
+    assert 0.2 < ratio < 0.3
+    half.save(tmp_path)
+    back = rebuild({SPEC: tmp_path / "student.json", WEIGHTS: tmp_path / "model.safetensors"})
+    assert back.model_kwargs == {"channels": [32, 64, 128, 256]}
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(back(x), half(x))
+    assert "model_kwargs" not in full.spec()  # a default student's student.json is unchanged
+    with pytest.raises(ValueError, match="student.model_kwargs"):
+        build_student("resnet18", ["a", "b"], 32, 0, model_kwargs={"chanels": [32, 64, 128, 256]})
+
 def test_without_augmentation_teacher_logits_are_cached_and_equal(teacher, data, tmp_path):
     """augment=False trains on whole images; the cached teacher logits are the ones computed per batch."""
     from dfkd_assets.core.distill import cached_teacher_logits, resize_batch
