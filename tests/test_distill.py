@@ -91,7 +91,6 @@ def test_unknown_arch_is_named():
         build_student("resnet-does-not-exist", ["a", "b"], 32, 0)
 
 
-
 def test_timm_kwargs_build_a_narrower_student_that_its_files_rebuild(tmp_path):
     """student.model_kwargs reach timm (a half-width ResNet has about a quarter of the weights), are
     written to student.json and rebuild the same network through the registry model's loader."""
@@ -109,6 +108,7 @@ def test_timm_kwargs_build_a_narrower_student_that_its_files_rebuild(tmp_path):
     assert "model_kwargs" not in full.spec()  # a default student's student.json is unchanged
     with pytest.raises(ValueError, match="student.model_kwargs"):
         build_student("resnet18", ["a", "b"], 32, 0, model_kwargs={"chanels": [32, 64, 128, 256]})
+
 
 def test_without_augmentation_teacher_logits_are_cached_and_equal(teacher, data, tmp_path):
     """augment=False trains on whole images; the cached teacher logits are the ones computed per batch."""
