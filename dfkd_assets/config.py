@@ -214,6 +214,9 @@ class DistillConfig(SettingsModel):
         "procedural", description="what the shrunk image is placed on: a procedural texture, or a magnified crop of another KD input")
     feature_weight: float = Field(0.0, ge=0, description="> 0: the student also matches the teacher's image embedding of each KD input "
                                   "(weight of 1 - cosine between a linear projection of its pooled features and the teacher's embedding)")
+    broad_images: int = Field(0, ge=0, description="> 0: this many class-name-free KD inputs beside the synthetic images: decoded random "
+                              "generator latents (core/synthesis.random_code_images), labelled by the teacher like every KD input; they show an "
+                              "embedding student the teacher's space beyond the user's classes, for classes added later by name")
     adversarial_eps: float = Field(0.0, ge=0, le=1, description="> 0: every KD input is moved, within this L-inf radius (pixels in [0, 1]), "
                                    "towards where student and teacher disagree most (PGD on the KD loss; core/distill.adversarial_inputs)")
     adversarial_steps: int = Field(1, gt=0, description="signed-gradient ascent steps of that search")

@@ -68,4 +68,5 @@ def expected_round_fingerprints(cfg: DfkdConfig, rounds: list[int]) -> dict[tupl
 
 def student_fingerprint(cfg: DfkdConfig, teacher_id: str, data_id: str) -> str:
     """Everything a distillation run depends on: a checkpoint with another fingerprint is not resumed."""
-    return _hash({"distill": cfg.distill.model_dump(), "student": cfg.student.model_dump(), "teacher": teacher_id, "data": data_id})
+    broad = {"generator": cfg.generator.model_dump(mode="json")} if cfg.distill.broad_images else {}  # broad images come from it
+    return _hash({"distill": cfg.distill.model_dump(), "student": cfg.student.model_dump(), "teacher": teacher_id, "data": data_id, **broad})

@@ -54,7 +54,8 @@ def distill_settings(cfg: DfkdConfig, device):
     from dfkd_assets.core.devices import use_bf16
     from dfkd_assets.core.distill import DistillSettings
 
-    return DistillSettings(**cfg.distill.model_dump(), bf16=use_bf16(device, cfg.precision))
+    # broad_images decides the training set (stages/training.broad_images), not the KD loop
+    return DistillSettings(**cfg.distill.model_dump(exclude={"broad_images"}), bf16=use_bf16(device, cfg.precision))
 
 
 def style_settings(cfg: DfkdConfig):

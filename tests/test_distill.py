@@ -223,3 +223,25 @@ def test_feature_distillation_pulls_the_embedding_to_the_teachers(teacher, data,
     with pytest.raises(ValueError, match="feature_weight"):
         distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels,
                 distill_settings(epochs=1, batch_size=8, feature_weight=1.0), tmp_path / "g", "fp")
+
+
+def test_images_made_for_no_class_are_distilled_and_left_out_of_cross_entropy(teacher, data, tmp_path):
+    """distill.broad_images: class-free images carry the label -1 (stages/training.training_set); KD learns
+    the teacher on them like on any input, and the cross-entropy term skips them, even in a batch of only them."""
+    import numpy as np
+
+    from dfkd_assets.stages.training import UNLABELLED, training_set
+
+    classes = ["dog", "cat", "house"]
+    head = zero_shot_head(teacher, classes, "single")
+    images, labels = data
+    x, y = training_set([images[labels == k].numpy() for k in range(3)], images[:6].numpy())
+    assert len(x) == 30 and (y[24:] == UNLABELLED).all() and sorted(y[:24].tolist()) == sorted(labels.tolist())
+    s = distill_settings(epochs=2, batch_size=8, lr=0.05, ce_weight=1.0)
+    broad_only = training_set([np.zeros((0, 32, 32, 3), np.uint8)] * 3, images.numpy())
+    hist = distill(build_student("resnet10t", classes, 32, 0), teacher, head, *broad_only, s, tmp_path / "broad", "fp")
+    assert all(math.isfinite(h["kd_loss"]) for h in hist)
+    kd_only = distill(build_student("resnet10t", classes, 32, 0), teacher, head, images, torch.full_like(labels, UNLABELLED), s,
+                      tmp_path / "kd", "fp")
+    with_ce = distill(build_student("resnet10t", classes, 32, 0), teacher, head, images, labels, s, tmp_path / "ce", "fp")
+    assert with_ce[0]["kd_loss"] > kd_only[0]["kd_loss"] + 0.5  # labelled images do add the cross-entropy (about ln 3)

@@ -221,3 +221,28 @@ def test_cosine_lr_schedule_decays_the_step_to_zero_and_changes_the_image(vqgan,
     a = synthesize_batch(vqgan, teacher, t, [3], synthesis_settings(iterations=8, cutn=4, image_size=32))
     b = synthesize_batch(vqgan, teacher, t, [3], synthesis_settings(iterations=8, cutn=4, image_size=32, lr_schedule="cosine"))
     assert np.abs(a.images.astype(int) - b.images).mean() > 0.5
+
+
+def test_random_code_images_are_seeded_codebook_grids_at_several_cell_sizes(vqgan):
+    """distill.broad_images: each image is its own seed's grid of random codes, in cells of 1, 2 or 4
+    positions, decoded without guidance; the same seeds give the same images in any batching."""
+    from dfkd_assets.core.synthesis import CODE_CELLS, random_code_grid, random_code_images
+
+    book = codebook(vqgan)
+    cells = set()
+    for seed in range(30):
+        z = random_code_grid(book, seed, 8)
+        assert z.shape == (16, 8, 8)
+        flat = z.permute(1, 2, 0).reshape(-1, 16)
+        assert (flat[:, None, :] == book[None]).all(-1).any(-1).all()  # every position is a code
+        # the largest cell whose blocks are constant is the image's cell size
+        cells.add(max(c for c in CODE_CELLS if torch.equal(z, z[:, ::c, ::c].repeat_interleave(c, 1).repeat_interleave(c, 2))))
+        assert torch.equal(z, random_code_grid(book, seed, 8))
+    assert cells == set(CODE_CELLS)
+    images = random_code_images(vqgan, list(range(6)), 32, batch_size=4)
+    assert images.shape == (6, 32, 32, 3) and images.dtype == np.uint8
+    again = np.concatenate([random_code_images(vqgan, [s], 32) for s in range(6)])
+    assert np.abs(images.astype(int) - again).max() <= 1  # batching does not change an image
+    assert len({im.tobytes() for im in images}) == 6
+    with pytest.raises(ValueError, match="synthesis.image_size"):
+        random_code_images(vqgan, [0], 30)

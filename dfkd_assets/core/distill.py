@@ -234,7 +234,8 @@ def distill(
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> list[dict]:
-    """Train `student` in place; `images`: uint8 [N,H,W,3] (any device), `labels`: prompt class [N].
+    """Train `student` in place; `images`: uint8 [N,H,W,3] (any device), `labels`: prompt class [N]
+    (-1: an image made for no class, left out of the cross-entropy term).
 
     Returns the per-epoch history (also the history of resumed epochs).
     """
@@ -284,7 +285,8 @@ def distill(
             if settings.feature_weight > 0:
                 loss = loss + settings.feature_weight * feature_loss(e_s.float(), f_t)
             if settings.ce_weight > 0:
-                loss = loss + settings.ce_weight * F.cross_entropy(z_s, labels[idx])
+                # images made for no class (label < 0: distill.broad_images) are left out of the mean
+                loss = loss + settings.ce_weight * F.cross_entropy(z_s, labels[idx], ignore_index=-1, reduction="sum") / (labels[idx] >= 0).sum().clamp(min=1)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), first_bad.new_full((), i), first_bad)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -119,6 +119,43 @@ def init_latents(vqgan: torch.nn.Module, rngs: ImageRngs, image_size: int, noise
     return torch.stack(z).contiguous()
 
 
+CODE_CELLS = (1, 2, 4)  # side of the square cells of latent positions that share one random code
+
+
+def random_code_grid(book: torch.Tensor, seed: int, side: int) -> torch.Tensor:
+    """[C,side,side] latents of uniformly random codes of `book`, in square cells of a side drawn
+    from CODE_CELLS (those dividing `side`), all from `seed`'s own generator."""
+    g = torch.Generator().manual_seed(int(seed))
+    cells = [c for c in CODE_CELLS if side % c == 0]
+    cell = cells[int(torch.randint(len(cells), (1,), generator=g))]
+    n = side // cell
+    idx = torch.randint(book.shape[0], (n * n,), generator=g).to(book.device)
+    return book[idx].view(n, n, -1).permute(2, 0, 1).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+def random_code_images(vqgan: torch.nn.Module, seeds: list[int], image_size: int, batch_size: int = 64) -> np.ndarray:
+    """Class-name-free images, uint8 [N,H,W,3]: decoded grids of uniformly random codebook entries,
+    one image per seed, no teacher guidance.
+
+    Each image draws its cell size from its own seed: one latent position per code (the generator's
+    fine mottle), or square cells of 2 or 4 positions sharing one code (larger blobs, edges and
+    corners). Why: the user's prompts only show the student what the teacher sees in those classes;
+    an embedding student that must later serve a class added by name (docs/ALGORITHM.md §4) also
+    needs the teacher's embedding of what the generator can draw beyond them, and these images name
+    no class at all. Seconds for thousands: decoder passes only."""
+    f = downsample_factor(vqgan)
+    if image_size % f:
+        raise ValueError(f"synthesis.image_size {image_size} must be a multiple of the VQGAN factor {f}")
+    side, book = image_size // f, codebook(vqgan)
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        z = torch.stack([random_code_grid(book, s, side) for s in seeds[start:start + batch_size]])
+        with torch.no_grad():
+            x = ((decode(vqgan, z) + 1) / 2).clamp(0, 1)
+        out.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
 def render(vqgan: torch.nn.Module, z: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """Latents -> images in [0,1] through straight-through VQ and clamp."""
     zq = quantize_st(z, codebook(vqgan))

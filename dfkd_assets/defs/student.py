@@ -21,7 +21,7 @@ from dfkd_assets.defs.placement import GPU_OP_TAGS
 from dfkd_assets.defs.registry import PROMPT_METHOD, WARM_START_FROM, WEIGHTS_FROM, ModelRegistry, data_round_tags
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 from dfkd_assets.fingerprints import student_fingerprint
-from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
+from dfkd_assets.loaders import device_lease, eval_sets, generator_for, teacher_for
 from dfkd_assets.redaction import redact
 
 
@@ -38,7 +38,7 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
     import mlflow
 
     from dfkd_assets.core.progress import Progress
-    from dfkd_assets.stages.training import distill_student, train_steps, training_set
+    from dfkd_assets.stages.training import broad_images, distill_student, train_steps, training_set
 
     cfg = settings.load()
     registry = ModelRegistry(cfg, mlflow_tracking)
@@ -47,7 +47,8 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         head = artifacts.read_teacher_head(cfg, teacher, device)
         dvc_hash, rounds = artifacts.read_snapshot_hash(cfg), artifacts.read_snapshot_index(cfg)["rounds"]
         per_class = [artifacts.read_class_images(cfg, c, rounds) for c in cfg.classes]
-        images, labels = training_set(per_class)
+        broad = broad_images(cfg, generator_for(cfg, device)) if cfg.distill.broad_images else None
+        images, labels = training_set(per_class, broad)
         init, init_tags = _warm_start(cfg, registry, context.log)
         fingerprint = student_fingerprint(cfg, teacher.teacher_id, dvc_hash + init_tags.get(WARM_START_FROM, ""))
         tags = lineage(cfg, context, dvc_hash=dvc_hash, teacher_id=teacher.teacher_id, fingerprint=fingerprint, **{PROMPT_METHOD: cfg.prompts.method},
@@ -68,7 +69,8 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         artifacts.write_student_record(cfg, record)
         last = history[-1]
         context.log.info(f"student v{version}: final KD loss {last['kd_loss']:.4f}, teacher agreement {last['teacher_agreement']:.3f}")
-        return dg.MaterializeResult(metadata={**_student_metadata(cfg, registry, record, history, out), "num_train_images": len(labels), **tags})
+        return dg.MaterializeResult(metadata={**_student_metadata(cfg, registry, record, history, out), "num_train_images": len(labels),
+                                               "num_broad_images": 0 if broad is None else len(broad), **tags})
 
 
 def _warm_start(cfg, registry: ModelRegistry, log) -> tuple[object | None, dict]:

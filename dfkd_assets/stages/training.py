@@ -8,14 +8,32 @@ from typing import Callable
 from dfkd_assets.config import DfkdConfig
 
 
-def training_set(per_class: list):
-    """Per-class uint8 [N_k,H,W,3] arrays, in class order -> (images [N,H,W,3], labels [N]) tensors;
-    the label of an image is the class it was synthesized for."""
+UNLABELLED = -1  # the label of a KD input made for no class (distill.broad_images); cross-entropy skips it
+
+
+def training_set(per_class: list, broad=None):
+    """Per-class uint8 [N_k,H,W,3] arrays, in class order, and optional class-free images `broad`
+    (`broad_images`) -> (images [N,H,W,3], labels [N]) tensors; the label of an image is the class it
+    was synthesized for, UNLABELLED for a broad image (KD needs no label: the teacher labels every input)."""
     import numpy as np
     import torch
 
-    labels = [k for k, imgs in enumerate(per_class) for _ in range(len(imgs))]
-    return torch.from_numpy(np.concatenate(per_class)), torch.tensor(labels)
+    extra = [] if broad is None else [broad]
+    labels = [k for k, imgs in enumerate(per_class) for _ in range(len(imgs))] + [UNLABELLED] * sum(map(len, extra))
+    return torch.from_numpy(np.concatenate([*per_class, *extra])), torch.tensor(labels)
+
+
+def broad_images(cfg: DfkdConfig, generator):
+    """`distill.broad_images` class-name-free images (uint8 [N,H,W,3]) decoded from random generator
+    latents, or None when the setting is 0. Seeds come from (synthesis.seed, "broad", index): the same
+    images in every run, the first N of a larger set."""
+    from dfkd_assets.core.seeding import derive_seed
+    from dfkd_assets.core.synthesis import random_code_images
+
+    n = cfg.distill.broad_images
+    if not n:
+        return None
+    return random_code_images(generator, [derive_seed(cfg.synthesis.seed, "broad", i) for i in range(n)], cfg.synthesis.image_size)
 
 
 def train_steps(cfg: DfkdConfig, num_images: int) -> int:
