@@ -293,6 +293,25 @@ def test_worse_challenger_is_not_promoted(ops, teacher):
     assert champion_version(cfg) == "1"
 
 
+def test_broad_images_join_the_students_training_set(ops):
+    """distill.broad_images through the train job: student_model decodes that many class-free images
+    from the generator and distils on them beside the snapshot, under a fingerprint of its own (the
+    pipeline's KD state is not resumed for another training set)."""
+    from dfkd_assets.defs.jobs import TRAIN
+
+    train = ops.defs.resolve_job_def(TRAIN)
+    with dg.DagsterInstance.get() as instance:
+        before = instance.get_latest_materialization_event(dg.AssetKey("student_model")).asset_materialization.metadata
+        assert before["num_broad_images"].value == 0
+        r = train.execute_in_process(instance=instance, run_config=_with_overrides({"distill": {"broad_images": 12}}),
+                                     asset_selection=[dg.AssetKey("student_model")])
+        assert r.success
+        md = r.asset_materializations_for_node("student_model")[0].metadata
+    assert md["num_broad_images"].value == 12
+    assert md["num_train_images"].value == before["num_train_images"].value + 12
+    assert md["fingerprint"].value != before["fingerprint"].value
+
+
 def test_predict_reads_the_champion_from_the_registry(ops):
     """The consumer side of the registry: `dfkd predict` loads models:/<name>@champion."""
     cfg = ops.cfg
