@@ -82,11 +82,9 @@ def distill_variant(v: DfkdConfig, teacher, head, per_class: list[np.ndarray], r
     import hashlib
 
     from dfkd_assets.fingerprints import student_fingerprint
-    from dfkd_assets.loaders import generator_for
     from dfkd_assets.stages.training import broad_images, distill_student, training_set
 
-    broad = broad_images(v, generator_for(v, head.device)) if v.distill.broad_images else None
-    images, labels = training_set(per_class, broad)
+    images, labels = training_set(per_class, broad_images(v, head.device))
     data_id = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
     fp = student_fingerprint(v, teacher.teacher_id, data_id)
     return distill_student(v, teacher, head, images, labels, head.device, run_dir / "student" / fp, fp)[0]

@@ -35,7 +35,7 @@ def test_compare_makes_the_pipelines_images_and_levers_share_synthesis(tmp_path,
     assert made.shape == shard.shape and np.array_equal(made, shard)
 
     stamps = {b: b.stat().st_mtime_ns for b in (work / "contrastive_s0").rglob("batch_*.npz")}
-    lever = compare(load_config(cfg_path, {"distill": {"feature_weight": 1.0}}), ["contrastive"], [0], tmp_path / "lever",
+    lever = compare(load_config(cfg_path, {"distill": {"feature_weight": 1.0, "broad_images": 8}}), ["contrastive"], [0], tmp_path / "lever",
                     log=lambda s: None, work=work)
     assert {b: b.stat().st_mtime_ns for b in (work / "contrastive_s0").rglob("batch_*.npz")} == stamps  # synthesis reused
     assert len(list((work / "contrastive_s0" / "student").iterdir())) == 2  # one KD state per setting

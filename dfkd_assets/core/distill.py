@@ -286,7 +286,8 @@ def distill(
                 loss = loss + settings.feature_weight * feature_loss(e_s.float(), f_t)
             if settings.ce_weight > 0:
                 # images made for no class (label < 0: distill.broad_images) are left out of the mean
-                loss = loss + settings.ce_weight * F.cross_entropy(z_s, labels[idx], ignore_index=-1, reduction="sum") / (labels[idx] >= 0).sum().clamp(min=1)
+                y = labels[idx]
+                loss = loss + settings.ce_weight * F.cross_entropy(z_s, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp(min=1)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), first_bad.new_full((), i), first_bad)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -21,7 +21,7 @@ from dfkd_assets.defs.placement import GPU_OP_TAGS
 from dfkd_assets.defs.registry import PROMPT_METHOD, WARM_START_FROM, WEIGHTS_FROM, ModelRegistry, data_round_tags
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 from dfkd_assets.fingerprints import student_fingerprint
-from dfkd_assets.loaders import device_lease, eval_sets, generator_for, teacher_for
+from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 from dfkd_assets.redaction import redact
 
 
@@ -47,7 +47,7 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         head = artifacts.read_teacher_head(cfg, teacher, device)
         dvc_hash, rounds = artifacts.read_snapshot_hash(cfg), artifacts.read_snapshot_index(cfg)["rounds"]
         per_class = [artifacts.read_class_images(cfg, c, rounds) for c in cfg.classes]
-        broad = broad_images(cfg, generator_for(cfg, device)) if cfg.distill.broad_images else None
+        broad = broad_images(cfg, device)
         images, labels = training_set(per_class, broad)
         init, init_tags = _warm_start(cfg, registry, context.log)
         fingerprint = student_fingerprint(cfg, teacher.teacher_id, dvc_hash + init_tags.get(WARM_START_FROM, ""))

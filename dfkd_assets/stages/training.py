@@ -23,17 +23,19 @@ def training_set(per_class: list, broad=None):
     return torch.from_numpy(np.concatenate([*per_class, *extra])), torch.tensor(labels)
 
 
-def broad_images(cfg: DfkdConfig, generator):
-    """`distill.broad_images` class-name-free images (uint8 [N,H,W,3]) decoded from random generator
-    latents, or None when the setting is 0. Seeds come from (synthesis.seed, "broad", index): the same
-    images in every run, the first N of a larger set."""
+def broad_images(cfg: DfkdConfig, device):
+    """`distill.broad_images` class-name-free images (uint8 [N,H,W,3]) decoded from random latents of
+    the configured generator (loaded only then), or None when the setting is 0. Seeds come from
+    (synthesis.seed, "broad", index): the same images in every run, the first N of a larger set."""
     from dfkd_assets.core.seeding import derive_seed
     from dfkd_assets.core.synthesis import random_code_images
+    from dfkd_assets.loaders import generator_for
 
     n = cfg.distill.broad_images
     if not n:
         return None
-    return random_code_images(generator, [derive_seed(cfg.synthesis.seed, "broad", i) for i in range(n)], cfg.synthesis.image_size)
+    seeds = [derive_seed(cfg.synthesis.seed, "broad", i) for i in range(n)]
+    return random_code_images(generator_for(cfg, device), seeds, cfg.synthesis.image_size)
 
 
 def train_steps(cfg: DfkdConfig, num_images: int) -> int:
