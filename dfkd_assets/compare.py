@@ -79,14 +79,11 @@ def synthesize_classes(v: DfkdConfig, method: str, seed: int, run_dir: Path, tea
 def distill_variant(v: DfkdConfig, teacher, head, per_class: list[np.ndarray], run_dir: Path):
     """A student of variant `v` distilled on `per_class` (head: the teacher's for `v.classes`), resumable
     under `run_dir/student/<fingerprint>`: a folder per KD setting and data, so levers may share `run_dir`."""
-    import hashlib
-
-    from dfkd_assets.fingerprints import student_fingerprint
+    from dfkd_assets.fingerprints import array_id, student_fingerprint
     from dfkd_assets.stages.training import broad_images, distill_student, training_set
 
     images, labels = training_set(per_class, broad_images(v, head.device))
-    data_id = hashlib.sha256(images.numpy().tobytes()).hexdigest()[:16]
-    fp = student_fingerprint(v, teacher.teacher_id, data_id)
+    fp = student_fingerprint(v, teacher.teacher_id, array_id(images.numpy()))
     return distill_student(v, teacher, head, images, labels, head.device, run_dir / "student" / fp, fp)[0]
 
 

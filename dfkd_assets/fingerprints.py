@@ -66,7 +66,11 @@ def expected_round_fingerprints(cfg: DfkdConfig, rounds: list[int]) -> dict[tupl
     return {(c, r): round_fingerprint(cfg, teacher_id, c, r) for c in cfg.classes for r in rounds if r > 0}
 
 
+def array_id(images) -> str:
+    """Short hash of an array's bytes (images a distillation trains on that no DVC hash covers)."""
+    return hashlib.sha256(images.tobytes()).hexdigest()[:16]
+
+
 def student_fingerprint(cfg: DfkdConfig, teacher_id: str, data_id: str) -> str:
     """Everything a distillation run depends on: a checkpoint with another fingerprint is not resumed."""
-    broad = {"generator": cfg.generator.model_dump(mode="json")} if cfg.distill.broad_images else {}  # broad images come from it
-    return _hash({"distill": cfg.distill.model_dump(), "student": cfg.student.model_dump(), "teacher": teacher_id, "data": data_id, **broad})
+    return _hash({"distill": cfg.distill.model_dump(), "student": cfg.student.model_dump(), "teacher": teacher_id, "data": data_id})

@@ -114,9 +114,20 @@ def init_latents(vqgan: torch.nn.Module, rngs: ImageRngs, image_size: int, noise
             with torch.no_grad():
                 z.append(encode(vqgan, field.to(book.device, book.dtype) * 2 - 1)[0])
         else:
-            idx = torch.randint(book.shape[0], (side * side,), generator=g).to(book.device)
-            z.append(book[idx].view(side, side, -1).permute(2, 0, 1))
+            z.append(code_grid(book, g, side))
     return torch.stack(z).contiguous()
+
+
+def code_grid(book: torch.Tensor, g: torch.Generator, n: int, cell: int = 1) -> torch.Tensor:
+    """[C, n*cell, n*cell] latents: an n x n grid of uniformly random codes of `book` drawn from `g`,
+    each repeated over a cell x cell square of latent positions."""
+    idx = torch.randint(book.shape[0], (n * n,), generator=g).to(book.device)
+    return book[idx].view(n, n, -1).permute(2, 0, 1).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images [B,3,H,W] in [0,1] -> uint8 [B,H,W,3] on the host, as every written image is stored."""
+    return (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 CODE_CELLS = (1, 2, 4)  # side of the square cells of latent positions that share one random code
@@ -128,9 +139,7 @@ def random_code_grid(book: torch.Tensor, seed: int, side: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(int(seed))
     cells = [c for c in CODE_CELLS if side % c == 0]
     cell = cells[int(torch.randint(len(cells), (1,), generator=g))]
-    n = side // cell
-    idx = torch.randint(book.shape[0], (n * n,), generator=g).to(book.device)
-    return book[idx].view(n, n, -1).permute(2, 0, 1).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+    return code_grid(book, g, side // cell, cell)
 
 
 def random_code_images(vqgan: torch.nn.Module, seeds: list[int], image_size: int, batch_size: int = 64) -> np.ndarray:
@@ -151,8 +160,7 @@ def random_code_images(vqgan: torch.nn.Module, seeds: list[int], image_size: int
     for start in range(0, len(seeds), batch_size):
         z = torch.stack([random_code_grid(book, s, side) for s in seeds[start:start + batch_size]])
         with torch.no_grad():
-            x = ((decode(vqgan, z) + 1) / 2).clamp(0, 1)
-        out.append((x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+            out.append(to_uint8(render(vqgan, z)))
     return np.concatenate(out) if out else np.zeros((0, image_size, image_size, 3), np.uint8)
 
 
@@ -280,7 +288,7 @@ def synthesize_batch(
         x = render(vqgan, z)
         if not torch.isfinite(x).all():
             raise NonFiniteError("synthesis produced non-finite pixels")
-        images = (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = to_uint8(x)
         # cosine of what is written (the uint8 image), not of the float render
         clean = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255
         cos = (teacher.encode_images(clean) * targets).sum(-1)

@@ -20,7 +20,7 @@ from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.placement import GPU_OP_TAGS
 from dfkd_assets.defs.registry import PROMPT_METHOD, WARM_START_FROM, WEIGHTS_FROM, ModelRegistry, data_round_tags
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
-from dfkd_assets.fingerprints import student_fingerprint
+from dfkd_assets.fingerprints import array_id, student_fingerprint
 from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 from dfkd_assets.redaction import redact
 
@@ -50,7 +50,8 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         broad = broad_images(cfg, device)
         images, labels = training_set(per_class, broad)
         init, init_tags = _warm_start(cfg, registry, context.log)
-        fingerprint = student_fingerprint(cfg, teacher.teacher_id, dvc_hash + init_tags.get(WARM_START_FROM, ""))
+        broad_id = "" if broad is None else array_id(broad)  # the broad images are not in the DVC snapshot: their bytes are
+        fingerprint = student_fingerprint(cfg, teacher.teacher_id, dvc_hash + broad_id + init_tags.get(WARM_START_FROM, ""))
         tags = lineage(cfg, context, dvc_hash=dvc_hash, teacher_id=teacher.teacher_id, fingerprint=fingerprint, **{PROMPT_METHOD: cfg.prompts.method},
                        **data_round_tags(rounds, min(map(len, per_class))), **init_tags)
         with mlflow_tracking.run(cfg, run_name=f"student-{context.run.run_id[:8]}", tags=tags) as run:
