@@ -162,9 +162,6 @@ class SynthesisConfig(SettingsModel):
     noise_start_fraction: float = Field(
         0.0, ge=0, le=1, description="share of images whose latents start from the encoding of a random colour field instead of random "
         "codes (0 = the paper's start; core/synthesis.init_latents): filled, saturated objects on their own colours")
-    class_margin: float = Field(
-        0.0, ge=0, description="> 0: weight of the teacher's zero-shot cross-entropy towards the image's class, added to the "
-        "distance to its prompt (0 = the paper's loss; core/synthesis.step_loss): images the teacher labels as their class")
     batch_size: int = scheduling_only(8, gt=0)
     seed: int = 0
     augment_p: float = Field(0.7, ge=0, le=1, description="Probability of each augmentation per view.")

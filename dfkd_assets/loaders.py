@@ -43,7 +43,7 @@ def synthesis_settings(cfg: DfkdConfig, device):
     s = cfg.synthesis
     return SynthesisSettings(
         iterations=s.iterations, lr=s.lr, lr_schedule=s.lr_schedule, cutn=s.cutn, cut_pow=s.cut_pow, image_size=s.image_size,
-        noise_start_fraction=s.noise_start_fraction, class_margin=s.class_margin,
+        noise_start_fraction=s.noise_start_fraction,
         augment=AugmentSpec(p=s.augment_p, noise_max=s.noise_max), bf16=use_bf16(device, cfg.precision),
         channels_last=device.type == "cuda" if s.channels_last is None else s.channels_last, compile=s.compile,
         compile_mode=s.compile_mode,

@@ -5,7 +5,6 @@ Each image has its own latent, target text feature and seed. One step for a batc
     x    = clamp_st((Dec(z_q) + 1) / 2, 0, 1)             straight-through clamp
     v    = augment(cutouts(x))                            cutn views per image, per-image RNG
     loss = sum_b mean_views 2 * arcsin(|f(v) - e_b| / 2)^2  spherical distance to the target
-           (+ class_margin * CE(s * f(v) @ head^T, k_b)   optional: away from the other classes)
     Adam(lr) on z; then clamp z per channel to the codebook's min/max.
 The loss is a sum of independent per-image terms and Adam is element-wise, so a batch follows
 the same trajectories as B single-image runs (tested).
@@ -46,7 +45,6 @@ class SynthesisSettings:
     cut_pow: float
     image_size: int
     noise_start_fraction: float  # share of images whose latents start from a random colour field
-    class_margin: float  # weight of the teacher's zero-shot cross-entropy towards the image's class (0 = off)
     augment: AugmentSpec
     bf16: bool  # autocast decoder + image encoder; VQ distances, loss and Adam stay fp32
     channels_last: bool  # NHWC weights/activations for the decoder and the image tower (faster convs on GPU)
@@ -205,14 +203,8 @@ def draw_step(rngs: ImageRngs, settings: SynthesisSettings, cut: int, device: to
 
 
 def step_loss(vqgan: torch.nn.Module, teacher: Teacher, z: torch.Tensor, draws: StepDraws, targets: torch.Tensor,
-              settings: SynthesisSettings, margin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              settings: SynthesisSettings) -> torch.Tensor:
     """Per-image loss [B] of one step (docs/ALGORITHM.md §3): render, cut, augment, encode, spherical distance.
-
-    `margin` = (head [C,D], class index per image [B]), used when `settings.class_margin` > 0: the
-    teacher's zero-shot cross-entropy of every view towards the image's class is added. The distance
-    pulls a view towards its prompt, but a view can come close to its prompt and closer still to
-    another class's text (most 6-step "circle" images are labelled "cross" by the toy teacher); the
-    cross-entropy pushes it off the other classes, so the teacher labels the image as its class.
 
     Pure tensor work on the device given the step's draws: no host data, no branch on values, so
     `torch.compile` takes it whole (decoder, augmentation, image tower, loss, and their backward).
@@ -224,13 +216,7 @@ def step_loss(vqgan: torch.nn.Module, teacher: Teacher, z: torch.Tensor, draws: 
     views = apply_augment(views, draws.views, settings.augment, draws.noise)
     with autocast(z.device, settings.bf16):
         feats = teacher.encode_images(views).view(b, settings.cutn, -1)  # encode_images returns fp32
-    loss = spherical_distance(feats, targets[:, None, :]).mean(1)
-    if margin is None or settings.class_margin == 0:
-        return loss
-    head, labels = margin
-    logits = teacher.logit_scale * feats @ head.t()  # [B,cutn,C], the teacher's zero-shot logits of every view
-    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(settings.cutn), reduction="none")
-    return loss + settings.class_margin * ce.view(b, settings.cutn).mean(1)
+    return spherical_distance(feats, targets[:, None, :]).mean(1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,10 +266,8 @@ def synthesize_batch(
     seeds: list[int],
     settings: SynthesisSettings,
     on_step: Callable[[int, float], None] | None = None,
-    margin: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> BatchResult:
-    """Optimise one latent per target feature; returns the final images and their cosines.
-    `margin`: (head, class index per image) for the class-margin term (`step_loss`)."""
+    """Optimise one latent per target feature; returns the final images and their cosines."""
     device = targets.device
     prepare_models(vqgan, teacher, settings)
     loss_fn = compiled_step_loss(settings.compile_mode) if settings.compile else step_loss
@@ -295,7 +279,7 @@ def synthesize_batch(
         draws = draw_step(rngs, settings, teacher.image_size, device)
         if settings.compile:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead)
-        per_image = loss_fn(vqgan, teacher, z, draws, targets, settings, margin)
+        per_image = loss_fn(vqgan, teacher, z, draws, targets, settings)
         lat.step(per_image.sum())
         losses.append(per_image.detach().mean())
         if on_step is not None:
@@ -323,10 +307,8 @@ def synthesize_resumable(
     fingerprint: str,
     on_step: Callable[[int, float], None] | None = None,
     max_nonfinite_retries: int = 3,
-    class_index: int | None = None,
 ) -> ClassImages:
     """All images of one class in batches; each finished batch is kept in `work_dir` (atomically).
-    `class_index`: the class's row of `head`, for the class-margin term (`settings.class_margin`).
 
     Batches already present with the same `fingerprint` are not recomputed, so a killed run
     resumes; a different fingerprint discards them.
@@ -351,9 +333,7 @@ def synthesize_resumable(
         path = work_dir / f"batch_{start:06d}_{stop:06d}.npz"
         if not path.is_file():
             images, cosines, used = _finite_batch(
-                vqgan, teacher, targets[start:stop], seeds[start:stop], settings, on_step, max_nonfinite_retries,
-                None if class_index is None else head,
-                None if class_index is None else torch.full((stop - start,), class_index, device=head.device),
+                vqgan, teacher, targets[start:stop], seeds[start:stop], settings, on_step, max_nonfinite_retries
             )
             with torch.no_grad():
                 clean = torch.from_numpy(images).to(head.device).permute(0, 3, 1, 2).float() / 255
@@ -397,8 +377,6 @@ def _finite_batch(
     settings: SynthesisSettings,
     on_step: Callable[[int, float], None] | None,
     max_retries: int,
-    head: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One batch with finite pixels only: (images, cosines, seeds used).
 
@@ -412,8 +390,7 @@ def _finite_batch(
         return None if on_step is None else (lambda step, loss: on_step(m, loss))
 
     try:
-        res = synthesize_batch(vqgan, teacher, targets, list(seeds), settings, on_step=steps(len(seeds)),
-                               margin=None if head is None else (head, labels))
+        res = synthesize_batch(vqgan, teacher, targets, list(seeds), settings, on_step=steps(len(seeds)))
         return res.images, res.cosines, list(seeds)
     except NonFiniteError:
         pass
@@ -424,8 +401,7 @@ def _finite_batch(
             s = seed if attempt == 0 else nonfinite_retry_seed(seed, attempt)
             tried.append(s)
             try:
-                res = synthesize_batch(vqgan, teacher, targets[j : j + 1], [s], settings, on_step=steps(1),
-                                       margin=None if head is None else (head, labels[j : j + 1]))
+                res = synthesize_batch(vqgan, teacher, targets[j : j + 1], [s], settings, on_step=steps(1))
             except NonFiniteError:
                 continue
             images.append(res.images[0])

@@ -68,7 +68,7 @@ def synthesize_class(
 
     out = synthesize_resumable(
         generator, teacher, head, plan.targets(bank).to(device), plan.seeds, synthesis_settings(cfg, device),
-        cfg.synthesis.batch_size, work_dir=work_dir, fingerprint=fingerprint, on_step=on_step, class_index=plan.class_index,
+        cfg.synthesis.batch_size, work_dir=work_dir, fingerprint=fingerprint, on_step=on_step,
     )
     records = [
         {
