@@ -260,9 +260,8 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
 
     from dfkd_assets.core.devices import autocast
     from dfkd_assets.core.distill import augment_batch, distill, kd_loss
-    from dfkd_assets.core.student import build_student
     from dfkd_assets.core.teacher import teacher_logits
-    from dfkd_assets.loaders import distill_settings
+    from dfkd_assets.loaders import distill_settings, fresh_student
 
     classes = [f"class{i}" for i in range(len(cfg.classes))]
     g = torch.Generator().manual_seed(0)
@@ -275,12 +274,12 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
     out = {"images": n_images, "epochs": epochs, "student": cfg.student.arch, "model_kwargs": cfg.student.model_kwargs, "input_size": cfg.student.input_size,
            "batch_size": base.batch_size, "bf16": base.bf16}
     for name, s in (("augmented", base), ("cached_teacher_logits", dataclasses.replace(base, augment=False))):
-        student = build_student(cfg.student.arch, classes, cfg.student.input_size, 0, model_kwargs=cfg.student.model_kwargs)
+        student = fresh_student(cfg, classes)
         with tempfile.TemporaryDirectory() as tmp:
             _, dt = _timed(lambda: distill(student, teacher, head, images, labels, s, Path(tmp), name), device)
         out[f"{name}_images_per_s"] = n_images * epochs / dt
 
-    student = build_student(cfg.student.arch, classes, cfg.student.input_size, 0, model_kwargs=cfg.student.model_kwargs).to(device).train()
+    student = fresh_student(cfg, classes).to(device).train()
     opt = torch.optim.SGD(student.parameters(), lr=base.lr, momentum=base.momentum)
     data = images.to(device).permute(0, 3, 1, 2).contiguous()
     stages = {"augment": 0.0, "teacher": 0.0, "student": 0.0}

@@ -28,6 +28,17 @@ def teacher_for(cfg: DfkdConfig, device):
     return load_teacher(t.model_name, t.pretrained, t.model_config_file, t.init_seed, device, t.cache_dir)
 
 
+def fresh_student(cfg: DfkdConfig, classes: list[str] | None = None, embed_dim: int | None = None):
+    """A fresh logit student as `student` configures it (arch, width, input size, init seed) for
+    `classes` (default `cfg.classes`); `embed_dim` adds the embedding head feature distillation needs.
+    Distillation, the few-shot scratch start and the KD benchmark all build it here, so a new
+    student setting reaches every one of them."""
+    from dfkd_assets.core.student import build_student
+
+    s = cfg.student
+    return build_student(s.arch, cfg.classes if classes is None else classes, s.input_size, s.init_seed, embed_dim, s.model_kwargs)
+
+
 def generator_for(cfg: DfkdConfig, device):
     from dfkd_assets.core.vqgan import load_vqgan
 

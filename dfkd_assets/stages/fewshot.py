@@ -15,14 +15,13 @@ def few_shot(cfg: DfkdConfig, student, device, log: Callable[[str], None] = lamb
     of each evaluation domain, tested on the rest of that domain."""
     from dfkd_assets.core.evaluation import load_image
     from dfkd_assets.core.fewshot import copy_of, few_shot_curves, load_backbone_weights
-    from dfkd_assets.core.student import build_student
     from dfkd_assets.core.weights import read_state_dict
-    from dfkd_assets.loaders import eval_sets, fewshot_settings
+    from dfkd_assets.loaders import eval_sets, fewshot_settings, fresh_student
 
-    fs, arch, size = cfg.fewshot, cfg.student.arch, cfg.student.input_size
+    fs, size = cfg.fewshot, cfg.student.input_size
 
     def scratch():
-        return build_student(arch, cfg.classes, size, cfg.student.init_seed, model_kwargs=cfg.student.model_kwargs)
+        return fresh_student(cfg)
 
     starts = {"distilled": copy_of(student), "scratch": scratch}
     if fs.imagenet_weights is not None:

@@ -53,8 +53,8 @@ def distill_student(
     `init_from`: a student whose weights the new one starts from (warm start from the champion,
     `operations.warm_start`); it must be the same architecture for the same classes."""
     from dfkd_assets.core.distill import distill
-    from dfkd_assets.core.student import build_embedding_student, build_student
-    from dfkd_assets.loaders import distill_settings
+    from dfkd_assets.core.student import build_embedding_student
+    from dfkd_assets.loaders import distill_settings, fresh_student
 
     s = cfg.student
     if s.head == "embedding":  # its classifier is the teacher's text head: KD trains it through that head
@@ -62,7 +62,7 @@ def distill_student(
                                           s.model_kwargs)
     else:
         embed_dim = int(head.shape[1]) if cfg.distill.feature_weight > 0 else None  # feature distillation: the teacher's embedding size
-        student = build_student(s.arch, cfg.classes, s.input_size, s.init_seed, embed_dim, s.model_kwargs)
+        student = fresh_student(cfg, embed_dim=embed_dim)
     if init_from is not None:
         student.load_state_dict(init_from.state_dict())
     history = distill(student, teacher, head, images, labels, distill_settings(cfg, device), checkpoint_dir=checkpoint_dir,
