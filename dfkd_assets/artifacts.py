@@ -23,7 +23,8 @@ from pathlib import Path
 
 import yaml
 
-from dfkd_assets.config import DfkdConfig, class_key
+from dfkd_assets.config import DfkdConfig
+from dfkd_assets.core.names import class_key
 
 TEACHER_HEAD, PROMPT_BANK, STUDENT, REPORTS, PREVIEWS, EXPORT = "teacher_head", "prompt_bank", "student", "reports", "previews", "export"
 

@@ -13,13 +13,13 @@ import json
 import os
 import re
 import types
-import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dfkd_assets.core.names import class_key, clean_class_name
 from dfkd_assets.redaction import redact
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -328,23 +328,6 @@ class DvcConfig(SettingsModel):
     remote_url: str = Field("{workspace}/storage/dvc-remote", description="Local dir or S3-compatible URL.")
 
 
-# zero-width (non-)joiners glue emoji sequences and Indic scripts; every other control or format
-# character (NUL, escapes, bidi overrides that make a name read differently than it is) is refused
-_JOINERS = {"\u200c", "\u200d"}
-
-
-def clean_class_name(name: str) -> str:
-    """A class name with its whitespace collapsed; ValueError, naming it, when it is empty or holds a
-    control/format character (the rule for `classes` and for classes added by name)."""
-    clean = " ".join(name.split())
-    if not clean:
-        raise ValueError(f"class name {name!r} is empty (or only whitespace): class names must not be empty")
-    bad = [ch for ch in clean if unicodedata.category(ch).startswith("C") and ch not in _JOINERS]
-    if bad:
-        raise ValueError(f"class name {name!r} contains the control/format character U+{ord(bad[0]):04X}")
-    return clean
-
-
 class DfkdConfig(SettingsModel):
     """Root of the settings tree. Paths are relative to the current directory unless absolute."""
 
@@ -458,7 +441,6 @@ class DfkdConfig(SettingsModel):
 
 
 _ENV_REF = re.compile(r"\{env:([A-Za-z_][A-Za-z0-9_]*)\}")
-KEY_MAX = 64
 
 
 def _redact_strings(obj):
@@ -469,23 +451,6 @@ def _redact_strings(obj):
     if isinstance(obj, list):
         return [_redact_strings(v) for v in obj]
     return obj
-
-
-def class_key(name: str) -> str:
-    """Filesystem- and partition-safe key of a class name: stays inside the data root whatever the name.
-
-    Lowercase ASCII words joined by '_'; names with no ASCII letters/digits get a hash-based key.
-    A key longer than KEY_MAX ends in a hash of the whole key, so two long names that share their
-    first 64 characters keep distinct folders and partitions.
-    """
-    norm = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
-    key = "_".join(re.findall(r"[a-z0-9]+", norm))
-    if len(key) > KEY_MAX:
-        key = key[: KEY_MAX - 13].rstrip("_") + "_" + hashlib.sha256(key.encode()).hexdigest()[:12]
-    if not key:  # CJK, emoji, Greek...: a hash of the name as a person compares it (case, width, spaces)
-        folded = " ".join(unicodedata.normalize("NFKC", name).casefold().split())
-        key = "c_" + hashlib.sha256(folded.encode()).hexdigest()[:12]
-    return key
 
 
 class ConfigError(ValueError):

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from dfkd_assets.config import class_key, config_path_from_env, load_config
+from dfkd_assets.config import config_path_from_env, load_config
+from dfkd_assets.core.names import class_key
 from dfkd_assets.defs.automation import build_automation
 from dfkd_assets.defs.checks import CHECKS
 from dfkd_assets.defs.dataset import synthetic_dataset

@@ -23,7 +23,7 @@ fi
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader || true
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 } 2>&1 | tee "$OUT/gpu_check.txt"
-BENCH=(-m dfkd_assets.bench --config configs/paper-smoke.yaml --cutn 32 --images 32 --batch 32 --iters 10)
+BENCH=(-m dfkd_assets.tools.bench --config configs/paper-smoke.yaml --cutn 32 --images 32 --batch 32 --iters 10)
 # reference vs engine (eager, and the whole step compiled: default mode, then CUDA graphs), FLOPs/MFU,
 # and a profile of one compiled step by kind of kernel (+ Chrome trace); a cold Inductor cache, then
 # the same compile again with a warm one (what a later partition pays with a shared cache)

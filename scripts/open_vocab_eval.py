@@ -1,6 +1,6 @@
 """Open-vocabulary measurement (issue 21): classes added by name to an embedding student, on the toyworld.
 
-For every seed, through the product's stage functions (as `dfkd compare` does, dfkd_assets/compare.py):
+For every seed, through the product's stage functions (as `dfkd compare` does, dfkd_assets/tools/compare.py):
   1. the training images of every class of the settings, synthesised once per seed and cached under
      WORK/<prompts.method>_s<seed>/<class key> (the layout of `dfkd compare`: give it the same --work
      and it reuses that comparison's images and logit-student checkpoints);
@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dfkd_assets.compare import _variant, distill_variant, parse_sets, synthesize_classes, teacher_reference
-from dfkd_assets.config import DfkdConfig, class_key, load_config
+from dfkd_assets.tools.compare import _variant, distill_variant, parse_sets, synthesize_classes, teacher_reference
+from dfkd_assets.config import DfkdConfig, load_config
+from dfkd_assets.core.names import class_key
 
 MODELS = ["teacher", "logit_all", "embedding_all", "embedding_added"]
 

@@ -6,7 +6,7 @@ a timed assertion on a shared CI machine would measure the machine, not the code
 
 import json
 
-from dfkd_assets.cli import main
+from dfkd_assets.tools.cli import main
 
 
 def test_bench_writes_every_section(tmp_path, capsys):
@@ -56,7 +56,7 @@ def test_quality_counts_synthesis_flops_and_finds_the_cheapest_schedule_at_equal
 
 
 def test_equal_accuracy_counts_only_schedules_within_the_baselines_spread():
-    from dfkd_assets.bench import equal_accuracy
+    from dfkd_assets.tools.bench import equal_accuracy
 
     summary = {"today": {"mean": (0.60, 0.02), "synthesis_flops": 100.0},
                "fifth": {"mean": (0.585, 0.05), "synthesis_flops": 20.0},   # within 0.60 - 0.02

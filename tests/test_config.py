@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dfkd_assets.config import ConfigError, DfkdConfig, class_key, load_config
+from dfkd_assets.config import ConfigError, DfkdConfig, load_config
+from dfkd_assets.core.names import class_key
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -41,7 +41,19 @@ def test_core_never_imports_orchestration():
             assert n.split(".")[0] not in banned, f"{path.name} imports {n}"
     for path in (pkg / "core").glob("*.py"):
         for n in _imports(path):
-            assert not n.startswith(("dfkd_assets.stages", "dfkd_assets.defs", "dfkd_assets.loaders", "dfkd_assets.artifacts")), f"core/{path.name} imports {n}"
+            assert not n.startswith(("dfkd_assets.stages", "dfkd_assets.defs", "dfkd_assets.loaders", "dfkd_assets.artifacts",
+                                     "dfkd_assets.config", "dfkd_assets.tools")), f"core/{path.name} imports {n}"
+
+
+def test_library_never_imports_tools():
+    """The tools (CLI, bench, compare, fleet, predict) sit on top of the library; nothing below them
+    (config, core, stages, defs, the registry model, the worlds) imports them."""
+    pkg = ROOT / "dfkd_assets"
+    library = [p for p in pkg.rglob("*.py") if "tools" not in p.relative_to(pkg).parts]
+    assert len(library) > 40  # the walk found the library
+    for path in library:
+        for n in _imports(path):
+            assert not n.startswith("dfkd_assets.tools"), f"{path.relative_to(pkg)} imports {n}"
 
 
 def test_graph_has_all_assets_and_class_partitions():
@@ -143,7 +155,7 @@ def test_assets_stay_thin_and_the_registry_names_live_in_one_module():
     for path in (ROOT / "dfkd_assets").rglob("*.py"):
         if path.name != "registry.py":
             assert not tagging.search(path.read_text()), f"{path.relative_to(ROOT)} sets a registry alias or tag (only defs/registry.py may)"
-    compare = (ROOT / "dfkd_assets" / "compare.py").read_text()
+    compare = (ROOT / "dfkd_assets" / "tools" / "compare.py").read_text()
     assert "hashlib.sha256(json" not in compare and "markdown_table" not in compare and "def _synthesis_fingerprint" not in compare
 
 

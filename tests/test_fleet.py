@@ -98,7 +98,7 @@ class Relay:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    from dfkd_assets import fleet as fl
+    from dfkd_assets.tools import fleet as fl
     from dfkd_assets.config import load_config
 
     try:
@@ -192,7 +192,7 @@ def _step_pids(f, run_id) -> list[int]:
 
 def test_backfill_runs_on_two_workers_and_survives_a_worker_killed_mid_class(fleet):
     from dfkd_assets import artifacts
-    from dfkd_assets import fleet as fl
+    from dfkd_assets.tools import fleet as fl
     from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE
 
     f, cfg, state = fleet, fleet["cfg"], fleet["state"]
@@ -331,7 +331,7 @@ def test_a_run_whose_worker_died_is_failed_and_frees_its_slots(fleet):
               "with dg.DagsterInstance.get() as inst:\n"
               f"    job.execute_in_process(instance=inst, partition_key={cfg.classes[1]!r}, tags={{{HOST_TAG!r}: socket.gethostname()}},\n"
               "        run_config={'resources': {'settings': {'config': {'overrides': {'synthesis': {'seed': 8}}}}}})\n")
-    from dfkd_assets import fleet as fl
+    from dfkd_assets.tools import fleet as fl
 
     env = {k: v for k, v in fl.fleet_env(f["state"]).items() if k != "DFKD_EXECUTOR"}
     before = {r.run_id for r in f["instance"].get_runs()}
@@ -378,7 +378,7 @@ def test_broker_outage_mid_backfill_fails_clearly_or_recovers_and_keeps_the_shar
 
 
 def test_fleet_down_leaves_no_process_queue_or_result_key(fleet):
-    from dfkd_assets import fleet as fl
+    from dfkd_assets.tools import fleet as fl
 
     state = fleet["state"]
     t0 = time.time()
@@ -402,7 +402,7 @@ def test_fleet_down_leaves_no_process_queue_or_result_key(fleet):
 
 
 def test_fleet_up_names_the_setting_when_the_broker_is_unreachable(tmp_path):
-    from dfkd_assets import fleet as fl
+    from dfkd_assets.tools import fleet as fl
 
     cfg_path = make_workspace(tmp_path, {"mlflow": {"tracking_uri": f"http://127.0.0.1:{_free_port()}", "artifact_location": None}})
     dead = _free_port()  # nothing listens there

@@ -92,7 +92,7 @@ def _versions(reg) -> list[str]:
 
 
 def _add(reg, *argv) -> int:
-    from dfkd_assets.cli import main
+    from dfkd_assets.tools.cli import main
 
     return main(["add-classes", "--config", str(reg.path), *argv])
 

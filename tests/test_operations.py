@@ -316,7 +316,7 @@ def test_predict_reads_the_champion_from_the_registry(ops):
     """The consumer side of the registry: `dfkd predict` loads models:/<name>@champion."""
     cfg = ops.cfg
     images = sorted((ops.root / "eval" / "photo" / "dog").glob("*.png"))[:2]
-    out = subprocess.run([sys.executable, "-m", "dfkd_assets.cli", "predict", *map(str, images), "--config", str(ops.cfg_path), "--json"],
+    out = subprocess.run([sys.executable, "-m", "dfkd_assets.tools.cli", "predict", *map(str, images), "--config", str(ops.cfg_path), "--json"],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     pred = json.loads(out.stdout)

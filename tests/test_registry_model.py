@@ -239,7 +239,7 @@ def test_tampered_files_are_refused_naming_the_file(registered, tmp_path):
         from PIL import Image
 
         Image.new("RGB", (32, 32), (255, 0, 0)).save(img)
-        out = subprocess.run([sys.executable, "-m", "dfkd_assets.cli", "predict", str(img), "--config", str(reg.root / "settings.yaml"),
+        out = subprocess.run([sys.executable, "-m", "dfkd_assets.tools.cli", "predict", str(img), "--config", str(reg.root / "settings.yaml"),
                               "--model-uri", uri], capture_output=True, text=True, timeout=300, cwd=ROOT)
         assert out.returncode != 0 and "model.safetensors" in out.stderr and "does not match the sha256" in out.stderr, out.stderr[-2000:]
 

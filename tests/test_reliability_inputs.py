@@ -24,7 +24,8 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, TINY_CLIP, TINY_VQGAN, create_postgres_db, drop_postgres_db
-from dfkd_assets.config import ConfigError, class_key, load_config
+from dfkd_assets.config import ConfigError, load_config
+from dfkd_assets.core.names import class_key
 from dfkd_assets.core.evaluation import MAX_IMAGE_PIXELS, EvalDataError, evaluate, load_image, scan_domainbed
 from core_settings import VANILLA, distill_settings, style_settings
 

@@ -69,7 +69,7 @@ def test_pipeline_on_postgres_dagster_and_mlflow_server_with_concurrent_runs(tmp
 
         # pools set up front (`dfkd setup-pools`), as infra/README.md says: Dagster's lazy pool-limit
         # insert races when two runs start at once on Postgres (seen here: one of three attempts failed)
-        setup = subprocess.run([sys.executable, "-m", "dfkd_assets.cli", "setup-pools", "--config", str(cfg_path), "--gpus", "1"],
+        setup = subprocess.run([sys.executable, "-m", "dfkd_assets.tools.cli", "setup-pools", "--config", str(cfg_path), "--gpus", "1"],
                                cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert setup.returncode == 0 and "gpu = 1" in setup.stdout, setup.stderr[-2000:]
         # two runs launched at once, as two processes writing to the same Postgres instance

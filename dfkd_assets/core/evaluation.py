@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dfkd_assets.config import class_key
+from dfkd_assets.core.names import class_key
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from dfkd_assets.config import class_key, clean_class_name
+from dfkd_assets.core.names import class_key, clean_class_name
 from dfkd_assets.core.student import EmbeddingStudent, StudentClassifier
 from dfkd_assets.core.teacher import Teacher, zero_shot_head
 

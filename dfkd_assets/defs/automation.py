@@ -20,7 +20,8 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from dfkd_assets.config import DfkdConfig, class_key
+from dfkd_assets.config import DfkdConfig
+from dfkd_assets.core.names import class_key
 from dfkd_assets.defs.jobs import PREPARE, ROUND, SYNTHESIZE, SYNTHESIZE_ROUND, TRAIN
 from dfkd_assets.defs.synthesis import ASSET_KEY, ROUND_ASSET_KEY, ROUNDS
 

@@ -14,24 +14,11 @@ import dagster as dg
 from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 
 from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE, TRAIN
+from dfkd_assets.processes import pid_alive
 
 
 HOST_TAG = "dfkd/run_worker_host"
 """Run tag: the host whose process runs the run (set by `dfkd run` and by `LocalRunLauncher`)."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    try:  # a killed child its parent has not waited for yet is a zombie: dead for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def run_worker_pid(instance: dg.DagsterInstance, run: dg.DagsterRun) -> int | None:
@@ -51,7 +38,7 @@ def dead_run_worker(instance: dg.DagsterInstance, run: dg.DagsterRun) -> int | N
     if not run_worker_is_local(instance, run):
         return None
     pid = run_worker_pid(instance, run)
-    return pid if pid is not None and not _alive(pid) else None
+    return pid if pid is not None and not pid_alive(pid) else None
 
 
 def reap_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = print) -> list[str]:

@@ -19,7 +19,7 @@ import shutil
 import dagster as dg
 
 from dfkd_assets import artifacts
-from dfkd_assets.config import class_key
+from dfkd_assets.core.names import class_key
 from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.defs.placement import GPU_OP_TAGS

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dfkd_assets.config import class_key
+from dfkd_assets.core.names import class_key
 
 
 def _polygon(rng: np.random.Generator, corners: int, size: int) -> list[tuple[float, float]]:

@@ -1,4 +1,4 @@
-"""`dfkd bench` / `python -m dfkd_assets.bench`: where the time goes, measured side by side.
+"""`dfkd bench` / `python -m dfkd_assets.tools.bench`: where the time goes, measured side by side.
 
 Sections (each prints a table and is written to the JSON as soon as it is done):
   synthesis  the reference loop (one image at a time, Python-loop cutouts, fp32, eager) against the
@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 SECTIONS = ("synthesis", "flops", "profile", "distill", "load", "latency", "quality")
 DEFAULT_SECTIONS = SECTIONS[:-1]
 # dense bf16 tensor-core peak by the vendor's datasheets, TFLOP/s (MFU denominator)
@@ -420,7 +420,7 @@ def bench_quality(cfg_path, overrides: dict, schedules: list[list[str]], seeds: 
     (synthesis and KD state resumable under `work/<schedule>`), with the synthesis FLOPs it spent."""
     import numpy as np
 
-    from dfkd_assets.compare import parse_sets, run_one, teacher_reference
+    from dfkd_assets.tools.compare import parse_sets, run_one, teacher_reference
     from dfkd_assets.config import deep_merge, load_config
     from dfkd_assets.core.evaluation import transfer_ratio
     from dfkd_assets.loaders import generator_for

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dfkd_assets.config import DfkdConfig, class_key, load_config
+from dfkd_assets.config import DfkdConfig, load_config
+from dfkd_assets.core.names import class_key
 
 METHODS = ["vanilla", "mix", "random", "contrastive"]
 BASELINES = ["noopt", "real"]

@@ -33,11 +33,13 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlparse
 
+from dfkd_assets.processes import pid_alive
+
 FLEET_ENV = "DFKD_FLEET_ID"
 DEFAULT_BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 DEFAULT_BACKEND = "redis://127.0.0.1:6379/0"
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the repository
 
 
 class FleetError(RuntimeError):
@@ -128,20 +130,6 @@ def _start(state: dict, name: str, cmd: list[str], env: dict, fleet_dir: Path) -
     state["processes"][name] = {"pid": p.pid, "pgid": p.pid, "cmd": cmd, "log": str(log)}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _reap_children() -> None:
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
@@ -152,7 +140,7 @@ def _reap_children() -> None:
 
 def _group_alive(pgid: int) -> bool:
     """The group exists and one of its members is still running (not a zombie)."""
-    return _group_exists(pgid) and (any(_alive(p) for p in _group_members(pgid)) or _alive(pgid))
+    return _group_exists(pgid) and (any(pid_alive(p) for p in _group_members(pgid)) or pid_alive(pgid))
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -175,7 +163,7 @@ def fleet_processes(fleet_id: str) -> list[int]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit() and int(d.name) != os.getpid():
             try:
-                if needle in (d / "environ").read_bytes().split(b"\0") and _alive(int(d.name)):
+                if needle in (d / "environ").read_bytes().split(b"\0") and pid_alive(int(d.name)):
                     pids.append(int(d.name))
             except OSError:
                 pass
@@ -240,7 +228,7 @@ def _wait(what: str, ok, procs: list[tuple[str, dict]], timeout: float) -> None:
     deadline = time.time() + timeout
     while not ok():
         for name, p in procs:
-            if not _alive(p["pid"]):
+            if not pid_alive(p["pid"]):
                 tail = Path(p["log"]).read_text(errors="replace")[-3000:]
                 raise FleetError(f"{name} exited while waiting for {what} (log {p['log']}):\n{tail}")
         if time.time() > deadline:
@@ -388,7 +376,7 @@ def up(config: str | Path, workers: int = 2, fleet_dir: str | Path = "storage/fl
 
 def _pools(env: dict, workers: int) -> None:
     """Pools on the fresh instance: gpu = one slot per worker, dvc = 1, registry = 1 (`dfkd setup-pools`)."""
-    out = subprocess.run([sys.executable, "-m", "dfkd_assets.cli", "setup-pools", "--gpus", str(workers)], env=env,
+    out = subprocess.run([sys.executable, "-m", "dfkd_assets.tools.cli", "setup-pools", "--gpus", str(workers)], env=env,
                          capture_output=True, text=True, timeout=300)
     if out.returncode:
         raise FleetError(f"dfkd setup-pools failed on the fleet's instance:\n{out.stderr[-3000:]}")

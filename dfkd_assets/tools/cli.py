@@ -8,8 +8,14 @@ import sys
 from pathlib import Path
 
 
+def _dagster_home() -> str:
+    """$DAGSTER_HOME, defaulting to ./dagster_home (the instance `make` uses): every command that
+    talks to the Dagster instance calls this first."""
+    return os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+    _dagster_home()
     if args.config:
         os.environ["DFKD_CONFIG"] = args.config
     import dagster as dg
@@ -36,7 +42,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_retrain(args: argparse.Namespace) -> int:
     """N scheduled retraining rounds now: the `retrain` schedule's tick and job, run in this process."""
-    os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+    _dagster_home()
     if args.config:
         os.environ["DFKD_CONFIG"] = args.config
     import dagster as dg
@@ -58,7 +64,7 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
         from dfkd_assets import artifacts
 
         gone = artifacts.drop_round(cfg, args.round)
-        os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+        _dagster_home()
         import dagster as dg
 
         from dfkd_assets.defs.synthesis import ROUNDS
@@ -117,7 +123,7 @@ def _cmd_toyworld_pin(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from dfkd_assets.compare import run
+    from dfkd_assets.tools.compare import run
 
     return run(args)
 
@@ -128,7 +134,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     from dfkd_assets.config import load_config
     from dfkd_assets.defs.registry import champion_uri
-    from dfkd_assets.predict import load_registered, predict_files
+    from dfkd_assets.tools.predict import load_registered, predict_files
 
     cfg = load_config(args.config)
     uri = args.model_uri or champion_uri(cfg)
@@ -146,7 +152,7 @@ def _cmd_add_classes(args: argparse.Namespace) -> int:
     """Classes added by name to the champion embedding student (or --base): the `add_classes` job with
     the base's classes plus the new names as the run's `classes`, so the new version is evaluated and
     promoted like any challenger. Names are checked first: a refused name registers nothing."""
-    os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+    _dagster_home()
     if args.config:
         os.environ["DFKD_CONFIG"] = args.config
     import dagster as dg
@@ -193,7 +199,7 @@ def _cmd_add_classes(args: argparse.Namespace) -> int:
 def _cmd_setup_pools(args: argparse.Namespace) -> int:
     """Sets the Dagster pool `gpu` to the number of GPUs here (times steps_per_gpu), so concurrent
     GPU steps each get a GPU of their own (core/devices.lease_device picks which)."""
-    os.environ.setdefault("DAGSTER_HOME", str(Path("dagster_home").resolve()))
+    _dagster_home()
     import dagster as dg
     import torch
 
@@ -213,7 +219,7 @@ def _cmd_setup_pools(args: argparse.Namespace) -> int:
 
 def _cmd_fleet(args: argparse.Namespace) -> int:
     """A local fleet: Dagster and MLflow on Postgres, N dagster-celery workers on the broker (infra/README.md)."""
-    from dfkd_assets import fleet
+    from dfkd_assets.tools import fleet
 
     try:
         if args.fleet_cmd == "up":
@@ -233,7 +239,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
-        from dfkd_assets.bench import main as bench_main
+        from dfkd_assets.tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     p = argparse.ArgumentParser(prog="dfkd", description="Data-free distillation of CLIP into a small classifier.")
@@ -302,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     pn = tw.add_parser("pin", help="ship a trained world's weights: copy them to dfkd_assets/toyworld/pinned/<settings hash>/")
     pn.add_argument("dir", help="a built toyworld, e.g. storage/toyworld")
     pn.set_defaults(fn=_cmd_toyworld_pin)
-    # listed for --help; its own parser (dfkd_assets.bench) takes the arguments, see below
+    # listed for --help; its own parser (dfkd_assets.tools.bench) takes the arguments, see below
     sub.add_parser("bench", add_help=False, help="reference loop vs engine, FLOPs/MFU, KD throughput, load share, latency (dfkd bench --help)")
     c = sub.add_parser("compare", help="vanilla/mix/random/contrastive (+ noopt, real baselines) over seeds, same budget")
-    from dfkd_assets.compare import main_args
+    from dfkd_assets.tools.compare import main_args
 
     main_args(c)
     c.set_defaults(fn=_cmd_compare)
