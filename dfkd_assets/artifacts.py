@@ -296,7 +296,8 @@ def write_student(cfg: DfkdConfig, student, history: list[dict]) -> Path:
 
     out = student_dir(cfg)
     student.save(out)
-    csv = "epoch,kd_loss,teacher_agreement,lr\n" + "".join(f"{h['epoch']},{h['kd_loss']},{h['teacher_agreement']},{h['lr']}\n" for h in history)
+    columns = list(dict.fromkeys(k for h in history for k in h))  # epoch, kd_loss (the total), loss_<term>..., metrics, lr
+    csv = ",".join(columns) + "\n" + "".join(",".join(str(h.get(k, "")) for k in columns) + "\n" for h in history)
     atomic_write_text(out / "history.csv", csv)
     return out
 

@@ -5,7 +5,28 @@ the benchmarks."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from dfkd_assets.config import DfkdConfig
+
+
+def core_settings(cls, section, resolved: dict | None = None, **derived):
+    """`cls`, a settings dataclass of core/, filled by field name from the config `section` (one
+    schema: the field's type, bounds and default live in config.py only); `derived` holds the fields
+    that are not settings of the section (bf16 from the device, the style words from their file...);
+    `resolved` the settings whose value depends on the machine (channels_last: None = on CUDA).
+
+    A core field that is neither, or a derived value that shadows a setting, is a programming error
+    caught on the first call (and by tests/test_config.py's completeness test)."""
+    own = type(section).model_fields
+    wanted = [f.name for f in dataclasses.fields(cls) if f.init and f.default is dataclasses.MISSING]
+    stray = [n for n in wanted if n not in own and n not in derived]
+    shadow = [n for n in derived if n in own]
+    if stray or shadow:
+        raise TypeError(f"{cls.__name__}: fields {stray} are neither {type(section).__name__} settings nor derived values; "
+                        f"derived values {shadow} shadow settings")
+    values = {n: getattr(section, n) for n in wanted if n in own} | (resolved or {})
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}, **derived)
 
 
 def device_for(cfg: DfkdConfig):
@@ -52,12 +73,9 @@ def synthesis_settings(cfg: DfkdConfig, device):
     from dfkd_assets.core.synthesis import SynthesisSettings
 
     s = cfg.synthesis
-    return SynthesisSettings(
-        iterations=s.iterations, lr=s.lr, lr_schedule=s.lr_schedule, cutn=s.cutn, cut_pow=s.cut_pow, image_size=s.image_size,
-        noise_start_fraction=s.noise_start_fraction,
-        augment=AugmentSpec(p=s.augment_p, noise_max=s.noise_max), bf16=use_bf16(device, cfg.precision),
-        channels_last=device.type == "cuda" if s.channels_last is None else s.channels_last, compile=s.compile,
-        compile_mode=s.compile_mode,
+    return core_settings(
+        SynthesisSettings, s, augment=AugmentSpec(p=s.augment_p, noise_max=s.noise_max), bf16=use_bf16(device, cfg.precision),
+        resolved={"channels_last": device.type == "cuda" if s.channels_last is None else s.channels_last},
     )
 
 
@@ -65,8 +83,7 @@ def distill_settings(cfg: DfkdConfig, device):
     from dfkd_assets.core.devices import use_bf16
     from dfkd_assets.core.distill import DistillSettings
 
-    # broad_images decides the training set (stages/training.broad_images), not the KD loop
-    return DistillSettings(**cfg.distill.model_dump(exclude={"broad_images"}), bf16=use_bf16(device, cfg.precision))
+    return core_settings(DistillSettings, cfg.distill, bf16=use_bf16(device, cfg.precision))
 
 
 def style_settings(cfg: DfkdConfig):
@@ -85,11 +102,7 @@ def style_settings(cfg: DfkdConfig):
     words = tuple(w for w in words if w)
     if p.method == "mix" and not words:
         raise ValueError(f"prompts.style_words_file {path} holds no style words")
-    return StyleSettings(
-        num_styles=p.num_styles, style_template=p.style_template, positive_template=p.positive_template,
-        style_words=words, mix_words=p.mix_words, mix_alpha=p.mix_alpha, steps=p.steps, lr=p.lr,
-        temperature=p.temperature, orthogonality_weight=p.orthogonality_weight, seed=p.seed,
-    )
+    return core_settings(StyleSettings, p, style_words=words)
 
 
 def eval_sets(cfg: DfkdConfig) -> dict[str, list]:
@@ -109,6 +122,4 @@ def eval_sets(cfg: DfkdConfig) -> dict[str, list]:
 def fewshot_settings(cfg: DfkdConfig):
     from dfkd_assets.core.fewshot import FewShotSettings
 
-    f = cfg.fewshot
-    return FewShotSettings(shots=tuple(f.shots), seeds=tuple(f.seeds), steps=f.steps, lr=f.lr, batch_size=f.batch_size,
-                           min_crop_scale=cfg.distill.min_crop_scale)
+    return core_settings(FewShotSettings, cfg.fewshot, min_crop_scale=cfg.distill.min_crop_scale)

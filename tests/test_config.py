@@ -1,7 +1,11 @@
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from pydantic import ValidationError
+
+from dfkd_assets import loaders
 
 from dfkd_assets.config import ConfigError, DfkdConfig, load_config
 from dfkd_assets.core.names import class_key
@@ -87,3 +91,85 @@ def test_toyworld_settings_name_the_bad_key():
     with pytest.raises(ConfigError, match=r"clip\.stepz: unknown key"):
         validate(ToyworldConfig, {"clip": {"stepz": 3}}, "toyworld.yaml")
     assert validate(ToyworldConfig, {}, "defaults").settings_hash() == ToyworldConfig().settings_hash()
+
+
+# --------------------------------------------------------------- one schema per setting
+
+def _another_value(name: str, field, value, tmp_path):
+    """A valid value of a setting other than `value` (candidates tried in order by the caller)."""
+    from typing import get_args
+
+    from dfkd_assets.config import _leaf_types
+
+    leaves = _leaf_types(field.annotation)
+    if bool in leaves:
+        return [not value] if value is not None else [True, False]
+    if str in leaves and get_args(field.annotation) and all(isinstance(a, str) for a in get_args(field.annotation)):
+        return [a for a in get_args(field.annotation) if a != value]
+    literal_args = [a for a in get_args(field.annotation) for a in (get_args(a) or (a,)) if isinstance(a, str)]
+    if literal_args:
+        return [a for a in literal_args if a != value]
+    if int in leaves and not isinstance(value, float):
+        return [(value or 0) + 1, (value or 0) + 2, 1]
+    if float in leaves:
+        return [value * 0.5 if value else 0.25, value + 0.1 if value is not None else 0.5, 0.01]
+    if str in leaves:
+        return ["an {style} style: {}" if "{style}" in value else "a drawing of {}"]
+    if list in leaves or tuple in leaves:
+        return [[v + 7 for v in value]]
+    words = tmp_path / f"{name}.txt"
+    words.write_text("watercolour\ncharcoal\n")
+    return [words]
+
+
+@pytest.mark.parametrize("section,mapper", [
+    ("synthesis", lambda cfg: loaders.synthesis_settings(cfg, torch.device("cpu"))),
+    ("distill", lambda cfg: loaders.distill_settings(cfg, torch.device("cpu"))),
+    ("prompts", lambda cfg: loaders.style_settings(cfg)),
+    ("fewshot", lambda cfg: loaders.fewshot_settings(cfg)),
+])
+def test_every_setting_reaches_core_or_is_orchestration_only(section, mapper, tmp_path):
+    """One schema per setting: each field of a mapped section either changes the core settings
+    object when it changes (it reaches core/ by name or through a declared derived value) or is
+    declared `orchestration_only` in config.py; and every core field is filled (loaders.core_settings
+    refuses a core field that is neither a setting nor a derived value)."""
+    from dfkd_assets.config import SettingsModel, orchestration_fields
+
+    base = {"classes": ["a", "b"], "generator": {"config_file": "unused.yaml"}}
+    model = DfkdConfig.model_fields[section].annotation
+    defaults = getattr(DfkdConfig.model_validate(base), section)
+    reference = mapper(DfkdConfig.model_validate(base))
+    unreached = []
+    for name, field in model.model_fields.items():
+        if name in orchestration_fields(model):
+            continue
+        default = getattr(defaults, name)
+        changed = None
+        for candidate in _another_value(name, field, default, tmp_path):
+            try:
+                cfg = DfkdConfig.model_validate({**base, section: {name: candidate}})
+            except ValidationError:
+                continue
+            changed = mapper(cfg) != reference
+            break
+        assert changed is not None, f"{section}.{name}: no other valid value to try (extend _another_value)"
+        if not changed:
+            unreached.append(name)
+    assert not unreached, f"{section}: settings {unreached} reach no core field and are not declared orchestration_only"
+    assert issubclass(model, SettingsModel)
+
+
+def test_core_settings_refuses_a_field_without_a_source():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Odd:
+        lr: float
+        nowhere: int
+
+    cfg = DfkdConfig.model_validate({"classes": ["a", "b"], "generator": {"config_file": "unused.yaml"}})
+    assert loaders.core_settings(Odd, cfg.distill, nowhere=1) == Odd(lr=cfg.distill.lr, nowhere=1)
+    with pytest.raises(TypeError, match="nowhere"):
+        loaders.core_settings(Odd, cfg.distill)
+    with pytest.raises(TypeError, match="shadow"):
+        loaders.core_settings(Odd, cfg.distill, lr=0.5, nowhere=1)

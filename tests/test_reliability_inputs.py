@@ -266,7 +266,7 @@ def test_vqgan_checkpoint_with_another_codebook_size_names_both_settings(tmp_pat
 def test_own_distillation_checkpoint_is_read_weights_only(tmp_path, teacher):
     """Our resumable checkpoint is a torch pickle (optimizer state); it is read with weights_only=True,
     so a planted one cannot run code."""
-    from dfkd_assets.core.distill import CHECKPOINT, distill
+    from dfkd_assets.core.distill import CHECKPOINT, CorruptCheckpoint, distill
     from dfkd_assets.core.student import build_student
     from dfkd_assets.core.teacher import zero_shot_head
 
@@ -276,7 +276,7 @@ def test_own_distillation_checkpoint_is_read_weights_only(tmp_path, teacher):
     head = zero_shot_head(teacher, ["dog", "cat"], "single")
     student = build_student("resnet10t", ["dog", "cat"], 32, 0)
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
-    with pytest.raises(Exception, match="(Unsupported global|weights_only)"):
+    with pytest.raises(CorruptCheckpoint, match="(?s)Delete it.*(Unsupported global|weights_only)|(Unsupported global|weights_only).*Delete it"):
         distill(student, teacher, head, images, torch.tensor([0, 1, 0, 1]), distill_settings(epochs=1, batch_size=4),
                 checkpoint_dir=tmp_path / "ck", fingerprint="f")
     assert not marker.exists()

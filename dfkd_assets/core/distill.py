@@ -9,10 +9,11 @@ fingerprint resumes from it, a different fingerprint starts over.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ContextManager, Iterable
 
 import numpy as np
 import torch
@@ -61,7 +62,11 @@ class DistillSettings:
 
 
 class DistillDiverged(RuntimeError):
-    pass
+    """The training loss became non-finite (the message says where and what to change)."""
+
+
+class CorruptCheckpoint(RuntimeError):
+    """The resumable checkpoint cannot be read (the message names the file and how to clear it)."""
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -222,6 +227,190 @@ def cached_teacher_logits(teacher: Teacher, head: torch.Tensor, data: torch.Tens
     return logits_from_features(teacher, head, cached_teacher_features(teacher, data, size, batch_size, bf16))
 
 
+def sgd_cosine(params, lr: float, momentum: float, weight_decay: float, total_steps: int):
+    """SGD with momentum and weight decay, its step size decayed by a cosine to 0 over `total_steps`:
+    the optimiser of distillation and of the few-shot fine-tune (their hyperparameters are settings)."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+
+
+# ---- checkpoints: one file, written atomically after every epoch -------------------------------
+
+def load_checkpoint(path: Path, fingerprint: str, device) -> dict | None:
+    """The state saved at `path` when it was written for `fingerprint`; None when there is none or
+    it belongs to other settings or data (a different fingerprint: start over).
+
+    It is read with weights_only=True, so a planted file cannot run code. One that cannot be read
+    (truncated by hand, planted, another program's) raises CorruptCheckpoint, a named error that is
+    not retried and says how to clear it: it is never deleted on a guess."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every unreadable file gets the same named error
+        raise CorruptCheckpoint(f"the distillation checkpoint {path} cannot be read ({type(e).__name__}: {e}). Delete it to "
+                                "start this distillation over (it holds only the resumable state of an unfinished training)") from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"the distillation checkpoint {path} holds no checkpoint. Delete it to start this distillation over")
+    return state if state.get("fingerprint") == fingerprint else None
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, epoch: int, history: list[dict], fingerprint: str) -> None:
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "epoch": epoch, "history": history, "fingerprint": fingerprint}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+Forward = Callable[[torch.Tensor, torch.Generator], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
+Clock = Callable[[str], ContextManager]
+"""`clock(stage)` wraps one stage of a step (augment, teacher, student, update): the benchmark passes
+one that times them (tools/bench.py), training passes none."""
+
+
+def no_clock(_stage: str) -> ContextManager:
+    return contextlib.nullcontext()
+
+
+def run_epochs(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    sched,
+    forward: Forward,
+    batches: Callable[[torch.Generator], Iterable[torch.Tensor]],
+    epochs: int,
+    epoch_seed: Callable[[int], int],
+    checkpoint: tuple[Path, str] | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    clock: Clock = no_clock,
+) -> list[dict]:
+    """The one training loop: for every epoch, a generator seeded by `epoch_seed(epoch)` draws the
+    batches (`batches(gen)`, index tensors, drawn lazily so their draws interleave with the
+    forward's) and `forward(idx, gen)` returns (named, weighted loss terms, counted metrics); their sum
+    is minimised. Per epoch, the mean of every term (`loss_<name>`), their total (`kd_loss`), each
+    metric per example and the learning rate form the history record.
+
+    `checkpoint` (path, fingerprint): resume from a checkpoint of the same fingerprint and save one
+    after every epoch. A non-finite loss raises DistillDiverged after its epoch, which is not saved.
+    The check runs once per epoch, so no step waits for the device."""
+    device = next(model.parameters()).device
+    start, history = 0, []
+    state = load_checkpoint(checkpoint[0], checkpoint[1], device) if checkpoint else None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = int(state["epoch"]), list(state["history"])
+    model.train()
+    for epoch in range(start, epochs):
+        gen = torch.Generator().manual_seed(epoch_seed(epoch))  # resumable: depends on the epoch only
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        for i, idx in enumerate(batches(gen)):
+            terms, metrics = forward(idx, gen)
+            with clock("student"):
+                loss = sum(terms.values())
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), first_bad.new_full((), i), first_bad)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            with clock("update"):
+                opt.step()
+                sched.step()
+            for name, value in [("kd_loss", loss), *((f"loss_{k}", v) for k, v in terms.items())]:
+                sums[name] = sums.get(name, 0.0) + value.detach() * len(idx)
+            for name, count in metrics.items():
+                sums[name] = sums.get(name, 0.0) + count
+            seen += len(idx)
+            if on_step is not None:
+                on_step(1)
+        if int(first_bad) >= 0:  # nothing of this epoch is saved
+            where = f"; the last good checkpoint ({checkpoint[0]}) is kept" if checkpoint else ""
+            raise DistillDiverged(f"the training loss became non-finite at epoch {epoch + 1}, step {int(first_bad) + 1}{where}. "
+                                  "Lower the learning rate (distill.lr, fewshot.lr) or check the training images.")
+        record = {"epoch": epoch + 1, **{k: float(v) / seen for k, v in sums.items()}, "lr": sched.get_last_lr()[0]}
+        history.append(record)
+        if checkpoint:
+            save_checkpoint(checkpoint[0], model, opt, sched, epoch + 1, history, checkpoint[1])
+        if on_epoch is not None:
+            on_epoch(record)
+    return history
+
+
+# ---- knowledge distillation: one forward with named terms --------------------------------------
+
+def kd_losses(z_s: torch.Tensor, z_t: torch.Tensor, s: DistillSettings, e_s: torch.Tensor | None = None,
+              f_t: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The weighted terms of the distillation loss, by name (their sum is minimised):
+    `kd` T^2 KL to the teacher's logits; `feature` (distill.feature_weight > 0) 1 - cosine between
+    the student's embedding and the teacher's image features; `ce` (distill.ce_weight > 0)
+    cross-entropy towards the class an image was made for, images made for no class (label < 0,
+    distill.broad_images) left out of the mean."""
+    terms = {"kd": kd_loss(z_s, z_t, s.temperature)}
+    if s.feature_weight > 0:
+        terms["feature"] = s.feature_weight * feature_loss(e_s.float(), f_t)
+    if s.ce_weight > 0:
+        terms["ce"] = s.ce_weight * F.cross_entropy(z_s, labels, ignore_index=-1, reduction="sum") / (labels >= 0).sum().clamp(min=1)
+    return terms
+
+
+def kd_inputs(student, teacher: Teacher, head: torch.Tensor, x_u8: torch.Tensor, s: DistillSettings, gen: torch.Generator) -> torch.Tensor:
+    """uint8 [B,3,H,W] on device -> the float batch the student and the teacher see: augmented
+    (`augment_batch`) or whole, then moved towards disagreement when distill.adversarial_eps > 0."""
+    size = student.input_size
+    x = augment_batch(x_u8, size, s, gen) if s.augment else resize_batch(x_u8, size)
+    if s.adversarial_eps > 0:
+        x = adversarial_inputs(student, teacher, head, x, s, gen)
+    return x
+
+
+@torch.no_grad()
+def teacher_targets(teacher: Teacher, head: torch.Tensor, x: torch.Tensor, s: DistillSettings, gen: torch.Generator,
+                    cached: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features, logits) of the teacher on `x`, or the `cached` features of the clean images;
+    with distill.control `shuffle_teacher` the targets are permuted across the batch (the negative
+    control: they no longer belong to their images)."""
+    with autocast(x.device, s.bf16):
+        f_t = teacher.encode_images(x) if cached is None else cached  # fp32 (encode_images casts)
+        if s.control == "shuffle_teacher":
+            f_t = f_t[to_device(torch.randperm(len(f_t), generator=gen), x.device)]
+        return f_t, logits_from_features(teacher, head, f_t)
+
+
+def kd_forward(student, teacher: Teacher, head: torch.Tensor, data: torch.Tensor, labels: torch.Tensor, s: DistillSettings,
+               cached: torch.Tensor | None = None, clock: Clock = no_clock) -> Forward:
+    """The distillation step as `run_epochs` runs it: the batch `idx` of the uint8 images `data`
+    [N,3,H,W] -> (kd_losses' terms, {teacher_agreement: how many argmaxes agree})."""
+
+    def forward(idx: torch.Tensor, gen: torch.Generator):
+        with clock("augment"):
+            x = kd_inputs(student, teacher, head, data[idx], s, gen)
+        with clock("teacher"):
+            f_t, z_t = teacher_targets(teacher, head, x, s, gen, None if cached is None else cached[idx])
+        with clock("student"):
+            with autocast(x.device, s.bf16):
+                z_s, e_s = student.logits_and_embedding(x) if s.feature_weight > 0 else (student(x), None)
+            z_s = z_s.float()  # the loss in fp32
+            terms = kd_losses(z_s, z_t, s, e_s, f_t, labels[idx])
+        return terms, {"teacher_agreement": (z_s.argmax(-1) == z_t.argmax(-1)).sum()}
+
+    return forward
+
+
+def epoch_batches(n: int, batch_size: int, device) -> Callable[[torch.Generator], Iterable[torch.Tensor]]:
+    """Every index once per epoch, in an order drawn from the epoch's generator, in batches."""
+
+    def batches(gen: torch.Generator):
+        order = to_device(torch.randperm(n, generator=gen), device)
+        for i in range(max(1, (n + batch_size - 1) // batch_size)):
+            yield order[i * batch_size : (i + 1) * batch_size]
+
+    return batches
+
+
 def distill(
     student: torch.nn.Module,
     teacher: Teacher,
@@ -233,86 +422,24 @@ def distill(
     fingerprint: str,
     on_epoch: Callable[[dict], None] | None = None,
     on_step: Callable[[int], None] | None = None,
+    clock: Clock = no_clock,
 ) -> list[dict]:
     """Train `student` in place; `images`: uint8 [N,H,W,3] (any device), `labels`: prompt class [N]
-    (-1: an image made for no class, left out of the cross-entropy term).
-
-    Returns the per-epoch history (also the history of resumed epochs).
-    """
+    (-1: an image made for no class, left out of the cross-entropy term). Resumes from
+    `checkpoint_dir` when `fingerprint` matches. Returns the per-epoch history (resumed epochs too)."""
+    s = settings
+    if s.feature_weight > 0 and getattr(student, "embed", None) is None:
+        raise ValueError("distill.feature_weight > 0 needs a student with an embedding head (build_student(..., embed_dim=teacher.embed_dim))")
     device = head.device
     data = images.to(device).permute(0, 3, 1, 2).contiguous()
-    labels = labels.to(device)
     n = data.shape[0]
-    steps_per_epoch = max(1, (n + settings.batch_size - 1) // settings.batch_size)
-    student.to(device).train()
-    opt = torch.optim.SGD(student.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
-    start_epoch, history = 0, []
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT
-    if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if state.get("fingerprint") == fingerprint:
-            student.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            start_epoch, history = int(state["epoch"]), list(state["history"])
-    size = student.input_size
-    if settings.feature_weight > 0 and getattr(student, "embed", None) is None:
-        raise ValueError("distill.feature_weight > 0 needs a student with an embedding head (build_student(..., embed_dim=teacher.embed_dim))")
-    cached = None if settings.augment or settings.adversarial_eps > 0 else cached_teacher_features(teacher, data, size, settings.batch_size, settings.bf16)
-    for epoch in range(start_epoch, settings.epochs):
-        gen = torch.Generator().manual_seed(settings.seed * 100_003 + epoch)  # resumable: depends on the epoch only
-        order = to_device(torch.randperm(n, generator=gen), device)
-        tot_loss = tot_agree = seen = 0.0
-        first_bad = torch.full((), -1, dtype=torch.long, device=device)  # checked once per epoch: no host sync per step
-        for i in range(steps_per_epoch):
-            idx = order[i * settings.batch_size : (i + 1) * settings.batch_size]
-            x = augment_batch(data[idx], size, settings, gen) if settings.augment else resize_batch(data[idx], size)
-            if settings.adversarial_eps > 0:
-                x = adversarial_inputs(student, teacher, head, x, settings, gen)
-            with torch.no_grad(), autocast(device, settings.bf16):
-                f_t = teacher.encode_images(x) if cached is None else cached[idx]  # fp32 (encode_images casts)
-                if settings.control == "shuffle_teacher":  # targets no longer belong to their images
-                    f_t = f_t[to_device(torch.randperm(len(f_t), generator=gen), device)]
-                z_t = logits_from_features(teacher, head, f_t)
-            with autocast(device, settings.bf16):
-                if settings.feature_weight > 0:
-                    z_s, e_s = student.logits_and_embedding(x)
-                    z_s = z_s.float()
-                else:
-                    z_s = student(x).float()
-            loss = kd_loss(z_s, z_t, settings.temperature)
-            if settings.feature_weight > 0:
-                loss = loss + settings.feature_weight * feature_loss(e_s.float(), f_t)
-            if settings.ce_weight > 0:
-                # images made for no class (label < 0: distill.broad_images) are left out of the mean
-                y = labels[idx]
-                loss = loss + settings.ce_weight * F.cross_entropy(z_s, y, ignore_index=-1, reduction="sum") / (y >= 0).sum().clamp(min=1)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), first_bad.new_full((), i), first_bad)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot_loss += loss.detach() * len(idx)
-            tot_agree += (z_s.argmax(-1) == z_t.argmax(-1)).sum()
-            seen += len(idx)
-            if on_step is not None:
-                on_step(1)
-        if int(first_bad) >= 0:  # nothing of this epoch is saved
-            raise DistillDiverged(
-                f"distillation loss became non-finite at epoch {epoch + 1}, step {int(first_bad) + 1}; "
-                f"the last good checkpoint ({ckpt_path}) is kept. Lower distill.lr or check the synthetic data."
-            )
-        record = {"epoch": epoch + 1, "kd_loss": float(tot_loss) / seen, "teacher_agreement": float(tot_agree) / seen, "lr": sched.get_last_lr()[0]}
-        history.append(record)
-        buf = io.BytesIO()
-        torch.save(
-            {"model": student.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch + 1, "history": history, "fingerprint": fingerprint},
-            buf,
-        )
-        atomic_write_bytes(ckpt_path, buf.getvalue())
-        if on_epoch is not None:
-            on_epoch(record)
+    student.to(device)
+    batches = epoch_batches(n, s.batch_size, device)
+    opt, sched = sgd_cosine(student.parameters(), s.lr, s.momentum, s.weight_decay, s.epochs * max(1, (n + s.batch_size - 1) // s.batch_size))
+    # without augmentation (and PGD) the inputs never change: the teacher sees each image once
+    cached = None if s.augment or s.adversarial_eps > 0 else cached_teacher_features(teacher, data, student.input_size, s.batch_size, s.bf16)
+    forward = kd_forward(student, teacher, head, data, labels.to(device), s, cached, clock)
+    history = run_epochs(student, opt, sched, forward, batches, s.epochs, lambda epoch: s.seed * 100_003 + epoch,
+                         (Path(checkpoint_dir) / CHECKPOINT, fingerprint), on_epoch, on_step, clock)
     student.eval()
     return history

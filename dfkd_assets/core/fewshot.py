@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfkd_assets.core.distill import AUGMENT_DRAWS, crop_flip
+from dfkd_assets.core.distill import AUGMENT_DRAWS, crop_flip, run_epochs, sgd_cosine
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class FewShotSettings:
     seeds: tuple[int, ...]
     steps: int
     lr: float
+    momentum: float
+    weight_decay: float
     batch_size: int
     min_crop_scale: float
 
@@ -45,19 +47,20 @@ def draw_shots(labels: np.ndarray, k: int, seed: int, num_classes: int, domain: 
 
 
 def finetune(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, s: FewShotSettings, seed: int) -> torch.nn.Module:
-    """Cross-entropy fine-tuning of every layer; images uint8 [N,3,H,W] on the model's device."""
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(model.parameters(), lr=s.lr, momentum=0.9, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=s.steps)
-    model.train()
-    for _ in range(s.steps):
-        idx = torch.randint(len(images), (min(s.batch_size, len(images)),), generator=gen).to(images.device)
+    """Cross-entropy fine-tuning of every layer, `s.steps` batches drawn with replacement, on the
+    distillation's loop and optimiser (core/distill.run_epochs, sgd_cosine); images uint8 [N,3,H,W]
+    on the model's device."""
+    opt, sched = sgd_cosine(model.parameters(), s.lr, s.momentum, s.weight_decay, s.steps)
+
+    def batches(gen: torch.Generator):
+        for _ in range(s.steps):
+            yield torch.randint(len(images), (min(s.batch_size, len(images)),), generator=gen).to(images.device)
+
+    def forward(idx: torch.Tensor, gen: torch.Generator):
         x = crop_flip(images[idx], model.input_size, s.min_crop_scale, torch.rand(len(idx), AUGMENT_DRAWS, generator=gen))
-        loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        return {"ce": F.cross_entropy(model(x), labels[idx])}, {}
+
+    run_epochs(model, opt, sched, forward, batches, epochs=1, epoch_seed=lambda _: seed)
     return model.eval()
 
 

@@ -14,7 +14,7 @@ from dfkd_assets.redaction import redact
 def _permanent_types() -> tuple[type, ...]:
     # imported when an error happens (the modules are loaded by then); definitions stay torch-free
     from dfkd_assets.config import ConfigError
-    from dfkd_assets.core.distill import DistillDiverged
+    from dfkd_assets.core.distill import CorruptCheckpoint, DistillDiverged
     from dfkd_assets.core.evaluation import EvalDataError
     from dfkd_assets.core.io import ShardError
     from dfkd_assets.core.prompts import PromptBankMismatch, PromptError
@@ -28,7 +28,7 @@ def _permanent_types() -> tuple[type, ...]:
 
     return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
             ShardError, WeightsReadError, PromptNotEncodable, FileNotFoundError, LegacyModelError, IntegrityError,
-            ClassNameError, NotAnEmbeddingStudent, CapError)
+            ClassNameError, NotAnEmbeddingStudent, CapError, CorruptCheckpoint)
 
 
 def no_retry_for_bad_input(fn):

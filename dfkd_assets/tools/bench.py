@@ -28,6 +28,7 @@ Numbers, machine and command are recorded in docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -252,15 +253,32 @@ def bench_profile(cfg, device, teacher, vqgan, batch: int, steps: int, compile_m
             "trace": str(trace) if trace is not None else None}
 
 
+class StageClock:
+    """A `clock` for the distillation engine (core/distill.Clock): seconds per stage of a step,
+    the device synchronised around each, so a stage's time is its own."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        _sync(self.device)
+        t0 = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
 def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: int, batch_size: int | None) -> dict:
-    """Whole-loop KD images/s (augmented, and with cached logits), then one step split by stage."""
+    """The product's distillation (core/distill.distill) on random images: steps/s and images/s with
+    the per-step teacher (augmented inputs) and with the teacher's logits cached once (no
+    augmentation), and the augmented step's time split into augment / teacher / student (forward,
+    loss, backward) / update (optimiser and schedule), from a clock the engine calls around each."""
     import dataclasses
 
     import torch
 
-    from dfkd_assets.core.devices import autocast
-    from dfkd_assets.core.distill import augment_batch, distill, kd_loss
-    from dfkd_assets.core.teacher import teacher_logits
+    from dfkd_assets.core.distill import distill
     from dfkd_assets.loaders import distill_settings, fresh_student
 
     classes = [f"class{i}" for i in range(len(cfg.classes))]
@@ -271,41 +289,19 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
     base = dataclasses.replace(distill_settings(cfg, device), epochs=epochs)
     if batch_size:
         base = dataclasses.replace(base, batch_size=batch_size)
-    out = {"images": n_images, "epochs": epochs, "student": cfg.student.arch, "model_kwargs": cfg.student.model_kwargs, "input_size": cfg.student.input_size,
-           "batch_size": base.batch_size, "bf16": base.bf16}
+    steps = epochs * -(-n_images // base.batch_size)
+    out = {"images": n_images, "epochs": epochs, "steps": steps, "student": cfg.student.arch, "model_kwargs": cfg.student.model_kwargs,
+           "input_size": cfg.student.input_size, "batch_size": base.batch_size, "bf16": base.bf16}
     for name, s in (("augmented", base), ("cached_teacher_logits", dataclasses.replace(base, augment=False))):
-        student = fresh_student(cfg, classes)
+        clock = StageClock(device)
         with tempfile.TemporaryDirectory() as tmp:
-            _, dt = _timed(lambda: distill(student, teacher, head, images, labels, s, Path(tmp), name), device)
+            _, dt = _timed(lambda: distill(fresh_student(cfg, classes), teacher, head, images, labels, s, Path(tmp), name, clock=clock), device)
         out[f"{name}_images_per_s"] = n_images * epochs / dt
-
-    student = fresh_student(cfg, classes).to(device).train()
-    opt = torch.optim.SGD(student.parameters(), lr=base.lr, momentum=base.momentum)
-    data = images.to(device).permute(0, 3, 1, 2).contiguous()
-    stages = {"augment": 0.0, "teacher": 0.0, "student": 0.0}
-    steps = max(1, n_images // base.batch_size)
-    for i in range(steps + 1):  # the first step is a warm-up
-        idx = torch.arange(i % steps * base.batch_size, (i % steps + 1) * base.batch_size, device=device) % n_images
-        x, t_aug = _timed(lambda: augment_batch(data[idx], cfg.student.input_size, base, g), device)
-        with torch.no_grad(), autocast(device, base.bf16):
-            z_t, t_teacher = _timed(lambda: teacher_logits(teacher, head, x).float(), device)
-
-        def student_step():
-            with autocast(device, base.bf16):
-                z_s = student(x).float()
-            loss = kd_loss(z_s, z_t, base.temperature)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        _, t_student = _timed(student_step, device)
-        if i:
-            stages["augment"] += t_aug
-            stages["teacher"] += t_teacher
-            stages["student"] += t_student
-    total = sum(stages.values())
-    out["step_share"] = {k: v / total for k, v in stages.items()}
-    out["step_seconds"] = total / steps
+        out[f"{name}_steps_per_s"] = steps / dt
+        if name == "augmented":
+            total = sum(clock.seconds.values())
+            out["step_share"] = {k: v / total for k, v in sorted(clock.seconds.items(), key=lambda kv: -kv[1])}
+            out["step_seconds"] = total / steps
     return out
 
 
