@@ -86,7 +86,7 @@ def test_student_learns_the_teacher_on_held_out_synthetic_images_and_the_control
     on as many decoded random latents (the no-guidance baseline: synthesis.iterations 0) learns less.
 
     Out-of-domain transfer to the real held-out set at this CI budget is near chance (see
-    docs/toyworld.md); it is measured by `dfkd compare`, not asserted here.
+    docs/RESULTS.md); it is measured by `dfkd compare`, not asserted here.
     """
     from dfkd_assets.fingerprints import class_fingerprint
     from dfkd_assets.loaders import generator_for, teacher_for
