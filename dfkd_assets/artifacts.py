@@ -290,6 +290,11 @@ def student_dir(cfg: DfkdConfig) -> Path:
     return cfg.path(STUDENT)
 
 
+def student_work_dir(cfg: DfkdConfig) -> Path:
+    """The distillation's resumable checkpoint (core/distill.CHECKPOINT); never versioned."""
+    return cfg.work_dir / STUDENT
+
+
 def write_student(cfg: DfkdConfig, student, history: list[dict]) -> Path:
     """Weights + architecture (core/student.py) and the per-epoch history as CSV."""
     from dfkd_assets.core.io import atomic_write_text
@@ -355,8 +360,26 @@ def write_evaluation(cfg: DfkdConfig, metrics: dict, per_domain_csv: str, report
     return out
 
 
+def metrics_path(cfg: DfkdConfig) -> Path:
+    return reports_dir(cfg) / "metrics.json"
+
+
+def round_curve_png(cfg: DfkdConfig) -> Path:
+    return reports_dir(cfg) / "round_curve.png"
+
+
+def fewshot_files(cfg: DfkdConfig) -> dict[str, Path]:
+    """The few-shot report's files: json (rows), png (curves), md (table)."""
+    return {kind: reports_dir(cfg) / f"fewshot.{kind}" for kind in ("json", "png", "md")}
+
+
+def run_failures_log(cfg: DfkdConfig) -> Path:
+    """Every failed run, one JSON line each (sensor `record_failures`)."""
+    return cfg.storage_dir / "run_failures.jsonl"
+
+
 def read_metrics(cfg: DfkdConfig) -> dict:
-    path = reports_dir(cfg) / "metrics.json"
+    path = metrics_path(cfg)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: materialize evaluation_report first")
     return json.loads(path.read_text())

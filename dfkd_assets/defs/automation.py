@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from dfkd_assets import artifacts
 from dfkd_assets.config import DfkdConfig
 from dfkd_assets.core.names import class_key
 from dfkd_assets.defs.jobs import PREPARE, ROUND, SYNTHESIZE, SYNTHESIZE_ROUND, TRAIN
@@ -42,7 +43,6 @@ def _latest_fingerprint(instance: dg.DagsterInstance, partition: str, asset: str
 def next_round_request(cfg: DfkdConfig, instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
     """The `retrain` tick with rounds: a run of the round job over every class of the next round,
     or why there is none (no round 0 yet, the cap reached). CapError when the cap is below what exists."""
-    from dfkd_assets import artifacts
     from dfkd_assets.core.io import ShardError
     from dfkd_assets.core.rounds import check_cap, next_growth
 
@@ -120,7 +120,7 @@ def build_automation(cfg: DfkdConfig, config_file: str, jobs: dict) -> tuple[lis
             "run_id": context.dagster_run.run_id, "job": context.dagster_run.job_name,
             "error": (context.failure_event.message or "")[:2000], "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        path = cfg.storage_dir / "run_failures.jsonl"
+        path = artifacts.run_failures_log(cfg)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -16,23 +16,19 @@ what each retraining round bought.
 import dagster as dg
 
 from dfkd_assets import artifacts
-from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage, md_image
-from dfkd_assets.defs.placement import GPU_OP_TAGS
+from dfkd_assets.defs.placement import gpu_asset
 from dfkd_assets.defs.registry import ModelRegistry
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 
 
-@dg.asset(
+@gpu_asset(
     group_name="training",
     deps=["student_model", "student_head"],  # whichever of them wrote data/student last
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
     description="Per-domain top-1 of student (challenger), teacher and champion; markdown report + confusion matrices.",
 )
-@no_retry_for_bad_input
 def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     from dfkd_assets.core.evaluation import EvalDataError
     from dfkd_assets.core.teacher import teacher_logits
@@ -91,7 +87,7 @@ def _round_curve(cfg, tracking: MlflowTracking, registry: ModelRegistry, version
         key = "round_curve_top1." + name.replace("/", ".")
         tracking.log_series(cfg, run_id, key, [(images, value)])
         series[name] = tracking.metric_history(cfg, run_id, key)
-    png = artifacts.reports_dir(cfg) / "round_curve.png"
+    png = artifacts.round_curve_png(cfg)
     write_round_curve_png(png, series, f"{registry.name}: student top-1 per round")
     return {"round_curve": dg.MetadataValue.md(md_image(png, "student top-1 against images per class")),
             "round_curve_points": dg.MetadataValue.json(series), "train_images_per_class": images, "round_curve_run_id": run_id}

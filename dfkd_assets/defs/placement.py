@@ -34,3 +34,17 @@ GPU_OP_TAGS = {
     },
     "dagster-celery/queue": "gpu",
 }
+
+
+def gpu_asset(**kwargs):
+    """`@dg.asset` of a step that holds a device: the `gpu` pool (one slot per GPU, dfkd setup-pools),
+    the placement tags above, and errors caused by settings or files never retried
+    (defs/errors.no_retry_for_bad_input). Every GPU asset opens with this one preamble."""
+    import dagster as dg
+
+    from dfkd_assets.defs.errors import no_retry_for_bad_input
+
+    def wrap(fn):
+        return dg.asset(pool="gpu", op_tags=GPU_OP_TAGS, **kwargs)(no_retry_for_bad_input(fn))
+
+    return wrap

@@ -34,12 +34,12 @@ def champion_student(context: dg.AssetExecutionContext, settings: PipelineSettin
     registry = ModelRegistry(cfg, mlflow_tracking)
     metrics, key = artifacts.read_metrics(cfg), cfg.promotion.metric
     if key not in metrics:
-        raise KeyError(f"promotion.metric {key!r} is not in {artifacts.reports_dir(cfg) / 'metrics.json'} (have {sorted(k for k in metrics if k.endswith('top1'))})")
+        raise KeyError(f"promotion.metric {key!r} is not in {artifacts.metrics_path(cfg)} (have {sorted(k for k in metrics if k.endswith('top1'))})")
     challenger = metrics["challenger_version"]
     recorded = registry.evaluated_score(challenger)
     if recorded is None or (metrics[key] is not None and recorded != str(metrics[key])):
         raise dg.Failure(f"v{challenger} has not passed evaluation: the registry has {registry.evaluated_tag}={recorded!r}, "
-                         f"{artifacts.reports_dir(cfg) / 'metrics.json'} says {metrics[key]!r}; re-materialize evaluation_report", allow_retries=False)
+                         f"{artifacts.metrics_path(cfg)} says {metrics[key]!r}; re-materialize evaluation_report", allow_retries=False)
     current = registry.champion()
     try:
         decision = promotion_decision(metrics, key, cfg.promotion.tolerance, current)

@@ -74,19 +74,17 @@ def prompt_bank(context: dg.AssetExecutionContext, settings: PipelineSettings, m
 
 def _track_bank(cfg, mlflow_tracking: MlflowTracking, run_id: str, bank, curves: list[list[float]], out) -> None:
     """Prompt settings as params, diagnostics as metrics, the whole contrastive curves (x = global step), the bank's files."""
-    import mlflow
-
     from dfkd_assets.core.report import write_curves_png
 
-    mlflow.log_params({f"prompts.{k}": str(v)[:500] for k, v in cfg.prompts.model_dump(mode="json").items()})
-    mlflow.log_metrics({"mean_pairwise_cosine": bank.diagnostics["mean_pairwise_cosine"], "class_preserved": bank.diagnostics["class_preserved"]})
+    mlflow_tracking.log(params={f"prompts.{k}": str(v)[:500] for k, v in cfg.prompts.model_dump(mode="json").items()},
+                        metrics={"mean_pairwise_cosine": bank.diagnostics["mean_pairwise_cosine"], "class_preserved": bank.diagnostics["class_preserved"]})
     (out / "contrastive_loss.png").unlink(missing_ok=True)  # from an earlier contrastive bank
     if curves:
         steps = cfg.prompts.steps
         mlflow_tracking.log_series(cfg, run_id, "contrastive_loss", [(j * steps + i, v) for j, c in enumerate(curves) for i, v in enumerate(c)])
         mlflow_tracking.log_series(cfg, run_id, "contrastive_final_loss", [(j, c[-1]) for j, c in enumerate(curves)])
         write_curves_png(out / "contrastive_loss.png", curves, f"Contrastive-Prompt InfoNCE ({len(curves)} styles)")
-    mlflow.log_artifacts(str(out), "prompt_bank")
+    mlflow_tracking.log(files=out, artifact_path="prompt_bank")
 
 
 def _bank_metadata(cfg, bank, curves: list[list[float]], out) -> dict:

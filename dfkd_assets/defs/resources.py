@@ -108,6 +108,26 @@ class MlflowTracking(dg.ConfigurableResource):
         mlflow.log_params(_flatten(public))
         mlflow.log_text(yaml.safe_dump(public, sort_keys=False), "config.yaml")
 
+    def log(self, metrics: dict[str, float] | None = None, params: dict[str, str] | None = None, step: int | None = None,
+            files: Path | None = None, artifact_path: str | None = None) -> None:
+        """Metrics (at `step`), params and a folder of files to the active run (`run`)."""
+        import mlflow
+
+        if params:
+            mlflow.log_params(params)
+        if metrics:
+            mlflow.log_metrics(metrics, step=step)
+        if files is not None:
+            mlflow.log_artifacts(str(files), artifact_path)
+
+    def log_to_run(self, cfg: DfkdConfig, run_id: str, metrics: dict[str, float], files: list[Path], artifact_path: str) -> None:
+        """Metrics and files added to a finished run (e.g. the few-shot report to its student's run)."""
+        client = self.client(cfg)
+        for key, value in metrics.items():
+            client.log_metric(run_id, key, value)
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path)
+
     def log_series(self, cfg: DfkdConfig, run_id: str, key: str, points: list[tuple[int, float]]) -> None:
         """A whole metric history (step, value) in MLflow's batch size, one timestamp for all."""
         import time

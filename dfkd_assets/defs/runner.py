@@ -6,7 +6,6 @@ Runs an earlier, killed invocation left behind are marked failed first (`reap_de
 re-run after kill -9 resumes instead of waiting for a dead run's pool slot.
 """
 
-import os
 import socket
 from typing import Any, Callable
 

@@ -17,28 +17,22 @@ from pydantic import Field
 from dfkd_assets import artifacts
 from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage
-from dfkd_assets.defs.placement import GPU_OP_TAGS
+from dfkd_assets.defs.placement import gpu_asset
 from dfkd_assets.defs.registry import PROMPT_METHOD, WARM_START_FROM, WEIGHTS_FROM, ModelRegistry, data_round_tags
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
-from dfkd_assets.fingerprints import array_id, student_fingerprint
 from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 from dfkd_assets.redaction import redact
 
 
-@dg.asset(
+@gpu_asset(
     group_name="training",
     deps=["synthetic_dataset", "teacher_head"],
-    pool="gpu",
-    op_tags=GPU_OP_TAGS,
     kinds={"pytorch", "mlflow"},
     description="Student distilled from the teacher on the synthetic snapshot; new MLflow model version, alias `challenger`.",
 )
-@no_retry_for_bad_input
 def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
-    import mlflow
-
     from dfkd_assets.core.progress import Progress
-    from dfkd_assets.stages.training import broad_images, distill_student, train_steps, training_set
+    from dfkd_assets.stages.training import distill_student, kd_set, train_steps
 
     cfg = settings.load()
     registry = ModelRegistry(cfg, mlflow_tracking)
@@ -47,19 +41,17 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         head = artifacts.read_teacher_head(cfg, teacher, device)
         dvc_hash, rounds = artifacts.read_snapshot_hash(cfg), artifacts.read_snapshot_index(cfg)["rounds"]
         per_class = [artifacts.read_class_images(cfg, c, rounds) for c in cfg.classes]
-        broad = broad_images(cfg, device)
-        images, labels = training_set(per_class, broad)
         init, init_tags = _warm_start(cfg, registry, context.log)
-        broad_id = "" if broad is None else array_id(broad)  # the broad images are not in the DVC snapshot: their bytes are
-        fingerprint = student_fingerprint(cfg, teacher.teacher_id, dvc_hash + broad_id + init_tags.get(WARM_START_FROM, ""))
+        ks = kd_set(cfg, teacher.teacher_id, per_class, device, dvc_hash, init_tags.get(WARM_START_FROM, ""))
+        fingerprint = ks.fingerprint
         tags = lineage(cfg, context, dvc_hash=dvc_hash, teacher_id=teacher.teacher_id, fingerprint=fingerprint, **{PROMPT_METHOD: cfg.prompts.method},
                        **data_round_tags(rounds, min(map(len, per_class))), **init_tags)
         with mlflow_tracking.run(cfg, run_name=f"student-{context.run.run_id[:8]}", tags=tags) as run:
             mlflow_tracking.log_settings(cfg)
-            prog = Progress(train_steps(cfg, len(labels)), "distillation", context.log.info, unit="steps")
+            prog = Progress(train_steps(cfg, len(ks.labels)), "distillation", context.log.info, unit="steps")
             student, history = distill_student(
-                cfg, teacher, head, images, labels, device, cfg.work_dir / "student", fingerprint,
-                on_epoch=lambda rec: mlflow.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=rec["epoch"]), on_step=prog.update,
+                cfg, teacher, head, ks.images, ks.labels, device, artifacts.student_work_dir(cfg), fingerprint,
+                on_epoch=lambda rec: mlflow_tracking.log({k: v for k, v in rec.items() if k != "epoch"}, step=rec["epoch"]), on_step=prog.update,
                 init_from=init,
             )
             prog.close()
@@ -70,8 +62,8 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         artifacts.write_student_record(cfg, record)
         last = history[-1]
         context.log.info(f"student v{version}: final KD loss {last['kd_loss']:.4f}, teacher agreement {last['teacher_agreement']:.3f}")
-        return dg.MaterializeResult(metadata={**_student_metadata(cfg, registry, record, history, out), "num_train_images": len(labels),
-                                               "num_broad_images": 0 if broad is None else len(broad), **tags})
+        return dg.MaterializeResult(metadata={**_student_metadata(cfg, registry, record, history, out), "num_train_images": len(ks.labels),
+                                               "num_broad_images": ks.num_broad, **tags})
 
 
 def _warm_start(cfg, registry: ModelRegistry, log) -> tuple[object | None, dict]:

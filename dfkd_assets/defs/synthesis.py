@@ -20,11 +20,10 @@ import dagster as dg
 
 from dfkd_assets import artifacts
 from dfkd_assets.core.names import class_key
-from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage, md_image
-from dfkd_assets.defs.placement import GPU_OP_TAGS
+from dfkd_assets.defs.placement import gpu_asset
 from dfkd_assets.defs.resources import PipelineSettings
-from dfkd_assets.fingerprints import class_fingerprint, round_fingerprint
+from dfkd_assets.fingerprints import round_fingerprint
 from dfkd_assets.loaders import device_lease, generator_for, teacher_for
 
 ASSET_KEY = "synthetic_images"
@@ -45,45 +44,62 @@ def round_cell(key: str) -> tuple[str, int]:
 
 
 def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.AssetsDefinition:
-    @dg.asset(
+    @gpu_asset(
         name=ASSET_KEY,
         group_name="synthesis",
         partitions_def=partitions_def,
         deps=["prompt_bank", "teacher_head"],
-        pool="gpu",
-        op_tags=GPU_OP_TAGS,
         kinds={"pytorch"},
         description="VQGAN-CLIP images of one class: one tar shard of PNGs + manifest (sha256 per image).",
     )
-    @no_retry_for_bad_input
     def synthetic_images(context: dg.AssetExecutionContext, settings: PipelineSettings) -> dg.MaterializeResult:
-        from dfkd_assets.core.io import exclusive_lock
         from dfkd_assets.stages.synthesis import shard_summary
 
         cfg = settings.load()
         class_name = cfg.class_for_key(context.partition_key)
-        # one run per class at a time, taken before a device: the second run of a class waits, then reuses the first's shard
-        with exclusive_lock(artifacts.class_lock(cfg, class_name), on_wait=context.log.info), device_lease(cfg) as device:
-            teacher = teacher_for(cfg, device)
-            bank = artifacts.read_prompt_bank(cfg)
-            bank.check_teacher(teacher.teacher_id)
-            bank.class_index(class_name)  # a class the bank lacks fails here, before any reuse
-            head = artifacts.read_teacher_head(cfg, teacher, device)
-            fp = class_fingerprint(cfg, teacher.teacher_id, class_name)
-            artifacts.remove_partial_writes(cfg, class_name)
-            manifest = artifacts.current_shard(cfg, class_name, fp)
-            if manifest is None:
-                manifest, meta = _synthesize(cfg, context, class_name, bank, teacher, head, device, fp)
-            else:
-                context.log.info(f"{class_name}: shard with fingerprint {fp} already exists, reusing it")
-                meta = {"reused": True, "resumed_images": 0}
-            summary = shard_summary(class_name, manifest["images"])
-            context.log.info(f"{class_name}: {summary['num_images']} images, mean cosine {summary['mean_final_cosine']:.3f}, "
-                             f"teacher agreement {summary['teacher_agreement']:.2f}"
-                             + (f"; {meta['resumed_images']} kept from an interrupted run's finished batches" if meta["resumed_images"] else ""))
-            return dg.MaterializeResult(metadata={**summary, **meta, **_shard_metadata(cfg, context, class_name, manifest, fp, teacher.teacher_id)})
+        manifest, meta, fp, teacher_id = make_shard(cfg, context, class_name)
+        summary = shard_summary(class_name, manifest["images"])
+        context.log.info(f"{class_name}: {summary['num_images']} images, mean cosine {summary['mean_final_cosine']:.3f}, "
+                         f"teacher agreement {summary['teacher_agreement']:.2f}"
+                         + (f"; {meta['resumed_images']} kept from an interrupted run's finished batches" if meta["resumed_images"] else ""))
+        return dg.MaterializeResult(metadata={**summary, **meta, **_shard_metadata(cfg, context, class_name, manifest, fp, teacher_id)})
 
     return synthetic_images
+
+
+def make_shard(cfg, context, class_name: str, round_: int = 0) -> tuple[dict, dict, str, str]:
+    """The synthesis protocol of a class (round 0) or of one class x round cell: (manifest, metadata,
+    fingerprint, teacher id).
+
+    Under the class's lock (taken before a device: a second run of the class waits, then reuses
+    the first's shard), the prompt bank must come from this teacher and hold the class (a class the
+    bank lacks fails here, before any reuse); temp files of a killed write are removed; a shard that
+    carries the current fingerprint is reused; a round that would cross
+    operations.max_images_per_class is refused; otherwise the shard is synthesized, resuming the
+    finished batches of an interrupted run."""
+    from dfkd_assets.core.io import exclusive_lock
+    from dfkd_assets.core.rounds import CapError, next_growth
+
+    label = class_name + (f" round {round_}" if round_ else "")
+    with exclusive_lock(artifacts.class_lock(cfg, class_name), on_wait=context.log.info), device_lease(cfg) as device:
+        teacher = teacher_for(cfg, device)
+        bank = artifacts.read_prompt_bank(cfg)
+        bank.check_teacher(teacher.teacher_id)
+        bank.class_index(class_name)
+        fp = round_fingerprint(cfg, teacher.teacher_id, class_name, round_)  # round 0: the class fingerprint
+        artifacts.remove_partial_writes(cfg, class_name, round_)
+        manifest = artifacts.current_shard(cfg, class_name, fp, round_)
+        if manifest is not None:
+            context.log.info(f"{label}: shard with fingerprint {fp} already exists, reusing it")
+            return manifest, {"reused": True, "resumed_images": 0}, fp, teacher.teacher_id
+        if round_:
+            growth = next_growth(round_, artifacts.images_before_round(cfg, class_name, round_), cfg.operations.images_per_round or 0,
+                                 cfg.operations.max_images_per_class)
+            if not growth.fits:
+                raise CapError(f"{label}: {growth.reason}")
+        head = artifacts.read_teacher_head(cfg, teacher, device)
+        manifest, meta = _synthesize(cfg, context, class_name, bank, teacher, head, device, fp, round_)
+        return manifest, meta, fp, teacher.teacher_id
 
 
 def _synthesize(cfg, context, class_name: str, bank, teacher, head, device, fp: str, round_: int = 0) -> tuple[dict, dict]:
@@ -129,19 +145,16 @@ def _shard_metadata(cfg, context, class_name: str, manifest: dict, fp: str, teac
 
 
 def build_synthetic_rounds(partitions_def: dg.MultiPartitionsDefinition) -> dg.AssetsDefinition:
-    @dg.asset(
+    @gpu_asset(
         name=ROUND_ASSET_KEY,
         group_name="synthesis",
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),  # a round of every class is one run (one model load)
         deps=["prompt_bank", "teacher_head",
               dg.AssetDep(ASSET_KEY, partition_mapping=dg.MultiToSingleDimensionPartitionMapping(partition_dimension_name=CLASS_DIM))],
-        pool="gpu",
-        op_tags=GPU_OP_TAGS,
         kinds={"pytorch"},
         description="operations.images_per_round more images of a class in round r >= 1 (fresh seeds), a shard beside the earlier rounds'.",
     )
-    @no_retry_for_bad_input
     def synthetic_round_images(context: dg.AssetExecutionContext, settings: PipelineSettings) -> dg.MaterializeResult:
         cfg = settings.load()
         cells = [(cfg.class_for_key(k), r) for k, r in map(round_cell, context.partition_keys)]
@@ -158,27 +171,9 @@ def build_synthetic_rounds(partitions_def: dg.MultiPartitionsDefinition) -> dg.A
 
 
 def _make_round(cfg, context, class_name: str, round_: int) -> dict:
-    """One class x round cell, under the class lock: reused when its shard carries the current
-    fingerprint, refused when it would cross the cap, else synthesized (resuming finished batches)."""
-    from dfkd_assets.core.io import exclusive_lock
-    from dfkd_assets.core.rounds import CapError, next_growth
+    """One class x round cell (make_shard), summarised for the run's metadata."""
     from dfkd_assets.stages.synthesis import shard_summary
 
-    with exclusive_lock(artifacts.class_lock(cfg, class_name), on_wait=context.log.info), device_lease(cfg) as device:
-        teacher = teacher_for(cfg, device)
-        bank = artifacts.read_prompt_bank(cfg)
-        bank.check_teacher(teacher.teacher_id)
-        bank.class_index(class_name)
-        fp = round_fingerprint(cfg, teacher.teacher_id, class_name, round_)
-        artifacts.remove_partial_writes(cfg, class_name, round_)
-        manifest = artifacts.current_shard(cfg, class_name, fp, round_)
-        meta = {"reused": manifest is not None, "resumed_images": 0}
-        if manifest is None:
-            growth = next_growth(round_, artifacts.images_before_round(cfg, class_name, round_), cfg.operations.images_per_round or 0,
-                                 cfg.operations.max_images_per_class)
-            if not growth.fits:
-                raise CapError(f"{class_name} round {round_}: {growth.reason}")
-            head = artifacts.read_teacher_head(cfg, teacher, device)
-            manifest, meta = _synthesize(cfg, context, class_name, bank, teacher, head, device, fp, round_)
+    manifest, meta, fp, _ = make_shard(cfg, context, class_name, round_)
     return {**shard_summary(class_name, manifest["images"]), **meta, "fingerprint": fp,
             "shard_sha256": manifest["shard_sha256"], "seeds": f"derive_seed({cfg.synthesis.seed}, {class_name!r}, 'round', {round_}, index)"}

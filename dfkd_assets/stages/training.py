@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -68,6 +69,34 @@ def distill_student(
     history = distill(student, teacher, head, images, labels, distill_settings(cfg, device), checkpoint_dir=checkpoint_dir,
                       fingerprint=fingerprint, on_epoch=on_epoch, on_step=on_step)
     return student.cpu().eval(), history
+
+
+@dataclass(frozen=True)
+class KdSet:
+    """What a student is distilled on: uint8 images [N,H,W,3], their labels [N], how many of them
+    are broad (class-free) images, and the fingerprint that names this training (settings, teacher, data)."""
+
+    images: object
+    labels: object
+    num_broad: int
+    fingerprint: str
+
+
+def kd_set(cfg: DfkdConfig, teacher_id: str, per_class: list, device, snapshot_id: str | None = None, init_id: str = "") -> KdSet:
+    """Training set -> fingerprint, the one composition the `student_model` asset and `dfkd compare`
+    share before `distill_student`. The fingerprint covers the settings, the teacher and the data:
+    `snapshot_id` (the DVC hash of the synthetic snapshot) plus the broad images' bytes (they are not
+    in the snapshot), or, without a snapshot, the bytes of the whole training set; `init_id` names a
+    warm start."""
+    from dfkd_assets.fingerprints import array_id, student_fingerprint
+
+    broad = broad_images(cfg, device)
+    images, labels = training_set(per_class, broad)
+    if snapshot_id is None:
+        data_id = array_id(images.numpy())
+    else:
+        data_id = snapshot_id + ("" if broad is None else array_id(broad))
+    return KdSet(images, labels, 0 if broad is None else len(broad), student_fingerprint(cfg, teacher_id, data_id + init_id))
 
 
 def student_for_classes(cfg: DfkdConfig, teacher, base, what: str = "the base student"):

@@ -78,14 +78,13 @@ def synthesize_classes(v: DfkdConfig, method: str, seed: int, run_dir: Path, tea
 
 
 def distill_variant(v: DfkdConfig, teacher, head, per_class: list[np.ndarray], run_dir: Path):
-    """A student of variant `v` distilled on `per_class` (head: the teacher's for `v.classes`), resumable
-    under `run_dir/student/<fingerprint>`: a folder per KD setting and data, so levers may share `run_dir`."""
-    from dfkd_assets.fingerprints import array_id, student_fingerprint
-    from dfkd_assets.stages.training import broad_images, distill_student, training_set
+    """A student of variant `v` distilled on `per_class` (head: the teacher's for `v.classes`) by the
+    asset's own stages (stages/training.kd_set, distill_student), resumable under `run_dir/student/<fingerprint>`:
+    a folder per KD setting and data, so levers may share `run_dir`."""
+    from dfkd_assets.stages.training import distill_student, kd_set
 
-    images, labels = training_set(per_class, broad_images(v, head.device))
-    fp = student_fingerprint(v, teacher.teacher_id, array_id(images.numpy()))
-    return distill_student(v, teacher, head, images, labels, head.device, run_dir / "student" / fp, fp)[0]
+    ks = kd_set(v, teacher.teacher_id, per_class, head.device)
+    return distill_student(v, teacher, head, ks.images, ks.labels, head.device, run_dir / "student" / ks.fingerprint, ks.fingerprint)[0]
 
 
 def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, sets, log) -> dict:
