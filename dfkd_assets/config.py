@@ -241,6 +241,10 @@ class DistillConfig(SettingsModel):
     adversarial_eps: float = Field(0.0, ge=0, le=1, description="> 0: every KD input is moved, within this L-inf radius (pixels in [0, 1]), "
                                    "towards where student and teacher disagree most (PGD on the KD loss; core/distill.adversarial_inputs)")
     adversarial_steps: int = Field(1, gt=0, description="signed-gradient ascent steps of that search")
+    teacher_views: int = Field(0, ge=0, description="0: the teacher labels every step's freshly augmented inputs (the paper). K > 0: "
+                               "K augmented views per image are made and labelled by the teacher once, before training (FKD's stored "
+                               "soft labels), and each epoch draws one per image: only the student runs per step. Memory: K x images "
+                               "x 3 x input_size^2 bytes. Needs augment on and adversarial_eps 0")
     seed: int = 0
     control: Literal["none", "shuffle_teacher"] = Field(
         "none", description="negative control: 'shuffle_teacher' permutes teacher logits across each batch (student must fall to chance)"
@@ -402,6 +406,11 @@ class DfkdConfig(SettingsModel):
         if self.student.head == "embedding" and self.distill.feature_weight <= 0:
             raise ValueError("student.head: embedding needs distill.feature_weight > 0: the cosine loss to the teacher's image embedding is "
                              "what places the student's output in the teacher's space, where classes added by name are read (try 1.0)")
+        d = self.distill
+        if d.teacher_views > 0 and (d.adversarial_eps > 0 or not d.augment):
+            raise ValueError("distill.teacher_views > 0 needs distill.augment: true and distill.adversarial_eps: 0 (PGD moves the inputs "
+                             "with the current student, so they cannot be labelled before training; without augmentation the teacher "
+                             "already labels each image once)")
         cap = self.operations.max_images_per_class
         if cap is not None and self.synthesis.images_per_class > cap:
             raise ValueError(f"operations.max_images_per_class ({cap}) is below synthesis.images_per_class "

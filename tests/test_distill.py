@@ -245,3 +245,57 @@ def test_images_made_for_no_class_are_distilled_and_left_out_of_cross_entropy(te
                       tmp_path / "kd", "fp")
     with_ce = distill(build_student("resnet10t", classes, 32, 0), teacher, head, images, labels, s, tmp_path / "ce", "fp")
     assert with_ce[0]["kd_loss"] > kd_only[0]["kd_loss"] + 0.5  # labelled images do add the cross-entropy (about ln 3)
+
+
+def test_history_names_every_loss_term_and_their_total(teacher, data, tmp_path):
+    """kd_losses' named terms each get a per-epoch column (loss_<term>), and kd_loss is their sum."""
+    head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
+    images, labels = data
+    s = distill_settings(epochs=2, batch_size=8, ce_weight=0.5, feature_weight=1.0)
+    student = build_student("resnet10t", ["dog", "cat", "house"], 32, 0, embed_dim=int(head.shape[1]))
+    hist = distill(student, teacher, head, images, labels, s, tmp_path / "ck", "fp")
+    for h in hist:
+        assert {"loss_kd", "loss_feature", "loss_ce", "teacher_agreement", "lr"} <= set(h)
+        assert h["kd_loss"] == pytest.approx(h["loss_kd"] + h["loss_feature"] + h["loss_ce"], rel=1e-5)
+        assert h["loss_feature"] > 0 and h["loss_ce"] > 0
+
+
+def test_view_pool_holds_the_teachers_labels_of_its_own_views_and_trains_reproducibly(teacher, data, tmp_path, cpu):
+    """distill.teacher_views: K views per image are augmented and labelled once; the stored features
+    are the teacher's on those very (uint8-stored) views; training on the pool learns the teacher,
+    is reproducible from its seed, and resumes like the online loop."""
+    from dfkd_assets.core.distill import view_pool
+
+    head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
+    images, labels = data
+    s = distill_settings(epochs=3, batch_size=8, lr=0.05, teacher_views=3, mixup_alpha=1.0)
+    student = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
+    x = images.permute(0, 3, 1, 2).contiguous()
+    pool = view_pool(student, teacher, head, x, s)
+    assert pool.views.shape == (3, 24, 3, 32, 32) and pool.features.shape[:2] == (3, 24)
+    assert not torch.equal(pool.views[0], pool.views[1])  # different augmentations per view
+    with torch.no_grad():
+        again = teacher.encode_images(pool.views[1].float() / 255)
+    cos = torch.nn.functional.cosine_similarity(again, pool.features[1], dim=-1)
+    assert cos.min() > 0.98  # the label belongs to its view (uint8 storage moves it by < 1/510 per pixel)
+    wrong = torch.nn.functional.cosine_similarity(again, pool.features[1].roll(1, 0), dim=-1)
+    assert wrong.mean() < cos.mean()
+
+    hist = distill(student, teacher, head, images, labels, s, tmp_path / "a", "fp")
+    assert hist[-1]["kd_loss"] < hist[0]["kd_loss"]
+    twin = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
+    assert distill(twin, teacher, head, images, labels, s, tmp_path / "b", "fp") == hist
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), twin.state_dict().values()))
+    online = build_student("resnet10t", ["dog", "cat", "house"], 32, 0)
+    online_hist = distill(online, teacher, head, images, labels, distill_settings(epochs=3, batch_size=8, lr=0.05, mixup_alpha=1.0),
+                          tmp_path / "c", "fp")
+    assert online_hist != hist  # the pool is a different input stream from the online loop's
+
+
+def test_view_pool_refuses_inputs_that_cannot_be_labelled_in_advance(tmp_path):
+    from dfkd_assets.config import ConfigError, load_config
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("classes: [a, b]\ngenerator: {config_file: x.yaml}\ndistill: {teacher_views: 4, adversarial_eps: 0.03}\n")
+    with pytest.raises(ConfigError, match="teacher_views"):
+        load_config(cfg)

@@ -56,6 +56,7 @@ class DistillSettings:
     feature_weight: float
     adversarial_eps: float
     adversarial_steps: int
+    teacher_views: int  # 0: the teacher labels every step's fresh augmentation; K > 0: a pool of K labelled views per image
     seed: int
     control: str
     bf16: bool  # autocast teacher and student forwards; teacher logits, KD loss and SGD state stay fp32
@@ -262,6 +263,18 @@ def save_checkpoint(path: Path, model: torch.nn.Module, opt, sched, epoch: int, 
     atomic_write_bytes(path, buf.getvalue())
 
 
+def resume(model: torch.nn.Module, opt, sched, checkpoint: tuple[Path, str] | None, device) -> tuple[int, list[dict]]:
+    """(epochs done, their history) after loading the checkpoint of the same fingerprint into model,
+    optimiser and schedule; (0, []) when there is none."""
+    state = load_checkpoint(checkpoint[0], checkpoint[1], device) if checkpoint else None
+    if state is None:
+        return 0, []
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return int(state["epoch"]), list(state["history"])
+
+
 # ---- the loop -----------------------------------------------------------------------------------
 
 Forward = Callable[[torch.Tensor, torch.Generator], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
@@ -297,13 +310,7 @@ def run_epochs(
     after every epoch. A non-finite loss raises DistillDiverged after its epoch, which is not saved.
     The check runs once per epoch, so no step waits for the device."""
     device = next(model.parameters()).device
-    start, history = 0, []
-    state = load_checkpoint(checkpoint[0], checkpoint[1], device) if checkpoint else None
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, history = int(state["epoch"]), list(state["history"])
+    start, history = resume(model, opt, sched, checkpoint, device)
     model.train()
     for epoch in range(start, epochs):
         gen = torch.Generator().manual_seed(epoch_seed(epoch))  # resumable: depends on the epoch only
@@ -380,22 +387,91 @@ def teacher_targets(teacher: Teacher, head: torch.Tensor, x: torch.Tensor, s: Di
         return f_t, logits_from_features(teacher, head, f_t)
 
 
+def student_terms(student, x: torch.Tensor, f_t: torch.Tensor, z_t: torch.Tensor, labels: torch.Tensor, s: DistillSettings,
+                  clock: Clock = no_clock) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The student's side of a step: its forward on `x` and kd_losses' terms against the teacher's
+    targets, with {teacher_agreement: how many argmaxes agree}."""
+    with clock("student"):
+        with autocast(x.device, s.bf16):
+            z_s, e_s = student.logits_and_embedding(x) if s.feature_weight > 0 else (student(x), None)
+        z_s = z_s.float()  # the loss in fp32
+        terms = kd_losses(z_s, z_t, s, e_s, f_t, labels)
+    return terms, {"teacher_agreement": (z_s.argmax(-1) == z_t.argmax(-1)).sum()}
+
+
 def kd_forward(student, teacher: Teacher, head: torch.Tensor, data: torch.Tensor, labels: torch.Tensor, s: DistillSettings,
                cached: torch.Tensor | None = None, clock: Clock = no_clock) -> Forward:
-    """The distillation step as `run_epochs` runs it: the batch `idx` of the uint8 images `data`
-    [N,3,H,W] -> (kd_losses' terms, {teacher_agreement: how many argmaxes agree})."""
+    """The paper's distillation step as `run_epochs` runs it: the batch `idx` of the uint8 images
+    `data` [N,3,H,W], freshly augmented and labelled by the teacher at every step."""
 
     def forward(idx: torch.Tensor, gen: torch.Generator):
         with clock("augment"):
             x = kd_inputs(student, teacher, head, data[idx], s, gen)
         with clock("teacher"):
             f_t, z_t = teacher_targets(teacher, head, x, s, gen, None if cached is None else cached[idx])
-        with clock("student"):
-            with autocast(x.device, s.bf16):
-                z_s, e_s = student.logits_and_embedding(x) if s.feature_weight > 0 else (student(x), None)
-            z_s = z_s.float()  # the loss in fp32
-            terms = kd_losses(z_s, z_t, s, e_s, f_t, labels[idx])
-        return terms, {"teacher_agreement": (z_s.argmax(-1) == z_t.argmax(-1)).sum()}
+        return student_terms(student, x, f_t, z_t, labels[idx], s, clock)
+
+    return forward
+
+
+@dataclass(frozen=True)
+class ViewPool:
+    """K augmented views of every KD image and the teacher's image features of each, made once
+    (`view_pool`): views uint8 [K,N,3,S,S], features fp32 [K,N,D]."""
+
+    views: torch.Tensor
+    features: torch.Tensor
+
+
+@torch.no_grad()
+def view_pool(student, teacher: Teacher, head: torch.Tensor, data: torch.Tensor, s: DistillSettings, clock: Clock = no_clock,
+              on_view: Callable[[int], None] | None = None) -> ViewPool:
+    """`s.teacher_views` passes of the KD augmentation over the uint8 images `data` [N,3,H,W], each
+    labelled by the teacher once: the region-level soft labels of FKD (Shen & Xing, ECCV 2022).
+
+    Why: every epoch of the paper's loop pays the teacher (and the augmentation) again; with a pool,
+    an epoch draws one stored view per image and only the student runs. The views are produced by the
+    very augmentation of the online loop (batch-level ones such as mixup and zoom-out included) from
+    their own seeds, and stored as uint8 (at most 1/510 from the float input, far below the
+    augmentation's own noise). Memory: K x N x 3 x S x S bytes (+ K x N x D x 4 for the features)."""
+    n, size = data.shape[0], student.input_size
+    views = torch.empty(s.teacher_views, n, 3, size, size, dtype=torch.uint8, device=data.device)
+    features = None
+    with clock("view_pool"):
+        for k in range(s.teacher_views):
+            gen = torch.Generator().manual_seed(s.seed * 100_003 + VIEW_SEED_OFFSET + k)
+            for idx in epoch_batches(n, s.batch_size, data.device)(gen):
+                x = augment_batch(data[idx], size, s, gen)
+                with autocast(x.device, s.bf16):
+                    f_t = teacher.encode_images(x)
+                if features is None:
+                    features = torch.empty(s.teacher_views, n, f_t.shape[-1], dtype=torch.float32, device=data.device)
+                views[k, idx] = (x * 255).round().to(torch.uint8)
+                features[k, idx] = f_t.float()
+            if on_view is not None:
+                on_view(k + 1)
+    return ViewPool(views, features)
+
+
+VIEW_SEED_OFFSET = 1_000_000  # the pool's views draw from their own seeds, apart from the epochs'
+
+
+def pool_forward(student, teacher: Teacher, head: torch.Tensor, pool: ViewPool, labels: torch.Tensor, s: DistillSettings,
+                 clock: Clock = no_clock) -> Forward:
+    """A distillation step on the view pool: each image of the batch `idx` shows one of its K stored
+    views, drawn from the epoch's generator, with the teacher's stored features of that view."""
+    k_views = pool.views.shape[0]
+
+    def forward(idx: torch.Tensor, gen: torch.Generator):
+        with clock("augment"):
+            v = to_device(torch.randint(k_views, (len(idx),), generator=gen), idx.device)
+            x = pool.views[v, idx].float() / 255
+        with clock("teacher"):
+            f_t = pool.features[v, idx]
+            if s.control == "shuffle_teacher":
+                f_t = f_t[to_device(torch.randperm(len(f_t), generator=gen), f_t.device)]
+            z_t = logits_from_features(teacher, head, f_t)
+        return student_terms(student, x, f_t, z_t, labels[idx], s, clock)
 
     return forward
 
@@ -438,7 +514,13 @@ def distill(
     opt, sched = sgd_cosine(student.parameters(), s.lr, s.momentum, s.weight_decay, s.epochs * max(1, (n + s.batch_size - 1) // s.batch_size))
     # without augmentation (and PGD) the inputs never change: the teacher sees each image once
     cached = None if s.augment or s.adversarial_eps > 0 else cached_teacher_features(teacher, data, student.input_size, s.batch_size, s.bf16)
-    forward = kd_forward(student, teacher, head, data, labels.to(device), s, cached, clock)
+    if s.teacher_views > 0:
+        if s.adversarial_eps > 0 or not s.augment:
+            raise ValueError("distill.teacher_views > 0 needs distill.augment on and distill.adversarial_eps 0 (PGD moves inputs "
+                             "with the current student: they cannot be labelled in advance)")
+        forward = pool_forward(student, teacher, head, view_pool(student, teacher, head, data, s, clock), labels.to(device), s, clock)
+    else:
+        forward = kd_forward(student, teacher, head, data, labels.to(device), s, cached, clock)
     history = run_epochs(student, opt, sched, forward, batches, s.epochs, lambda epoch: s.seed * 100_003 + epoch,
                          (Path(checkpoint_dir) / CHECKPOINT, fingerprint), on_epoch, on_step, clock)
     student.eval()

@@ -292,7 +292,11 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
     steps = epochs * -(-n_images // base.batch_size)
     out = {"images": n_images, "epochs": epochs, "steps": steps, "student": cfg.student.arch, "model_kwargs": cfg.student.model_kwargs,
            "input_size": cfg.student.input_size, "batch_size": base.batch_size, "bf16": base.bf16}
-    for name, s in (("augmented", base), ("cached_teacher_logits", dataclasses.replace(base, augment=False))):
+    online = dataclasses.replace(base, teacher_views=0)
+    variants = {"augmented": online, "cached_teacher_logits": dataclasses.replace(online, augment=False),
+                "view_pool": dataclasses.replace(online, teacher_views=base.teacher_views or 4)}
+    out["view_pool_views"] = variants["view_pool"].teacher_views
+    for name, s in variants.items():
         clock = StageClock(device)
         with tempfile.TemporaryDirectory() as tmp:
             _, dt = _timed(lambda: distill(fresh_student(cfg, classes), teacher, head, images, labels, s, Path(tmp), name, clock=clock), device)
@@ -302,6 +306,9 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
             total = sum(clock.seconds.values())
             out["step_share"] = {k: v / total for k, v in sorted(clock.seconds.items(), key=lambda kv: -kv[1])}
             out["step_seconds"] = total / steps
+        if name == "view_pool":  # made once before the first step (the clock's `view_pool` stage), then only the student runs
+            out["view_pool_build_s"] = clock.seconds["view_pool"]
+            out["view_pool_train_steps_per_s"] = steps / (dt - clock.seconds["view_pool"])
     return out
 
 
