@@ -89,6 +89,14 @@ def read_prompt_bank(cfg: DfkdConfig):
 ROUND_PREFIX = "round_"
 
 
+def student_lock(cfg: DfkdConfig) -> Path:
+    """Lock file held by everything that writes or scores data/student/ (its weights, record and the
+    distillation checkpoint): a training, a re-heading (add-classes) and an evaluation. Two trainings
+    in one workspace (a `gpu` pool above one, add-classes while a run trains) take turns, and an
+    evaluation never scores weights that change under it."""
+    return cfg.work_dir / "locks" / "student.lock"
+
+
 def class_lock(cfg: DfkdConfig, class_name: str) -> Path:
     """Lock file held while any round of a class is synthesized (one writer per class at a time:
     two runs asking for the same round wait for each other and the second reuses the shard)."""

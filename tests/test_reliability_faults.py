@@ -380,6 +380,48 @@ def test_mlflow_server_stopped_mid_run_fails_clearly_and_a_retry_after_restart_s
         server.stop()
 
 
+@pytest.mark.slow
+def test_evaluation_refuses_weights_that_are_not_the_recorded_versions(base, tmp_path, monkeypatch):
+    """A training that wrote data/student/ and then failed before registering (an MLflow outage), or
+    a second training in the workspace, leaves weights that no registered version has: evaluation
+    alone must not score them under the recorded version's name. It fails at once (not retried),
+    naming both sha256, writes no report and marks nothing evaluated; with the version's own
+    weights back, it evaluates."""
+    from safetensors.torch import load_file, save_file
+
+    from dfkd_assets.config import load_config
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.jobs import TRAIN
+    from dfkd_assets.defs.resources import MlflowTracking
+
+    cfg_path = clone(base, tmp_path, {"mlflow": {"registered_model_name": "dfkd-wrong-weights"}, "operations": {"max_retries": 2}})
+    cfg = load_config(cfg_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("DFKD_CONFIG", str(cfg_path))
+    job = build_defs(cfg_path).resolve_job_def(TRAIN)
+    with dg.DagsterInstance.get() as instance:
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in ("synthetic_dataset", "student_model")]).success
+        weights = cfg.path("student") / "model.safetensors"
+        good = weights.read_bytes()
+        state = load_file(weights)
+        first = next(iter(state))
+        state[first] = state[first] + 1.0  # weights of some other training
+        save_file(state, str(weights))
+        r = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("evaluation_report")], raise_on_error=False)
+        assert not r.success
+        err = r.failure_data_for_node("evaluation_report").error.to_string()
+        assert "is not the model.safetensors of dfkd-wrong-weights v1" in err and "Re-materialize student_model" in err
+        kinds = [e.dagster_event.event_type_value for e in instance.all_logs(r.run_id) if e.dagster_event and e.step_key == "evaluation_report"]
+        assert "STEP_UP_FOR_RETRY" not in kinds
+        client = MlflowTracking().client(cfg)
+        assert "evaluated_student_mean_top1" not in client.get_model_version("dfkd-wrong-weights", "1").tags
+        assert not (cfg.path("reports") / "metrics.json").exists()
+
+        weights.write_bytes(good)
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("evaluation_report")]).success
+        assert "evaluated_student_mean_top1" in client.get_model_version("dfkd-wrong-weights", "1").tags
+
+
 # ---------------------------------------------------------------- DVC remote
 
 def _snapshot(cfg_path: Path, run_config: dict | None = None):

@@ -23,12 +23,12 @@ def _permanent_types() -> tuple[type, ...]:
     from dfkd_assets.core.vocabulary import ClassNameError, NotAnEmbeddingStudent
     from dfkd_assets.core.vqgan import GeneratorLoadError
     from dfkd_assets.core.weights import WeightsReadError
-    from dfkd_assets.defs.registry import LegacyModelError
+    from dfkd_assets.defs.registry import LegacyModelError, WrongWeights
     from dfkd_assets.registry_model import IntegrityError
 
     return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
             ShardError, WeightsReadError, PromptNotEncodable, FileNotFoundError, LegacyModelError, IntegrityError,
-            ClassNameError, NotAnEmbeddingStudent, CapError, CorruptCheckpoint)
+            ClassNameError, NotAnEmbeddingStudent, CapError, CorruptCheckpoint, WrongWeights)
 
 
 def no_retry_for_bad_input(fn):

@@ -31,6 +31,7 @@ from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 )
 def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     from dfkd_assets.core.evaluation import EvalDataError
+    from dfkd_assets.core.io import exclusive_lock
     from dfkd_assets.core.teacher import teacher_logits
     from dfkd_assets.stages.evaluation import (
         champion_predictors, compare_on_shared, evaluate_models, metrics_record, per_domain_csv, per_domain_table, report_markdown,
@@ -40,10 +41,12 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
     if not cfg.evaluation.datasets:
         raise EvalDataError("evaluation.datasets is empty: add at least one DomainBed-style folder to evaluate on")
     registry = ModelRegistry(cfg, mlflow_tracking)
-    with device_lease(cfg) as device:
+    # the student's files may not change while they are scored, and are the recorded version's
+    with exclusive_lock(artifacts.student_lock(cfg), on_wait=context.log.info), device_lease(cfg) as device:
+        record = artifacts.read_student_record(cfg)
+        registry.check_files(record.version, artifacts.student_dir(cfg))
         teacher = teacher_for(cfg, device)
         head = _teacher_head(cfg, teacher, device)
-        record = artifacts.read_student_record(cfg)
         student = artifacts.read_student(cfg).to(device)
         predictors = {"student": student, "teacher": lambda x: teacher_logits(teacher, head, x)}
         champion = registry.champion()

@@ -73,6 +73,10 @@ class RegistryError(RuntimeError):
     """A registry operation that must not happen (no such version, never evaluated, nothing to roll back)."""
 
 
+class WrongWeights(RuntimeError):
+    """The weights on disk are not the registered version's (the message names both sha256)."""
+
+
 class LegacyModelError(RegistryError):
     """A version logged in the old pickle format (MLflow `pytorch` flavor): refused, never unpickled."""
 
@@ -216,6 +220,27 @@ class ModelRegistry:
             client.set_model_version_tag(self.onnx_name, onnx_version, key, value)
         client.set_model_version_tag(self.name, version, ONNX_MODEL_URI, f"models:/{self.onnx_name}/{onnx_version}")
         return onnx_version
+
+    def check_files(self, version: str, student_dir: Path) -> None:
+        """Refuse (WrongWeights) when the files in `student_dir` are not version `version`'s: their
+        sha256 must equal the tags it was registered with. An evaluation scores those files, so it can
+        only certify the version whose weights it measured."""
+        from dfkd_assets import registry_model as rm
+        from dfkd_assets.core.io import sha256_file
+        from dfkd_assets.core.student import HEAD, META, WEIGHTS
+
+        tags = self.client.get_model_version(self.name, version).tags
+        files = {rm.WEIGHTS: WEIGHTS, rm.SPEC: META, rm.HEAD: HEAD}
+        for kind, name in files.items():
+            expected, path = tags.get(rm.SHA256[kind]), Path(student_dir) / name
+            if expected is None and not path.exists():
+                continue  # a logit student has no head
+            actual = sha256_file(path) if path.is_file() else None
+            if expected is None or actual != expected:
+                raise WrongWeights(
+                    f"{path} (sha256 {actual}) is not the {name} of {self.name} v{version} (tag {rm.SHA256[kind]}={expected}): another "
+                    f"training wrote data/student/ after v{version} was registered, or student_model failed after writing it. "
+                    "Re-materialize student_model (or student_head), then evaluation_report")
 
     def mark_evaluated(self, version: str, score) -> None:
         """Last step of an evaluation: from now on the version may become champion."""

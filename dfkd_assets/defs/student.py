@@ -31,12 +31,14 @@ from dfkd_assets.redaction import redact
     description="Student distilled from the teacher on the synthetic snapshot; new MLflow model version, alias `challenger`.",
 )
 def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+    from dfkd_assets.core.io import exclusive_lock
     from dfkd_assets.core.progress import Progress
     from dfkd_assets.stages.training import distill_student, kd_set, train_steps
 
     cfg = settings.load()
     registry = ModelRegistry(cfg, mlflow_tracking)
-    with device_lease(cfg) as device:
+    # one training writes data/student/ (and its checkpoint) at a time; evaluation waits for it too
+    with exclusive_lock(artifacts.student_lock(cfg), on_wait=context.log.info), device_lease(cfg) as device:
         teacher = teacher_for(cfg, device)
         head = artifacts.read_teacher_head(cfg, teacher, device)
         dvc_hash, rounds = artifacts.read_snapshot_hash(cfg), artifacts.read_snapshot_index(cfg)["rounds"]
@@ -119,6 +121,7 @@ def student_head(context: dg.AssetExecutionContext, config: StudentHeadConfig, s
                  mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     import torch
 
+    from dfkd_assets.core.io import exclusive_lock
     from dfkd_assets.stages.training import student_for_classes
 
     cfg = settings.load()
@@ -131,11 +134,13 @@ def student_head(context: dg.AssetExecutionContext, config: StudentHeadConfig, s
     if cfg.evaluation.datasets:  # a version is promoted only once evaluated on every class: refuse before registering
         eval_sets(cfg)
     tags = lineage(cfg, context, **registry.reheaded_tags(base_version))
-    with mlflow_tracking.run(cfg, run_name=f"student-head-{context.run.run_id[:8]}", tags=tags) as run:
-        mlflow_tracking.log_settings(cfg)
-        out = artifacts.write_student(cfg, student, [])
-        version = registry.register_challenger(student, tags)
-    artifacts.write_student_record(cfg, artifacts.StudentRecord(registry.name, version, run.info.run_id, tags.get("dvc_hash", ""), tags.get("fingerprint", "")))
+    with exclusive_lock(artifacts.student_lock(cfg), on_wait=context.log.info):
+        with mlflow_tracking.run(cfg, run_name=f"student-head-{context.run.run_id[:8]}", tags=tags) as run:
+            mlflow_tracking.log_settings(cfg)
+            out = artifacts.write_student(cfg, student, [])
+            version = registry.register_challenger(student, tags)
+        artifacts.write_student_record(cfg, artifacts.StudentRecord(registry.name, version, run.info.run_id, tags.get("dvc_hash", ""),
+                                                                    tags.get("fingerprint", "")))
     context.log.info(f"student v{version}: the weights of v{base_version} with a head for {cfg.classes}")
     return dg.MaterializeResult(metadata={"model_version": version, WEIGHTS_FROM: base_version, "classes": ", ".join(cfg.classes),
                                           "model_uri": registry.model_uri(version), "path": dg.MetadataValue.path(str(out.resolve())), **tags})
