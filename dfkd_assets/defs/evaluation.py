@@ -32,10 +32,7 @@ from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     from dfkd_assets.core.evaluation import EvalDataError
     from dfkd_assets.core.io import exclusive_lock
-    from dfkd_assets.core.teacher import teacher_logits
-    from dfkd_assets.stages.evaluation import (
-        champion_predictors, compare_on_shared, evaluate_models, metrics_record, per_domain_csv, per_domain_table, report_markdown,
-    )
+    from dfkd_assets.stages.evaluation import per_domain_csv, per_domain_table, report_markdown
 
     cfg = settings.load()
     if not cfg.evaluation.datasets:
@@ -47,16 +44,7 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
         registry.check_files(record.version, artifacts.student_dir(cfg))
         teacher = teacher_for(cfg, device)
         head = _teacher_head(cfg, teacher, device)
-        student = artifacts.read_student(cfg).to(device)
-        predictors = {"student": student, "teacher": lambda x: teacher_logits(teacher, head, x)}
-        champion = registry.champion()
-        compared = _comparable_champion(cfg, registry, champion, record.version, device, context.log.warning)
-        if compared is not None:
-            predictors.update(champion_predictors(cfg.classes, student, compared, compared.classes))
-        ev = evaluate_models(cfg, predictors, eval_sets(cfg), device, max(student.input_size, teacher.image_size))
-        if compared is not None:
-            ev = compare_on_shared(ev, cfg.classes, compared.classes)
-        metrics = metrics_record(ev, record.version, champion if compared is not None else None, champion)
+        ev, metrics = _score(cfg, registry, record.version, teacher, head, artifacts.read_student(cfg).to(device), device, context.log.warning)
         pngs = _write_confusions(cfg, ev, record.version)
         report = report_markdown(ev, f"Evaluation of student v{record.version} ({record.model_name})", teacher.teacher_id, record.dvc_hash, pngs,
                                  metrics["champion_version"])
@@ -72,6 +60,22 @@ def evaluation_report(context: dg.AssetExecutionContext, settings: PipelineSetti
         curve = _round_curve(cfg, mlflow_tracking, registry, record.version, ev)
         return dg.MaterializeResult(metadata={**_report_metadata(ev, metrics, table, out, pngs[0]), "mlflow_run_id": record.run_id, **curve,
                                               **lineage(cfg, context)})
+
+
+def _score(cfg, registry: ModelRegistry, version: str, teacher, head, student, device, warn):
+    """Student, teacher and (when comparable) champion on every evaluation set: (evaluation, metrics record)."""
+    from dfkd_assets.core.teacher import teacher_logits
+    from dfkd_assets.stages.evaluation import champion_predictors, compare_on_shared, evaluate_models, metrics_record
+
+    predictors = {"student": student, "teacher": lambda x: teacher_logits(teacher, head, x)}
+    champion = registry.champion()
+    compared = _comparable_champion(cfg, registry, champion, version, device, warn)
+    if compared is not None:
+        predictors.update(champion_predictors(cfg.classes, student, compared, compared.classes))
+    ev = evaluate_models(cfg, predictors, eval_sets(cfg), device, max(student.input_size, teacher.image_size))
+    if compared is not None:
+        ev = compare_on_shared(ev, cfg.classes, compared.classes)
+    return ev, metrics_record(ev, version, champion if compared is not None else None, champion)
 
 
 def _round_curve(cfg, tracking: MlflowTracking, registry: ModelRegistry, version: str, ev) -> dict:
