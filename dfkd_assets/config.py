@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dfkd_assets.core.names import class_key, clean_class_name
+from dfkd_assets.core.names import RESERVED_CLASS_NAMES, class_key, clean_class_name
 from dfkd_assets.redaction import redact
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -194,8 +194,25 @@ class SynthesisConfig(SettingsModel):
         "default", description="torch.compile mode when synthesis.compile is on (reduce-overhead = CUDA graphs)")
 
 
+# timm.create_model keywords that read or name files (weights, configs, caches): a student is built from its spec alone
+_FILE_KWARGS = {"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "pretrained_strict", "cache_dir", "features_only"}
+
+
 class StudentConfig(SettingsModel):
     """Student architecture (docs/ALGORITHM.md §4): any timm model name."""
+
+    @field_validator("model_kwargs")
+    @classmethod
+    def _no_files(cls, v: dict) -> dict:
+        """The registered model rebuilds the network from student.json on any machine: a keyword that
+        loads a file (or a string that names a path) would read the host's files there, or fail."""
+        bad = sorted(set(v) & _FILE_KWARGS)
+        if bad:
+            raise ValueError(f"{bad} are not allowed: they load weights or files; the student's weights come from distillation")
+        paths = sorted(k for k, x in v.items() if isinstance(x, str) and ("/" in x or "\\" in x or x.startswith("~")))
+        if paths:
+            raise ValueError(f"{paths} look like file paths; model_kwargs hold architecture values only")
+        return v
 
     arch: str = "resnet18"
     model_kwargs: dict[str, int | float | bool | str | list[int]] = Field(
@@ -294,7 +311,9 @@ class FewShotConfig(SettingsModel):
 
 
 class PromotionConfig(SettingsModel):
-    metric: str = "student_mean_top1"
+    metric: Literal["student_mean_top1"] = Field(
+        "student_mean_top1", description="the score of metrics.json a challenger is promoted on (the mean over domains of top-1; "
+        "against a champion serving other classes, its value on the classes both serve): the one score with a champion counterpart")
     tolerance: float = Field(0.01, ge=0, description="A challenger may be this much worse and still promote.")
 
 
@@ -394,6 +413,8 @@ class DfkdConfig(SettingsModel):
         out, seen = [], {}
         for name in v:
             clean = clean_class_name(name)
+            if clean.casefold() in RESERVED_CLASS_NAMES:
+                raise ValueError(f"class name {name!r} is reserved: {list(RESERVED_CLASS_NAMES)} are the served model's output columns")
             key = class_key(clean)
             if key in seen:
                 raise ValueError(f"class names {seen[key]!r} and {name!r} are duplicates (case/space/punctuation-insensitive)")

@@ -638,3 +638,33 @@ def test_secrets_never_reach_logs_metadata_mlflow_or_files(tmp_path, monkeypatch
         if dagster_url:
             drop_postgres_db(dagster_db)
             drop_postgres_db(mlflow_db)
+
+
+# --------------------------------------------------------------- settings known at load
+
+@pytest.mark.parametrize("section,value,match", [
+    ({"classes": ["label", "dog"]}, None, "reserved"),
+    ({"classes": ["dog", "Score"]}, None, "reserved"),
+    ({"promotion": {"metric": "student_mean_top5"}}, None, "promotion.metric"),
+    ({"student": {"model_kwargs": {"pretrained_cfg_overlay": {"file": "/etc/passwd"}}}}, None, "student.model_kwargs"),
+    ({"student": {"model_kwargs": {"checkpoint_path": "weights.pth"}}}, None, "checkpoint_path"),
+    ({"student": {"model_kwargs": {"act_layer": "/etc/passwd"}}}, None, "look like file paths"),
+])
+def test_settings_that_would_fail_after_training_are_refused_at_load(tmp_path, section, value, match):
+    """What can be known when the settings load fails then, naming the key: a class named like an
+    output column, a promotion metric the evaluation never writes, a student keyword that reads a file."""
+    base = {"classes": ["dog", "cat"], "generator": {"config_file": "x.yaml"}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**base, **section}))
+    with pytest.raises(ConfigError, match=match):
+        load_config(path)
+
+
+def test_a_domain_folder_name_mlflow_refuses_becomes_a_safe_metric_key():
+    from dfkd_assets.core.names import metric_key
+    from dfkd_assets.registry_model import LABEL, SCORE
+    from dfkd_assets.core.names import RESERVED_CLASS_NAMES
+
+    assert metric_key("photos (2019)") == "photos _2019_" and metric_key("art/painting-1.b") == "art/painting-1.b"
+    assert metric_key("été") == "_t_"
+    assert set(RESERVED_CLASS_NAMES) == {LABEL, SCORE}

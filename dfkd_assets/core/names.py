@@ -9,6 +9,8 @@ import re
 import unicodedata
 
 KEY_MAX = 64
+RESERVED_CLASS_NAMES = ("label", "score")  # the served model's fixed output columns (registry_model.LABEL, SCORE)
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 
 # zero-width (non-)joiners glue emoji sequences and Indic scripts; every other control or format
 # character (NUL, escapes, bidi overrides that make a name read differently than it is) is refused
@@ -42,3 +44,10 @@ def class_key(name: str) -> str:
         folded = " ".join(unicodedata.normalize("NFKC", name).casefold().split())
         key = "c_" + hashlib.sha256(folded.encode()).hexdigest()[:12]
     return key
+
+
+def metric_key(name: str) -> str:
+    """`name` (a domain folder, a class) as part of an MLflow metric key: MLflow accepts letters,
+    digits, '_', '-', '.', ' ' and '/'; every other character becomes '_' (a domain folder
+    `photos (2019)` is `photos _2019_`), so no folder name can fail a run after its reports are written."""
+    return _METRIC_UNSAFE.sub("_", name)

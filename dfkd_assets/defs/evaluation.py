@@ -16,6 +16,7 @@ what each retraining round bought.
 import dagster as dg
 
 from dfkd_assets import artifacts
+from dfkd_assets.core.names import metric_key
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.defs.placement import gpu_asset
 from dfkd_assets.defs.registry import ModelRegistry
@@ -91,7 +92,7 @@ def _round_curve(cfg, tracking: MlflowTracking, registry: ModelRegistry, version
     points = {"mean": ev.mean["student"], **{d: ev.top1["student"][d] for d in ev.domains}}
     series = {}
     for name, value in points.items():
-        key = "round_curve_top1." + name.replace("/", ".")
+        key = "round_curve_top1." + metric_key(name).replace("/", ".")
         tracking.log_series(cfg, run_id, key, [(images, value)])
         series[name] = tracking.metric_history(cfg, run_id, key)
     png = artifacts.round_curve_png(cfg)
@@ -172,5 +173,5 @@ def _run_metrics(ev) -> dict[str, float]:
     """The scores as MLflow metric keys of the challenger's run."""
     metrics = {f"eval_{m}_mean_top1": v for m, v in ev.mean.items()}
     for m in ev.models:
-        metrics.update({f"eval_{m}_top1.{d.replace('/', '.')}": ev.top1[m][d] for d in ev.domains})
+        metrics.update({f"eval_{m}_top1.{metric_key(d).replace('/', '.')}": ev.top1[m][d] for d in ev.domains})
     return {**metrics, "eval_mean_transfer_ratio": ev.mean_transfer()}
