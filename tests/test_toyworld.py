@@ -166,3 +166,36 @@ def test_a_pinned_world_restores_the_same_teacher_and_refuses_changed_weights(to
     with pytest.raises(PinnedWorldError, match="pinned teacher scores"):
         build(cfg, tmp_path / "world2", log=lambda s: None, pinned_root=root)
     assert not (tmp_path / "world2").exists()
+
+
+def test_build_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """`dfkd toyworld build --out DIR` on a folder holding someone's files refuses before any work,
+    naming it, and leaves the files; a stale `DIR.building` of someone else's is refused alike. An
+    empty folder, or one a build wrote (its marker), is used."""
+    from dfkd_assets.ownership import MARKER, NotOwned, check_owned, claim
+    from dfkd_assets.toyworld.build import build
+    from dfkd_assets.toyworld.config import ToyworldConfig
+
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("years of work")
+    with pytest.raises(NotOwned, match="thesis holds files dfkd did not write"):
+        build(ToyworldConfig(), mine, log=lambda _: None)
+    assert (mine / "chapter1.tex").read_text() == "years of work" and not (tmp_path / "thesis.building").exists()
+
+    out = tmp_path / "world"
+    (tmp_path / "world.building").mkdir()
+    (tmp_path / "world.building" / "notes.txt").write_text("not a build")
+    with pytest.raises(NotOwned, match="world.building"):
+        build(ToyworldConfig(), out, log=lambda _: None)
+    assert (tmp_path / "world.building" / "notes.txt").exists()
+
+    claim(tmp_path / "ours", "toyworld")
+    (tmp_path / "ours" / "eval").mkdir()
+    check_owned(tmp_path / "ours", "toyworld")  # marked: may be replaced
+    assert (tmp_path / "ours" / MARKER).is_file()
+    with pytest.raises(NotOwned):
+        check_owned(tmp_path / "ours", "emojiworld")  # another kind's folder is not this build's
+    (tmp_path / "link").symlink_to(mine)
+    with pytest.raises(NotOwned, match="a file or a link"):
+        check_owned(tmp_path / "link", "toyworld")

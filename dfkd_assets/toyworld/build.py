@@ -33,12 +33,14 @@ from typing import Callable
 import numpy as np
 
 from dfkd_assets.core.io import sha256_file
+from dfkd_assets.ownership import check_owned, claim, remove_owned
 from dfkd_assets.toyworld.config import ToyworldConfig
 from dfkd_assets.toyworld import world
 
 CLIP_NAME = "dfkd-toy-clip"
 TEMPLATES = ["a {}", "a photo of a {}", "a sketch of a {}", "a cartoon of a {}", "a painting of a {}"]
 MANIFEST = "toyworld.json"
+OWNER = "toyworld"  # the ownership marker's kind (dfkd_assets/ownership.py)
 PINNED = Path(__file__).parent / "pinned"
 PINNED_FILES = ("clip/" + CLIP_NAME + ".json", "clip/open_clip_model.safetensors", "vqgan/config.yaml", "vqgan/last.ckpt")
 
@@ -89,14 +91,16 @@ def build(cfg: ToyworldConfig, out: Path, log: Callable[[str], None] = print, fo
     if not force and is_built(out, cfg, train, pinned_root):
         log(f"toyworld in {out} is up to date (settings {cfg.settings_hash()})")
         return json.loads((out / MANIFEST).read_text())
+    check_owned(out, OWNER, legacy=MANIFEST)  # before any work: a folder of someone else's is never replaced
     tmp = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    remove_owned(tmp, OWNER)
+    claim(tmp, OWNER)
     pin = pinned_dir(cfg, pinned_root)
     try:
         return _restore_pinned(cfg, pin, tmp, out, log) if pin.is_dir() and not train else _train(cfg, tmp, out, log)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # swapped in (gone) on success; a failure leaves `out` as it was
+        if tmp.exists():  # swapped in (gone) on success; a failure leaves `out` as it was
+            remove_owned(tmp, OWNER)
 
 
 def _restore_pinned(cfg: ToyworldConfig, pin: Path, tmp: Path, out: Path, log) -> dict:
@@ -202,8 +206,7 @@ def _finish(cfg: ToyworldConfig, tmp: Path, out: Path, extra: dict, t0: float, l
         "eval_images": n_eval, "timings": {**extra.get("timings", {}), "total_s": seconds},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
+    remove_owned(out, OWNER, legacy=MANIFEST)
     tmp.rename(out)
     log(f"toyworld {'restored' if expect is not None else 'built'} in {seconds:.0f} s: teacher zero-shot "
         + ", ".join(f"{d} {a:.2f}" for d, a in res.top1.items()))
@@ -223,7 +226,7 @@ def pin(out: Path, root: Path = PINNED) -> Path:
     keep = ("settings", "settings_hash", "teacher_zero_shot", "teacher_zero_shot_mean", "clip_final_loss", "machine", "timings")
     record = {**{k: manifest[k] for k in keep if k in manifest}, "files": {f: sha256_file(tmp / f) for f in PINNED_FILES}}
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
+    remove_owned(dest, OWNER, legacy=MANIFEST)  # an earlier pin of these settings
     tmp.rename(dest)
     return dest
 
