@@ -414,3 +414,39 @@ def test_fleet_up_names_the_setting_when_the_broker_is_unreachable(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(fl.FleetError, match="mlflow.tracking_uri is 'http://mlflow.example:5000'"):
         fl.up(tmp_path / "bad.yaml", workers=1, fleet_dir=tmp_path / "fleet2")
+
+
+def test_down_signals_only_groups_that_hold_the_fleets_processes_and_keeps_state_on_failure(tmp_path):
+    """A process group id read from a stale state file may belong to someone else by now: `down`
+    signals only groups holding a process that carries the fleet's id. The state file is 0600 (it
+    holds store passwords). When `down` cannot finish, it keeps the state, so a second `down`
+    retries instead of answering "no fleet"."""
+
+    from dfkd_assets.tools import fleet as fl
+
+    fid = "t" + os.urandom(4).hex()
+    foreign = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    ours = subprocess.Popen(["sleep", "120"], start_new_session=True, env={**os.environ, fl.FLEET_ENV: fid})
+    try:
+        state = {"id": fid, "broker": fl.DEFAULT_BROKER, "backend": fl.DEFAULT_BACKEND, "queues": [], "queue_prefix": f"dfkd-{fid}",
+                 "databases": {}, "postgres": fl.DEFAULT_POSTGRES,
+                 "processes": {"worker1": {"pid": foreign.pid, "pgid": foreign.pid, "log": str(tmp_path / "w1.log")},
+                               "worker2": {"pid": ours.pid, "pgid": ours.pid, "log": str(tmp_path / "w2.log")}}}
+        fl.write_state(tmp_path, state)
+        assert (tmp_path / "fleet.json").stat().st_mode & 0o777 == 0o600
+        assert fl.owned_groups(fid, [foreign.pid, ours.pid]) == [ours.pid]
+
+        fl.write_state(tmp_path, {**state, "backend": "redis://127.0.0.1:1/0"})  # a result backend nobody serves: down fails
+        with pytest.raises(fl.FleetError, match="run `dfkd fleet down` again"):
+            fl.down(tmp_path, grace_s=2, log=lambda _: None)
+        assert (tmp_path / "fleet.json").is_file()  # kept for the retry
+        assert ours.wait(timeout=15) is not None and foreign.poll() is None  # the fleet's process ended, the stranger's did not
+
+        fl.write_state(tmp_path, state)
+        fl.down(tmp_path, grace_s=2, log=lambda _: None)
+        assert not (tmp_path / "fleet.json").exists() and foreign.poll() is None
+    finally:
+        for p in (foreign, ours):
+            if p.poll() is None:
+                p.kill()
+                p.wait()

@@ -170,6 +170,19 @@ def fleet_processes(fleet_id: str) -> list[int]:
     return pids
 
 
+def owned_groups(fleet_id: str, pgids: list[int]) -> list[int]:
+    """The process groups of `pgids` that still hold a process of fleet `fleet_id` (DFKD_FLEET_ID in its
+    environment). A group id read from a state file may by now belong to someone else's processes
+    (ids are reused): such a group is never signalled."""
+    ours = set()
+    for pid in fleet_processes(fleet_id):
+        try:
+            ours.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    return [g for g in pgids if g in ours]
+
+
 def _stop_groups(pgids: list[int], grace: float) -> None:
     """SIGTERM every group at once, wait up to `grace` seconds for all, then SIGKILL what is left."""
     for pgid in pgids:
@@ -420,9 +433,13 @@ def read_state(fleet_dir: str | Path) -> dict | None:
 
 
 def write_state(fleet_dir: Path, state: dict) -> None:
+    """The fleet's state, readable by its owner only (0600): it names the stores' URLs, passwords included."""
     f = Path(fleet_dir) / "fleet.json"
     tmp = f.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2))
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(state, indent=2))
     tmp.replace(f)
 
 
@@ -461,7 +478,7 @@ def down(fleet_dir: str | Path = "storage/fleet", drop_databases: bool = False, 
         log(f"no fleet in {fleet_dir}")
         return {}
     order = [n for n in state["processes"] if n.startswith("worker")] + [n for n in ("webserver", "daemon", "code_server", "mlflow") if n in state["processes"]]
-    _stop_groups([state["processes"][n]["pgid"] for n in order], grace_s)
+    _stop_groups(owned_groups(state["id"], [state["processes"][n]["pgid"] for n in order]), grace_s)
     stray = fleet_processes(state["id"])  # run workers or anything that left its group
     for pid in stray:
         try:
@@ -506,9 +523,9 @@ def down(fleet_dir: str | Path = "storage/fleet", drop_databases: bool = False, 
             conn.close()
         except Exception as e:
             problems.append(f"could not drop databases {list(state['databases'].values())}: {e}")
+    if problems:  # the state stays: a second `down` retries what is left
+        raise FleetError(f"fleet {state['id']} is down with problems (run `dfkd fleet down` again to retry): " + "; ".join(problems))
     (fleet_dir / "fleet.json").rename(fleet_dir / f"fleet.{state['id']}.down.json")
-    if problems:
-        raise FleetError(f"fleet {state['id']} is down with problems: " + "; ".join(problems))
     log(f"fleet {state['id']} down: {len(order)} process group(s) ended" + (f", {len(stray)} stray process(es) killed" if stray else "")
         + f"; queues {', '.join(state['queues'])} deleted" + ("; databases dropped" if drop_databases else ""))
     return {"stray": stray}
