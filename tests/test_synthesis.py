@@ -133,6 +133,23 @@ def test_resume_recomputes_only_missing_batches(vqgan, teacher, tmp_path):
     assert len(list((tmp_path / "w").glob("batch_*.npz"))) == 1  # other settings: stale batches dropped
 
 
+def test_a_corrupt_resume_batch_is_made_again_not_failed_on_forever(vqgan, teacher, tmp_path):
+    """A finished batch that cannot be read (truncated, not a zip) is deleted with a warning and
+    synthesized again: the class's images equal an uninterrupted run's, and a re-run succeeds."""
+    head = zero_shot_head(teacher, ["a", "b"], "single")
+    t = targets(teacher, 4)
+    seeds = [1, 2, 3, 4]
+    full = synthesize_resumable(vqgan, teacher, head, t, seeds, FAST, 2, tmp_path / "w", "fp1")
+    second = sorted((tmp_path / "w").glob("batch_*.npz"))[1]
+    second.write_bytes(second.read_bytes()[:100])  # torn
+    with pytest.warns(UserWarning, match="cannot be read"):
+        again = synthesize_resumable(vqgan, teacher, head, t, seeds, FAST, 2, tmp_path / "w", "fp1")
+    for a, b in zip(full[:4], again[:4]):
+        np.testing.assert_array_equal(a, b)
+    assert again.resumed == 2
+    assert synthesize_resumable(vqgan, teacher, head, t, seeds, FAST, 2, tmp_path / "w", "fp1").resumed == 4
+
+
 @pytest.mark.parametrize("lr_schedule", ["constant", "cosine"])
 def test_engine_equals_reference_loop_at_batch_one(vqgan, teacher, lr_schedule):
     """The engine changes scheduling only: at batch 1 it makes the reference loop's image.

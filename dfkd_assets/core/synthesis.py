@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import io
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -331,7 +332,12 @@ def synthesize_resumable(
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         path = work_dir / f"batch_{start:06d}_{stop:06d}.npz"
-        if not path.is_file():
+        part = _read_batch(path, seeds[start:stop]) if path.is_file() else None
+        if part is not None:
+            resumed += stop - start
+            if on_step is not None:
+                on_step((stop - start) * settings.iterations, float("nan"))
+        else:
             images, cosines, used = _finite_batch(
                 vqgan, teacher, targets[start:stop], seeds[start:stop], settings, on_step, max_nonfinite_retries
             )
@@ -341,16 +347,30 @@ def synthesize_resumable(
             buf = io.BytesIO()
             np.savez(buf, images=images, cosines=cosines, preds=preds, seeds=np.asarray(used, dtype=np.int64))
             atomic_write_bytes(path, buf.getvalue())
-        else:
-            resumed += stop - start
-            if on_step is not None:
-                on_step((stop - start) * settings.iterations, float("nan"))
-        with np.load(path) as z:
-            # batches kept by an older version carry no seeds: they were made from the requested ones
-            used = z["seeds"] if "seeds" in z.files else np.asarray(seeds[start:stop], dtype=np.int64)
-            parts.append((z["images"], z["cosines"], z["preds"], used))
+            part = (images, cosines, preds, np.asarray(used, dtype=np.int64))
+        parts.append(part)
     images, cosines, preds, used = (np.concatenate([p[i] for p in parts]) for i in range(4))
     return ClassImages(images, cosines, preds, used, resumed)
+
+
+def _read_batch(path: Path, seeds: list[int]) -> tuple | None:
+    """(images, cosines, preds, seeds) of a finished batch, or None when the file cannot be read (a
+    torn copy, a truncated disk): it is this class's own resume state, so it is deleted with a
+    warning and the batch is made again, instead of failing every re-run."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            # batches kept by an older version carry no seeds: they were made from the requested ones
+            used = z["seeds"] if "seeds" in z.files else np.asarray(seeds, dtype=np.int64)
+            part = (z["images"], z["cosines"], z["preds"], used)
+    except Exception as e:  # noqa: BLE001 - any unreadable batch is remade alike
+        warnings.warn(f"synthesis resume batch {path} cannot be read ({type(e).__name__}: {e}); it is deleted and made again")
+        path.unlink(missing_ok=True)
+        return None
+    if len(part[0]) != len(seeds):
+        warnings.warn(f"synthesis resume batch {path} holds {len(part[0])} images, not {len(seeds)}; it is deleted and made again")
+        path.unlink(missing_ok=True)
+        return None
+    return part
 
 
 class ClassImages(NamedTuple):
