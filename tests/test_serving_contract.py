@@ -21,7 +21,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import make_workspace, registry_client

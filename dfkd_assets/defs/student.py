@@ -20,8 +20,8 @@ from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.placement import gpu_asset
 from dfkd_assets.defs.registry import PROMPT_METHOD, WARM_START_FROM, WEIGHTS_FROM, ModelRegistry, data_round_tags
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
-from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 from dfkd_assets.fingerprints import module_id
+from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 from dfkd_assets.redaction import redact
 
 
