@@ -68,14 +68,39 @@ def prompt_bank_dir(cfg: DfkdConfig) -> Path:
     return cfg.path(PROMPT_BANK)
 
 
+BANK_INPUTS = "inputs.json"  # the prompt settings and style-words content the bank was made from (fingerprints.bank_inputs_hash)
+
+
 def write_prompt_bank(cfg: DfkdConfig, bank, curves: list[list[float]]) -> Path:
-    """The bank (its diagnostics included) and diagnostics.json with the contrastive loss curves."""
+    """The bank (its diagnostics included), diagnostics.json with the contrastive loss curves, and
+    inputs.json: the hash of the prompt settings and style-words bytes it was made from."""
     from dfkd_assets.core.io import atomic_write_json
+    from dfkd_assets.fingerprints import bank_inputs_hash
 
     out = prompt_bank_dir(cfg)
     bank.save(out)
     atomic_write_json(out / "diagnostics.json", {**bank.diagnostics, "loss_curves": curves})
+    atomic_write_json(out / BANK_INPUTS, {"inputs_hash": bank_inputs_hash(cfg)})
     return out
+
+
+def check_prompt_bank_inputs(cfg: DfkdConfig) -> None:
+    """PromptBankMismatch when the bank was made from other prompt settings or another style-words file
+    (same path, new bytes included) than the current ones: new images must not come from a stale bank
+    under a fingerprint that claims the current inputs. A bank written before inputs.json existed passes."""
+    from dfkd_assets.core.prompts import PromptBankMismatch
+    from dfkd_assets.fingerprints import bank_inputs_hash
+
+    path = prompt_bank_dir(cfg) / BANK_INPUTS
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("inputs_hash")
+    except (ValueError, AttributeError):
+        recorded = None
+    if recorded != bank_inputs_hash(cfg):
+        raise PromptBankMismatch(f"the prompt bank in {prompt_bank_dir(cfg)} was made from other prompt settings or another "
+                                 "style-words file (its content changed since): re-materialize prompt_bank")
 
 
 def read_prompt_bank(cfg: DfkdConfig):

@@ -537,7 +537,7 @@ def test_mlflow_server_password_never_reaches_the_event_log(tmp_path, monkeypatc
         leaks = _leaks_in_dagster(instance, [secret])
     out = capfd.readouterr()
     assert not leaks and secret not in out.out + out.err  # ... but not its password
-    assert os.environ.get("MLFLOW_TRACKING_PASSWORD") == secret  # handed to MLflow its own way
+    assert secret not in os.environ.get("MLFLOW_TRACKING_PASSWORD", "")  # handed to MLflow for the step only (issue 37)
 
 
 def _leaks_in_dagster(instance, secrets: list[str]) -> list[str]:

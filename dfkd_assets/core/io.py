@@ -92,6 +92,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
+def sha256_file_cached(path: Path) -> str:
+    """`sha256_file`, remembered per (real path, size, mtime_ns, inode, ctime_ns) for this process, so a
+    multi-GB checkpoint is hashed once however often a fingerprint is recomputed (the stale-partition
+    sensor does every tick). A file written or replaced in place changes mtime or ctime (and a
+    rename-over its inode), so it is hashed again."""
+    path = Path(path)
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    digest = _SHA256_CACHE.get(key)
+    if digest is None:
+        digest = sha256_file(path)
+        if len(_SHA256_CACHE) > 256:
+            _SHA256_CACHE.clear()
+        _SHA256_CACHE[key] = digest
+    return digest
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 HxWx3 -> deterministic PNG bytes."""
     buf = io.BytesIO()

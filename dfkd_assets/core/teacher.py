@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_assets.core.devices import autocast
-from dfkd_assets.core.io import sha256_file
+from dfkd_assets.core.io import sha256_file_cached
 
 SINGLE_TEMPLATE = ("a photo of a {}.",)
 
@@ -175,7 +175,9 @@ def load_teacher(
     if model_name.startswith(LOCAL_DIR):
         weights = _check_local_dir(model_name)
         model = _create(model_name, None, device)
-        teacher_id = f"{model_name}:{sha256_file(weights)[:16]}"
+        # by content, not by the bundle's path: its weights and its open_clip_config.json (issue 37)
+        bundle_cfg = sha256_file_cached(weights.parent / "open_clip_config.json")[:12]
+        teacher_id = f"{LOCAL_DIR}{sha256_file_cached(weights)[:16]}:{bundle_cfg}"
     elif open_clip.get_model_config(model_name) is None:
         raise TeacherLoadError(f"teacher.model_name {model_name!r} is not an open_clip architecture (see open_clip.list_models())")
     elif pretrained is None:
@@ -191,7 +193,7 @@ def load_teacher(
         else:
             weights = Path(resolve_pretrained(model_name, pretrained, cache_dir))
         model = _create(model_name, str(weights), device)
-        teacher_id = f"{model_name}:{sha256_file(weights)[:16]}:{cfg_hash}"
+        teacher_id = f"{model_name}:{sha256_file_cached(weights)[:16]}:{cfg_hash}"
     model.eval().requires_grad_(False)
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     mean = torch.tensor(pp.get("mean", open_clip.OPENAI_DATASET_MEAN), device=device).view(1, 3, 1, 1)

@@ -1,14 +1,19 @@
 """Which failures a retry can fix. Jobs retry steps (`operations.max_retries`) for transient
 trouble (a busy GPU, a dropped MLflow connection); bad input fails at once instead, as a
 `dagster.Failure` that forbids retries, so a wrong path is reported in seconds, not after
-three attempts."""
+three attempts.
+
+Whatever leaves a step goes through `redaction.redact`: Dagster records an error's message and
+those of its causes, so the cause chained to a Failure is a masked copy (`redact_exception`), and
+an error of any other kind whose text holds a credential is re-raised as a (retryable) Failure
+with the masked text."""
 
 import functools
 import re
 
 import dagster as dg
 
-from dfkd_assets.redaction import redact
+from dfkd_assets.redaction import redact, redact_exception
 
 
 def _permanent_types() -> tuple[type, ...]:
@@ -42,13 +47,26 @@ def no_retry_for_bad_input(fn):
             raise
         except Exception as e:
             if isinstance(e, _permanent_types()):
-                raise dg.Failure(description=redact(f"{type(e).__name__}: {e}"), allow_retries=False) from e
+                raise dg.Failure(description=redact(f"{type(e).__name__}: {e}"), allow_retries=False) from redact_exception(e)
             unreachable = _tracking_unreachable(e)
             if unreachable is not None:
-                raise unreachable from e
+                raise unreachable from redact_exception(e)
+            if holds_secret(e):  # retried as before, but recorded masked
+                raise dg.Failure(description=redact(f"{type(e).__name__}: {e}"), allow_retries=True) from redact_exception(e)
             raise
 
     return wrapper
+
+
+def holds_secret(e: BaseException) -> bool:
+    """True when the message of `e` or of any error in its cause chain holds something `redact` masks."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if redact(str(e)) != str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 _API_FAILURE = re.compile(r"API request to (?P<base>https?://[^/\s]+)\S* failed with exception")

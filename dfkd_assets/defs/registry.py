@@ -23,6 +23,7 @@ tag names (docs/ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import json
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +53,17 @@ DESCRIPTION_MAX_CHARS = 5000  # MLflow's model version description limit
 PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "safetensors", "pandas", "dfkd-assets"]
 ONNX_PIP_REQUIREMENTS = ["onnx", "onnxruntime"]
 EXAMPLE_MAX_SIDE = 64  # the input example's side (the model resizes any size; a 224 px example is 3 MB of JSON)
+INPUT_CONTRACT = "input_contract"  # version tag and MLmodel metadata key: the served model's input limits (registry_model.py)
+
+
+def serving_contract(cfg: DfkdConfig) -> dict[str, int]:
+    """The input limits a new version is logged with (into its MLmodel model_config, which is what the
+    served model enforces): `serving.max_batch/min_side/max_side` of the settings where they exist,
+    else registry_model.DEFAULT_CONTRACT."""
+    from dfkd_assets import registry_model as rm
+
+    section = getattr(cfg, "serving", None)
+    return rm.input_contract({k: getattr(section, k) for k in rm.DEFAULT_CONTRACT if getattr(section, k, None) is not None})
 
 
 def data_round_tags(rounds: list[int], images_per_class: int) -> dict[str, str]:
@@ -119,15 +131,17 @@ class ModelRegistry:
             if (Path(tmp) / HEAD).is_file():  # an embedding student's classifier, as data
                 files[rm.HEAD] = Path(tmp) / HEAD
             sha = {rm.SHA256[k]: sha256_file(p) for k, p in files.items()}
+            limits = serving_contract(self.cfg)  # enforced by the served model from its own MLmodel
             info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={k: str(p) for k, p in files.items()}, model_config=sha,
-                signature=_signature(student.classes), input_example=_input_example(student.input_size),
+                name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={k: str(p) for k, p in files.items()}, model_config={**sha, **limits},
+                signature=_signature(student.classes), input_example=_input_example(student.input_size, limits),
                 pip_requirements=PIP_REQUIREMENTS, registered_model_name=self.name,
+                metadata={INPUT_CONTRACT: {**limits, "dtype": "float32", "range": [0, 1], "text": rm.describe_contract(limits)}},
             )
         version = str(info.registered_model_version)  # from log_model's answer, never "the highest version"
         integrity = {**sha, CODE_SHA256: sha256_file(code)}
         client = self.client
-        for key, value in {**tags, **integrity}.items():
+        for key, value in {**tags, **integrity, INPUT_CONTRACT: json.dumps(limits, sort_keys=True)}.items():
             client.set_model_version_tag(self.name, version, key, value)
         client.set_registered_model_alias(self.name, CHALLENGER, version)
         self.write_card(version)
@@ -181,7 +195,7 @@ class ModelRegistry:
             f"- MLflow run `{mv.run_id}`, Dagster run `{t.get('dagster_run_id', '?')}`",
             *([f"- weights: those of v{t[WEIGHTS_FROM]} unchanged; classes added by name (a new zero-shot head, no distillation)"]
               if WEIGHTS_FROM in t else []),
-            "- input: float32 images [N, 3, H, W] in [0, 1], any H x W (resized and normalised in the model); "
+            f"- input: {_contract_text(t)} (resized and normalised in the model); "
             "output: `label`, `score` and one probability column per class", "",
             "Reproduce (the run's own settings file, then the pipeline):", "",
             "```bash",
@@ -310,10 +324,21 @@ def _signature(classes: list[str]):
     return ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]), Schema(out))
 
 
-def _input_example(input_size: int):
+def _contract_text(tags: dict) -> str:
+    """The input contract of a version for its card, from its `input_contract` tag (none: logged before contracts)."""
+    from dfkd_assets import registry_model as rm
+
+    if INPUT_CONTRACT not in tags:
+        return "float32 images [N, 3, H, W] in [0, 1], any H x W (logged before input contracts: no limits enforced)"
+    return rm.describe_contract(rm.input_contract(json.loads(tags[INPUT_CONTRACT])))
+
+
+def _input_example(input_size: int, limits: dict[str, int] | None = None):
     import numpy as np
 
     side = min(int(input_size), EXAMPLE_MAX_SIDE)
+    if limits:
+        side = min(max(side, limits["min_side"]), limits["max_side"])
     return np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
 
 

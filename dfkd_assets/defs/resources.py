@@ -17,7 +17,7 @@ import yaml
 from pydantic import Field
 
 from dfkd_assets.config import DfkdConfig, config_path_from_env, load_config
-from dfkd_assets.redaction import redact, split_credentials
+from dfkd_assets.redaction import redact, release_tracking_credentials, split_credentials, use_tracking_credentials
 
 
 class PipelineSettings(dg.ConfigurableResource):
@@ -51,7 +51,10 @@ class MlflowTracking(dg.ConfigurableResource):
 
     `tracking_uri` overrides the settings file (e.g. an `mlflow server` when scaling out). A server's
     `user:password@` is handed to MLflow through MLFLOW_TRACKING_USERNAME/PASSWORD, not the URI:
-    MLflow quotes the URI in its errors, which end up in the Dagster event log.
+    MLflow quotes the URI in its errors, which end up in the Dagster event log. Those variables are
+    read by MLflow for whatever server it talks to, so they hold the credentials of this client's
+    server only while it is the one in use (`redaction.use_tracking_credentials`): a client for
+    another server removes them, and they are removed after each step (`teardown_after_execution`).
     """
 
     tracking_uri: str = Field("", description="empty = mlflow.tracking_uri of the settings; '{env:NAME}' is substituted")
@@ -69,13 +72,15 @@ class MlflowTracking(dg.ConfigurableResource):
         import mlflow
         from mlflow import MlflowClient
 
-        _, user, password = split_credentials(cfg.resolve(self.tracking_uri or cfg.mlflow.tracking_uri))
-        if user is not None:
-            os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
+        use_tracking_credentials(cfg.resolve(self.tracking_uri or cfg.mlflow.tracking_uri))  # this server's, or none
         uri = self.uri(cfg)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def teardown_after_execution(self, context) -> None:
+        """Credentials never outlive the step that was given them."""
+        release_tracking_credentials()
 
     def experiment_id(self, cfg: DfkdConfig) -> str:
         client = self.client(cfg)

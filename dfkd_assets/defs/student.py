@@ -20,6 +20,7 @@ from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.placement import gpu_asset
 from dfkd_assets.defs.registry import PROMPT_METHOD, WARM_START_FROM, WEIGHTS_FROM, ModelRegistry, data_round_tags
 from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
+from dfkd_assets.fingerprints import module_id
 from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 from dfkd_assets.redaction import redact
 
@@ -44,7 +45,8 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         dvc_hash, rounds = artifacts.read_snapshot_hash(cfg), artifacts.read_snapshot_index(cfg)["rounds"]
         per_class = [artifacts.read_class_images(cfg, c, rounds) for c in cfg.classes]
         init, init_tags = _warm_start(cfg, registry, context.log)
-        ks = kd_set(cfg, teacher.teacher_id, per_class, device, dvc_hash, init_tags.get(WARM_START_FROM, ""))
+        init_id = f"{init_tags[WARM_START_FROM]}:{module_id(init)}" if init is not None else ""  # a warm start by its weights' bytes
+        ks = kd_set(cfg, teacher.teacher_id, per_class, device, dvc_hash, init_id)
         fingerprint = ks.fingerprint
         tags = lineage(cfg, context, dvc_hash=dvc_hash, teacher_id=teacher.teacher_id, fingerprint=fingerprint, **{PROMPT_METHOD: cfg.prompts.method},
                        **data_round_tags(rounds, min(map(len, per_class))), **init_tags)

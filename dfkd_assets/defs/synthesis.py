@@ -97,6 +97,7 @@ def make_shard(cfg, context, class_name: str, round_: int = 0) -> tuple[dict, di
                                  cfg.operations.max_images_per_class)
             if not growth.fits:
                 raise CapError(f"{label}: {growth.reason}")
+        artifacts.check_prompt_bank_inputs(cfg)  # new images only from a bank of the current prompt inputs (reuse above needs none)
         head = artifacts.read_teacher_head(cfg, teacher, device)
         manifest, meta = _synthesize(cfg, context, class_name, bank, teacher, head, device, fp, round_)
         return manifest, meta, fp, teacher.teacher_id

@@ -8,7 +8,6 @@ never unpickled; a version in the old pickle format is refused with how to re-re
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
@@ -18,18 +17,17 @@ def load_registered(tracking_uri: str, model_uri: str):
     from mlflow.exceptions import MlflowException
 
     from dfkd_assets.defs.registry import RegistryError, load_student_model
-    from dfkd_assets.redaction import redact, split_credentials
+    from dfkd_assets.redaction import redact, tracking_credentials
     from dfkd_assets.registry_model import IntegrityError
 
-    tracking_uri, user, password = split_credentials(tracking_uri)  # a server's credentials go to MLflow's variables
-    if user is not None:
-        os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    try:
-        return load_student_model(MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), model_uri)
-    except (RegistryError, IntegrityError, MlflowException) as e:
-        raise SystemExit(redact(f"error: cannot load {model_uri} from {tracking_uri}: {getattr(e, 'message', e)}")) from None
+    # a server's credentials go to MLflow's variables for the download only, never to a later server
+    with tracking_credentials(tracking_uri) as bare_uri:
+        mlflow.set_tracking_uri(bare_uri)
+        mlflow.set_registry_uri(bare_uri)
+        try:
+            return load_student_model(MlflowClient(tracking_uri=bare_uri, registry_uri=bare_uri), model_uri)
+        except (RegistryError, IntegrityError, MlflowException) as e:
+            raise SystemExit(redact(f"error: cannot load {model_uri} from {bare_uri}: {getattr(e, 'message', e)}")) from None
 
 
 def predict_files(model, files: list[Path], top_k: int = 3, batch_size: int = 32) -> list[dict]:
