@@ -369,6 +369,22 @@ class MlflowConfig(SettingsModel):
     registered_model_name: str = "dfkd-student"
 
 
+class ServingConfig(SettingsModel):
+    """The input contract every new version is registered with (its MLmodel model_config): the
+    served model refuses, before any allocation that grows with the input, a batch or an image side
+    outside these bounds (HTTP 400). Versions logged without one use registry_model.DEFAULT_CONTRACT."""
+
+    max_batch: int = Field(32, gt=0, description="most images per request")
+    min_side: int = Field(8, gt=0, description="smallest image height/width in pixels")
+    max_side: int = Field(1024, gt=0, description="largest image height/width in pixels")
+
+    @model_validator(mode="after")
+    def _sides(self) -> "ServingConfig":
+        if self.min_side > self.max_side:
+            raise ValueError(f"serving.min_side ({self.min_side}) is above serving.max_side ({self.max_side})")
+        return self
+
+
 class DvcConfig(SettingsModel):
     remote_name: str = "storage"
     remote_url: str = Field("{workspace}/storage/dvc-remote", description="Local dir or S3-compatible URL.")
@@ -398,6 +414,7 @@ class DfkdConfig(SettingsModel):
     checks: ChecksConfig = ChecksConfig()
     operations: OperationsConfig = OperationsConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    serving: ServingConfig = ServingConfig()
     dvc: DvcConfig = DvcConfig()
 
     @field_validator("device")

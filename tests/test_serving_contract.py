@@ -326,3 +326,14 @@ def test_mlflow_models_serve_answers_bad_input_with_400_naming_the_limit(served,
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
         log.close()
+
+
+def test_the_settings_defaults_are_the_contract_of_versions_logged_without_one():
+    """serving.* has its one default in config.py; registry_model.DEFAULT_CONTRACT (what a version
+    logged before contracts existed enforces) must say the same, and an inverted range is refused at load."""
+    from dfkd_assets.config import DfkdConfig, ServingConfig
+    from dfkd_assets.registry_model import DEFAULT_CONTRACT
+
+    assert ServingConfig().model_dump() == DEFAULT_CONTRACT
+    with pytest.raises(ValueError, match="serving.min_side"):
+        DfkdConfig.model_validate({"classes": ["a", "b"], "generator": {"config_file": "x"}, "serving": {"min_side": 64, "max_side": 32}})

@@ -58,12 +58,10 @@ INPUT_CONTRACT = "input_contract"  # version tag and MLmodel metadata key: the s
 
 def serving_contract(cfg: DfkdConfig) -> dict[str, int]:
     """The input limits a new version is logged with (into its MLmodel model_config, which is what the
-    served model enforces): `serving.max_batch/min_side/max_side` of the settings where they exist,
-    else registry_model.DEFAULT_CONTRACT."""
+    served model enforces): `serving.max_batch/min_side/max_side` of the settings."""
     from dfkd_assets import registry_model as rm
 
-    section = getattr(cfg, "serving", None)
-    return rm.input_contract({k: getattr(section, k) for k in rm.DEFAULT_CONTRACT if getattr(section, k, None) is not None})
+    return rm.input_contract(cfg.serving.model_dump())
 
 
 def data_round_tags(rounds: list[int], images_per_class: int) -> dict[str, str]:

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from dfkd_assets.redaction import redact
+
 
 def _dagster_home() -> str:
     """$DAGSTER_HOME, defaulting to ./dagster_home (the instance `make` uses): every command that
@@ -175,7 +177,7 @@ def _cmd_add_classes(args: argparse.Namespace) -> int:
         student = require_embedding_student(registry.load(base), what)
         classes = classes_with(student.classes, args.names, (rm.LABEL, rm.SCORE))
     except (ClassNameError, NotAnEmbeddingStudent, RegistryError, rm.IntegrityError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     run_config = {"resources": {"settings": {"config": {"overrides": {"classes": classes}}}},
                   "ops": {"student_head": {"config": {"base_version": base}}}}
@@ -231,7 +233,7 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
         else:
             return 0 if fleet.status(args.dir) else 1
     except fleet.FleetError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
     return 0
 
@@ -321,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         return 2
 
 
