@@ -135,7 +135,8 @@ def test_operations_wiring_retries_runtime_checks_schedule_sensors():
     add = defs.resolve_job_def("add_classes")  # classes added by name: re-head, then the same evaluation and promotion
     assert {k.to_user_string() for k in add.asset_layer.selected_asset_keys} == {"student_head", "evaluation_report", "champion_student", "champion_onnx"}
     train_keys = {k.to_user_string() for k in train.asset_layer.selected_asset_keys}  # student_head passes the distilled student through there
-    assert {"student_model", "student_head", "evaluation_report"} <= train_keys and "student_model" not in {k.to_user_string() for k in add.asset_layer.selected_asset_keys}
+    assert ({"student_model", "student_head", "evaluation_report"} <= train_keys
+            and "student_model" not in {k.to_user_string() for k in add.asset_layer.selected_asset_keys})
     assert defs.resolve_sensor_def("record_failures").sensor_type.name == "RUN_STATUS"
 
 

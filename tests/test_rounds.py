@@ -119,7 +119,8 @@ def test_a_round_killed_mid_synthesis_resumes_and_keeps_the_rounds_before_it(tmp
     from dfkd_assets.defs.runner import run_pipeline, run_retrain_rounds
 
     ops = {"images_per_round": PER_ROUND, "max_retries": 0, "retry_delay_s": 0}
-    cfg_path = make_workspace(tmp_path, {"operations": ops, "synthesis": {**yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())["synthesis"], "batch_size": 2}})
+    ci_synthesis = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())["synthesis"]
+    cfg_path = make_workspace(tmp_path, {"operations": ops, "synthesis": {**ci_synthesis, "batch_size": 2}})
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     cfg, defs = load_config(cfg_path), build_defs(cfg_path)
     with dg.DagsterInstance.get() as instance:

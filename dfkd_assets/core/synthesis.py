@@ -22,11 +22,21 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.augment import (
-    GRAIN_STD, N_PARAMS, TEXTURE_STD, AugmentSpec, ImageRngs, ViewParams, apply_augment, crop_resize_rois, crop_rois, cutout_boxes,
-    procedural_texture, view_params,
+    GRAIN_STD,
+    N_PARAMS,
+    TEXTURE_STD,
+    AugmentSpec,
+    ImageRngs,
+    ViewParams,
+    apply_augment,
+    crop_resize_rois,
+    crop_rois,
+    cutout_boxes,
+    procedural_texture,
+    view_params,
 )
+from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import atomic_write_bytes, atomic_write_text
 from dfkd_assets.core.seeding import derive_seed
 from dfkd_assets.core.teacher import Teacher

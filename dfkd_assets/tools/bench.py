@@ -140,7 +140,7 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
     for name, s in _engine_variants(base, device, compile_modes):
         models = (vqgan, teacher)  # compiling wraps the step function, not the models: they are shared
         warm_s = warm_up(s, models)
-        out, dt = _timed(lambda: engine_run(s, *models), device)
+        out, dt = _timed(lambda s=s, models=models: engine_run(s, *models), device)
         cos = np.concatenate([r.cosines for r in out])
         row = {"variant": name, "batch": batch, "seconds": dt, "warmup_seconds": warm_s, "cosine": float(cos.mean()),
                "max_cosine_diff_vs_reference": float(np.abs(cos - ref_cos).max())}
@@ -308,7 +308,8 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
     for name, s in (("augmented", base), ("cached_teacher_logits", dataclasses.replace(base, augment=False))):
         clock = StageClock(device)
         with tempfile.TemporaryDirectory() as tmp:
-            _, dt = _timed(lambda: distill(fresh_student(cfg, classes), teacher, head, images, labels, s, Path(tmp), name, clock=clock), device)
+            _, dt = _timed(lambda s=s, name=name, clock=clock: distill(fresh_student(cfg, classes), teacher, head, images, labels, s, Path(tmp), name,
+                                                                       clock=clock), device)
         out[f"{name}_images_per_s"] = n_images * epochs / dt
         out[f"{name}_steps_per_s"] = steps / dt
         if name == "augmented":
@@ -379,7 +380,7 @@ def bench_latency(cfg, teacher, students: list[str], input_size: int, batches=(1
                 sess = ort.InferenceSession(str(Path(tmp) / "s.onnx"), providers=["CPUExecutionProvider"])
             xn = np.ascontiguousarray(x.numpy())
             rows.append({"model": arch, "runtime": "onnxruntime", "batch": b,
-                         "ms": median_ms(lambda v: sess.run(["logits"], {"images": v}), xn)})
+                         "ms": median_ms(lambda v, sess=sess: sess.run(["logits"], {"images": v}), xn)})
     for r in rows:
         ref = next(q["ms"] for q in rows if q["batch"] == r["batch"] and q["model"].startswith("teacher"))
         r["speedup_vs_teacher"] = ref / r["ms"]
@@ -429,11 +430,11 @@ def bench_quality(cfg_path, overrides: dict, schedules: list[list[str]], seeds: 
     (synthesis and KD state resumable under `work/<schedule>`), with the synthesis FLOPs it spent."""
     import numpy as np
 
-    from dfkd_assets.tools.compare import parse_sets, run_one, teacher_reference
     from dfkd_assets.config import deep_merge, load_config
     from dfkd_assets.core.evaluation import transfer_ratio
     from dfkd_assets.loaders import generator_for
     from dfkd_assets.stages.evaluation import seed_summary
+    from dfkd_assets.tools.compare import parse_sets, run_one, teacher_reference
 
     named = {}
     for name, *sets in schedules:

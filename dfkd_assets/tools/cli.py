@@ -86,9 +86,8 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
 
 def _cmd_eval_set(args: argparse.Namespace) -> int:
     from dfkd_assets.config import load_config
-    from dfkd_assets.toyworld.evalset import write_eval_set
-
     from dfkd_assets.core.datasets import PRESETS
+    from dfkd_assets.toyworld.evalset import write_eval_set
 
     cfg = load_config(args.config)
     for ds in cfg.evaluation.datasets:
