@@ -1,4 +1,6 @@
-"""Faults and numerics (issue 8), with real processes, real signals and real stores.
+"""Faults and numerics: after a crash, a store outage, a full disk, a race or a NaN the pipeline keeps
+what was finished, publishes nothing partial, and resumes or fails naming the cause; with real
+processes, real signals and real stores.
 
 kill -9 during synthesis and during distillation, an `mlflow server` killed in the middle of a
 training run, a missing or read-only DVC remote, a full disk (RLIMIT_FSIZE) under a shard and a

@@ -1,4 +1,4 @@
-"""Issue 8, bad inputs and security: every bad setting, weight file, evaluation image or shard is
+"""Bad inputs and security: every bad setting, weight file, evaluation image or shard is
 refused with an error naming the setting or file, before anything is written; secrets never reach
 logs, Dagster metadata or MLflow; services bind to loopback.
 

@@ -1,4 +1,4 @@
-"""Scheduled retraining with rounds (issue 20), through the `retrain` schedule's own tick and job on a
+"""Scheduled retraining with rounds, through the `retrain` schedule's own tick and job on a
 real Dagster instance, MLflow store and DVC repo + remote: every round grows the synthetic set,
 each round's training set is a DVC version that restores, and the champion is always the best
 evaluated version. Plus the cap (stop, never delete) and the bad settings that name themselves."""
