@@ -13,7 +13,7 @@ UI_PORT ?= 3000
 # the UI serves anyone who can reach it (no login): loopback only unless you choose otherwise
 UI_HOST ?= 127.0.0.1
 
-.PHONY: install demo test test-fast ui compare clean-data fleet fleet-down
+.PHONY: install demo test test-fast lint ui compare clean-data fleet fleet-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ compare: $(STAMP)
 	$(BIN)/dfkd compare --config $(DFKD_CONFIG) --out storage/compare
 
 test: $(STAMP)
+	$(BIN)/ruff check dfkd_assets tests scripts
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff with the rules in pyproject.toml ([tool.ruff]); `make test` runs it first
+lint: $(STAMP)
+	$(BIN)/ruff check dfkd_assets tests scripts
 
 # the quick loop: what `make test` runs minus the whole-graph, minutes-long and CUDA tests
 test-fast: $(STAMP)

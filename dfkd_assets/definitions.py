@@ -19,13 +19,12 @@ from dfkd_assets.defs.evaluation import evaluation_report
 from dfkd_assets.defs.export import champion_onnx
 from dfkd_assets.defs.fewshot import few_shot_report
 from dfkd_assets.defs.jobs import build_jobs
-from dfkd_assets.defs.prompts import prompt_bank, teacher_head
 from dfkd_assets.defs.promotion import champion_student
-from dfkd_assets.defs.rollback import rollback_champion
+from dfkd_assets.defs.prompts import prompt_bank, teacher_head
 from dfkd_assets.defs.resources import DvcRepo, MlflowTracking, bound_settings
+from dfkd_assets.defs.rollback import rollback_champion
 from dfkd_assets.defs.student import student_head, student_model
 from dfkd_assets.defs.synthesis import build_synthetic_images, build_synthetic_rounds, round_partitions
-
 
 EXECUTOR_ENV = "DFKD_EXECUTOR"
 

@@ -83,9 +83,9 @@ def bench_fleet(n: int, out: Path, repeat: int) -> dict:
     import dagster as dg
     from dagster_graphql import DagsterGraphQLClient
 
-    from dfkd_assets.tools import fleet
     from dfkd_assets.config import load_config
     from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE
+    from dfkd_assets.tools import fleet
 
     cfg_path = workspace(out)
     cfg = load_config(cfg_path)

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dfkd_assets.tools.compare import _variant, distill_variant, parse_sets, synthesize_classes, teacher_reference
 from dfkd_assets.config import DfkdConfig, load_config
 from dfkd_assets.core.names import class_key
+from dfkd_assets.tools.compare import _variant, distill_variant, parse_sets, synthesize_classes, teacher_reference
 
 MODELS = ["teacher", "logit_all", "embedding_all", "embedding_added"]
 
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     s = summarise(runs, chance)
     closed = s.get("embedding_all_minus_logit_all_mean")
     print(f"added by name ({', '.join(args.held_out)}): transfer {s['embedding_added']['added_transfer']['mean_over_domains']:.2f} "
-          f"(student {s['embedding_added']['added_top1']['mean_over_domains']['mean']:.3f}, teacher {s['teacher']['added_top1']['mean_over_domains']['mean']:.3f}, "
+          f"(student {s['embedding_added']['added_top1']['mean_over_domains']['mean']:.3f}, "
+          f"teacher {s['teacher']['added_top1']['mean_over_domains']['mean']:.3f}, "
           f"chance {chance:.3f})" + (f"; closed vocabulary, embedding - logit student: {closed['mean']:+.3f}" if closed else ""))
     print(f"wrote {args.out / 'open_vocab.json'}")
     return 0

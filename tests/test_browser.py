@@ -12,8 +12,7 @@ import urllib.request
 import dagster as dg
 import pytest
 
-from conftest import ROOT
-from conftest import make_workspace
+from conftest import ROOT, make_workspace
 
 pytestmark = pytest.mark.e2e
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -14,10 +14,10 @@ def test_compare_makes_the_pipelines_images_and_levers_share_synthesis(tmp_path,
     import dagster as dg
 
     from dfkd_assets.artifacts import read_class_images
-    from dfkd_assets.tools.compare import compare
     from dfkd_assets.config import load_config
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE
+    from dfkd_assets.tools.compare import compare
 
     cfg_path = make_workspace(tmp_path)  # Contrastive-Prompt, every seed 0: what compare's seed-0 variant is
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))

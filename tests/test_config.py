@@ -6,7 +6,6 @@ import yaml
 from pydantic import ValidationError
 
 from dfkd_assets import loaders
-
 from dfkd_assets.config import ConfigError, DfkdConfig, load_config
 from dfkd_assets.core.names import class_key
 

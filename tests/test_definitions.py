@@ -135,7 +135,8 @@ def test_operations_wiring_retries_runtime_checks_schedule_sensors():
     add = defs.resolve_job_def("add_classes")  # classes added by name: re-head, then the same evaluation and promotion
     assert {k.to_user_string() for k in add.asset_layer.selected_asset_keys} == {"student_head", "evaluation_report", "champion_student", "champion_onnx"}
     train_keys = {k.to_user_string() for k in train.asset_layer.selected_asset_keys}  # student_head passes the distilled student through there
-    assert {"student_model", "student_head", "evaluation_report"} <= train_keys and "student_model" not in {k.to_user_string() for k in add.asset_layer.selected_asset_keys}
+    assert ({"student_model", "student_head", "evaluation_report"} <= train_keys
+            and "student_model" not in {k.to_user_string() for k in add.asset_layer.selected_asset_keys})
     assert defs.resolve_sensor_def("record_failures").sensor_type.name == "RUN_STATUS"
 
 
@@ -147,8 +148,9 @@ def test_assets_stay_thin_and_the_registry_names_live_in_one_module():
 
     defs_dir = ROOT / "dfkd_assets" / "defs"
     for path in defs_dir.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.FunctionDef) and any(re.search(r"\b(asset|asset_check|op|multi_asset|gpu_asset)\b", ast.unparse(d)) for d in node.decorator_list):
+        functions = [n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef)]
+        for node in functions:
+            if any(re.search(r"\b(asset|asset_check|op|multi_asset|gpu_asset)\b", ast.unparse(d)) for d in node.decorator_list):
                 lines = node.body[-1].end_lineno - node.body[0].lineno + 1
                 assert lines <= 40, f"{path.name}:{node.name} has a {lines}-line body"
     tagging = re.compile(r"\.(set_model_version_tag|set_registered_model_alias|delete_registered_model_alias|set_registered_model_tag)\(")

@@ -3,10 +3,10 @@ import math
 import pytest
 import torch
 
+from core_settings import distill_settings
 from dfkd_assets.core.distill import DistillDiverged, augment_batch, distill, kd_loss
 from dfkd_assets.core.student import build_student, load_student
 from dfkd_assets.core.teacher import zero_shot_head
-from core_settings import distill_settings
 
 
 def test_kd_loss_hand_computed():

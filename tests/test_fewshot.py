@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from core_settings import fewshot_settings
 from dfkd_assets.core.fewshot import copy_of, draw_shots, few_shot_curves, load_backbone_weights, summarize
 from dfkd_assets.core.student import build_student
-from core_settings import fewshot_settings
 
 
 def test_draw_shots_is_k_per_class_disjoint_and_seeded():

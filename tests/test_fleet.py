@@ -98,8 +98,8 @@ class Relay:
 
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    from dfkd_assets.tools import fleet as fl
     from dfkd_assets.config import load_config
+    from dfkd_assets.tools import fleet as fl
 
     try:
         socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
@@ -192,8 +192,8 @@ def _step_pids(f, run_id) -> list[int]:
 
 def test_backfill_runs_on_two_workers_and_survives_a_worker_killed_mid_class(fleet):
     from dfkd_assets import artifacts
-    from dfkd_assets.tools import fleet as fl
     from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE
+    from dfkd_assets.tools import fleet as fl
 
     f, cfg, state = fleet, fleet["cfg"], fleet["state"]
     t0 = time.time()

@@ -16,8 +16,7 @@ import zlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from dfkd_assets.core.evaluation import MAX_IMAGE_PIXELS, EvalDataError, load_image

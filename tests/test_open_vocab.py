@@ -1,4 +1,4 @@
-"""The open-vocabulary student (issue 21): an embedding student whose classifier is the teacher's
+"""The open-vocabulary student: an embedding student whose classifier is the teacher's
 zero-shot text head kept as data, and classes added to a registered one by name, in a new version
 with the same weights, evaluated and promoted like any challenger; bad names refused naming the
 class, with nothing registered.

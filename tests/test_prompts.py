@@ -4,12 +4,20 @@ import pytest
 import torch
 
 from conftest import TINY_CLIP
+from core_settings import VANILLA, style_settings
 from dfkd_assets.core.prompts import (
-    PromptBank, PromptBankMismatch, PromptError, bank_diagnostics, build_bank, encode_styled,
-    mix_vectors, random_vectors, token_table, word_embedding,
+    PromptBank,
+    PromptBankMismatch,
+    PromptError,
+    bank_diagnostics,
+    build_bank,
+    encode_styled,
+    mix_vectors,
+    random_vectors,
+    token_table,
+    word_embedding,
 )
 from dfkd_assets.core.teacher import load_teacher, zero_shot_head
-from core_settings import VANILLA, style_settings
 
 CLASSES = ["dog", "elephant", "house", "guitar"]
 WORDS = ("photo", "sketch", "painting", "cartoon", "oil painting", "pixel art")

@@ -1,4 +1,4 @@
-"""The registered model as a consumer meets it (issue 18), against a real MLflow SQLite store:
+"""The registered model as a consumer meets it, against a real MLflow SQLite store:
 pickle-free and self-describing, served over HTTP by `mlflow models serve`, refused when its files
 were changed after logging or when it is in the old pickle format.
 

@@ -1,4 +1,6 @@
-"""Faults and numerics (issue 8), with real processes, real signals and real stores.
+"""Faults and numerics: after a crash, a store outage, a full disk, a race or a NaN the pipeline keeps
+what was finished, publishes nothing partial, and resumes or fails naming the cause; with real
+processes, real signals and real stores.
 
 kill -9 during synthesis and during distillation, an `mlflow server` killed in the middle of a
 training run, a missing or read-only DVC remote, a full disk (RLIMIT_FSIZE) under a shard and a
@@ -28,8 +30,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TINY_CLIP, TINY_VQGAN
-from conftest import make_workspace
+from conftest import ROOT, TINY_CLIP, TINY_VQGAN, make_workspace
 from core_settings import distill_settings, synthesis_settings
 
 IN_PROCESS = json.dumps({"execution": {"config": {"in_process": {}}}})
@@ -570,13 +571,15 @@ def test_disk_full_while_writing_a_shard_or_checkpoint_publishes_nothing_partial
     head = zero_shot_head(teacher, ["dog", "cat", "house"], "single")
     g = torch.Generator().manual_seed(0)
     images, labels = torch.randint(0, 256, (24, 32, 32, 3), dtype=torch.uint8, generator=g), torch.arange(24) % 3
-    hist = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, distill_settings(epochs=1, batch_size=8), ck, "fp")
+    hist = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels,
+                   distill_settings(epochs=1, batch_size=8), ck, "fp")
     before = _listing(ck)
     out = subprocess.run([sys.executable, "-c", _CHECKPOINT_DRIVER, str(len(before["last.pt"]) // 2), str(ck), str(TINY_CLIP)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and "File too large" in out.stderr, out.stderr[-2000:]
     assert _listing(ck) == before
-    resumed = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels, distill_settings(epochs=2, batch_size=8), ck, "fp")
+    resumed = distill(build_student("resnet10t", ["dog", "cat", "house"], 32, 0), teacher, head, images, labels,
+                      distill_settings(epochs=2, batch_size=8), ck, "fp")
     assert [h["epoch"] for h in resumed] == [1, 2] and resumed[0] == hist[0]
 
 

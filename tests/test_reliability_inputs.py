@@ -1,4 +1,4 @@
-"""Issue 8, bad inputs and security: every bad setting, weight file, evaluation image or shard is
+"""Bad inputs and security: every bad setting, weight file, evaluation image or shard is
 refused with an error naming the setting or file, before anything is written; secrets never reach
 logs, Dagster metadata or MLflow; services bind to loopback.
 
@@ -24,10 +24,10 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT, TINY_CLIP, TINY_VQGAN, create_postgres_db, drop_postgres_db
-from dfkd_assets.config import ConfigError, load_config
-from dfkd_assets.core.names import class_key
-from dfkd_assets.core.evaluation import MAX_IMAGE_PIXELS, EvalDataError, evaluate, load_image, scan_domainbed
 from core_settings import VANILLA, distill_settings, style_settings
+from dfkd_assets.config import ConfigError, load_config
+from dfkd_assets.core.evaluation import MAX_IMAGE_PIXELS, EvalDataError, evaluate, load_image, scan_domainbed
+from dfkd_assets.core.names import class_key
 
 CI = yaml.safe_load((ROOT / "configs" / "ci.yaml").read_text())
 
@@ -181,7 +181,6 @@ def test_class_names_longer_than_the_text_context_are_refused_naming_class_and_s
 
 def test_too_long_class_name_fails_the_first_step_at_once_and_writes_nothing(tmp_path, monkeypatch):
     from conftest import make_workspace
-
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.jobs import PREPARE
 
@@ -259,7 +258,8 @@ def test_vqgan_checkpoint_with_another_codebook_size_names_both_settings(tmp_pat
     params = read_model_params(TINY_VQGAN)
     params["embed_dim"] = params["embed_dim"] * 2  # an embedding size the config does not have
     torch.save({"state_dict": build_vqgan(params).state_dict()}, tmp_path / "wide.ckpt")
-    with pytest.raises(GeneratorLoadError, match=r"(?s)generator\.checkpoint .*wide\.ckpt: shapes do not match generator\.config_file .*tiny-vqgan\.yaml.*size mismatch for quantize\.embedding"):
+    with pytest.raises(GeneratorLoadError, match=r"(?s)generator\.checkpoint .*wide\.ckpt: shapes do not match generator\.config_file "
+                                                 r".*tiny-vqgan\.yaml.*size mismatch for quantize\.embedding"):
         load_vqgan(TINY_VQGAN, tmp_path / "wide.ckpt", 0, cpu)
 
 
@@ -434,7 +434,6 @@ def _escape_manifest(d: Path):
 ])
 def test_damaged_shard_is_caught_by_the_check_and_never_trained_on(tmp_path, monkeypatch, damage, match):
     from conftest import make_workspace
-
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.checks import shard_integrity
     from dfkd_assets.defs.jobs import TRAIN
@@ -513,7 +512,6 @@ def test_mlflow_server_password_never_reaches_the_event_log(tmp_path, monkeypatc
     import socket
 
     from conftest import make_workspace
-
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.jobs import PREPARE
 
@@ -565,7 +563,6 @@ def test_secrets_never_reach_logs_metadata_mlflow_or_files(tmp_path, monkeypatch
     password. Afterwards no event, run record, MLflow param/tag/artifact, written file or printed
     line holds any of them."""
     from conftest import make_workspace
-
     from dfkd_assets.definitions import build_defs
     from dfkd_assets.defs.runner import run_pipeline
 
@@ -661,9 +658,8 @@ def test_settings_that_would_fail_after_training_are_refused_at_load(tmp_path, s
 
 
 def test_a_domain_folder_name_mlflow_refuses_becomes_a_safe_metric_key():
-    from dfkd_assets.core.names import metric_key
+    from dfkd_assets.core.names import RESERVED_CLASS_NAMES, metric_key
     from dfkd_assets.registry_model import LABEL, SCORE
-    from dfkd_assets.core.names import RESERVED_CLASS_NAMES
 
     assert metric_key("photos (2019)") == "photos _2019_" and metric_key("art/painting-1.b") == "art/painting-1.b"
     assert metric_key("été") == "_t_"

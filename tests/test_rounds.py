@@ -1,4 +1,4 @@
-"""Scheduled retraining with rounds (issue 20), through the `retrain` schedule's own tick and job on a
+"""Scheduled retraining with rounds, through the `retrain` schedule's own tick and job on a
 real Dagster instance, MLflow store and DVC repo + remote: every round grows the synthetic set,
 each round's training set is a DVC version that restores, and the champion is always the best
 evaluated version. Plus the cap (stop, never delete) and the bad settings that name themselves."""
@@ -119,7 +119,8 @@ def test_a_round_killed_mid_synthesis_resumes_and_keeps_the_rounds_before_it(tmp
     from dfkd_assets.defs.runner import run_pipeline, run_retrain_rounds
 
     ops = {"images_per_round": PER_ROUND, "max_retries": 0, "retry_delay_s": 0}
-    cfg_path = make_workspace(tmp_path, {"operations": ops, "synthesis": {**yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())["synthesis"], "batch_size": 2}})
+    ci_synthesis = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())["synthesis"]
+    cfg_path = make_workspace(tmp_path, {"operations": ops, "synthesis": {**ci_synthesis, "batch_size": 2}})
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
     cfg, defs = load_config(cfg_path), build_defs(cfg_path)
     with dg.DagsterInstance.get() as instance:

@@ -14,8 +14,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from conftest import ROOT, create_postgres_db
-from conftest import make_workspace
+from conftest import ROOT, create_postgres_db, make_workspace
 
 pytestmark = pytest.mark.e2e
 

@@ -4,13 +4,18 @@ import numpy as np
 import pytest
 import torch
 
+from core_settings import synthesis_settings
 from dfkd_assets.core.augment import ImageRngs
 from dfkd_assets.core.synthesis import (
-    clamp_st, init_latents, render, spherical_distance, synthesize_batch, synthesize_resumable,
+    clamp_st,
+    init_latents,
+    render,
+    spherical_distance,
+    synthesize_batch,
+    synthesize_resumable,
 )
 from dfkd_assets.core.teacher import zero_shot_head
 from dfkd_assets.core.vqgan import codebook
-from core_settings import synthesis_settings
 
 FAST = synthesis_settings(iterations=6, cutn=4, image_size=32)
 

@@ -10,9 +10,9 @@ import yaml
 
 from conftest import ROOT
 from dfkd_assets.config import DfkdConfig
-from dfkd_assets.toyworld.config import ToyworldConfig
 from dfkd_assets.toyworld import world
 from dfkd_assets.toyworld.build import CLIP_NAME, TEMPLATES, build, is_built
+from dfkd_assets.toyworld.config import ToyworldConfig
 
 CHANCE = 1 / len(world.CLASSES)
 

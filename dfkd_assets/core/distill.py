@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_assets.core.augment import (
-    GRAIN_STD, TEXTURE_STD, crop_resize, jitter_colour, luma, procedural_texture, resized_crop_boxes, to_device,
+    GRAIN_STD,
+    TEXTURE_STD,
+    crop_resize,
+    jitter_colour,
+    luma,
+    procedural_texture,
+    resized_crop_boxes,
+    to_device,
 )
 from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import atomic_write_bytes

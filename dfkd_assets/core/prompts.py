@@ -225,7 +225,7 @@ def mix_vectors(teacher: Teacher, st: StyleSettings) -> tuple[torch.Tensor, list
             pick = torch.randperm(len(words))[: st.mix_words]
             lam = dirichlet.sample()
             vecs.append((lam.to(table.device)[:, None] * table[pick.to(table.device)]).sum(0))
-            names.append("[" + " + ".join(f"{l:.2f} {words[i]}" for l, i in zip(lam.tolist(), pick.tolist())) + "]")
+            names.append("[" + " + ".join(f"{w:.2f} {words[i]}" for w, i in zip(lam.tolist(), pick.tolist())) + "]")
     return torch.stack(vecs), names
 
 
@@ -260,7 +260,7 @@ def contrastive_vectors(teacher: Teacher, classes: list[str], st: StyleSettings,
         v = random_vectors(teacher, 1, gen)[0].clone().requires_grad_(True)
         opt = torch.optim.Adam([v], lr=st.lr)
         curve = []
-        for step in range(st.steps):
+        for _ in range(st.steps):
             u = encode_styled(teacher, texts, v.expand(k, -1))  # K, D
             logits = u @ positives.t()  # positive on the diagonal, other classes off it
             if memory:
@@ -298,7 +298,8 @@ def check_bank_prompts_fit(teacher: Teacher, classes: Sequence[str], method: str
             check_prompts_fit(teacher, c, [template.format(c)], setting)
 
 
-def build_bank(teacher: Teacher, classes: list[str], method: str, st: StyleSettings, vanilla_template: str, on_style=None) -> tuple[PromptBank, list[list[float]]]:
+def build_bank(teacher: Teacher, classes: list[str], method: str, st: StyleSettings, vanilla_template: str,
+               on_style=None) -> tuple[PromptBank, list[list[float]]]:
     """The bank of `method` (vanilla | mix | random | contrastive) and, for contrastive, its loss curves."""
     check_bank_prompts_fit(teacher, classes, method, st, vanilla_template)
     if method == "vanilla":

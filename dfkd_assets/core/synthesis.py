@@ -23,11 +23,21 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.augment import (
-    GRAIN_STD, N_PARAMS, TEXTURE_STD, AugmentSpec, ImageRngs, ViewParams, apply_augment, crop_resize_rois, crop_rois, cutout_boxes,
-    procedural_texture, view_params,
+    GRAIN_STD,
+    N_PARAMS,
+    TEXTURE_STD,
+    AugmentSpec,
+    ImageRngs,
+    ViewParams,
+    apply_augment,
+    crop_resize_rois,
+    crop_rois,
+    cutout_boxes,
+    procedural_texture,
+    view_params,
 )
+from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import atomic_write_bytes, atomic_write_text
 from dfkd_assets.core.seeding import derive_seed
 from dfkd_assets.core.teacher import Teacher
@@ -363,11 +373,11 @@ def _read_batch(path: Path, seeds: list[int]) -> tuple | None:
             used = z["seeds"] if "seeds" in z.files else np.asarray(seeds, dtype=np.int64)
             part = (z["images"], z["cosines"], z["preds"], used)
     except Exception as e:  # noqa: BLE001 - any unreadable batch is remade alike
-        warnings.warn(f"synthesis resume batch {path} cannot be read ({type(e).__name__}: {e}); it is deleted and made again")
+        warnings.warn(f"synthesis resume batch {path} cannot be read ({type(e).__name__}: {e}); it is deleted and made again", stacklevel=2)
         path.unlink(missing_ok=True)
         return None
     if len(part[0]) != len(seeds):
-        warnings.warn(f"synthesis resume batch {path} holds {len(part[0])} images, not {len(seeds)}; it is deleted and made again")
+        warnings.warn(f"synthesis resume batch {path} holds {len(part[0])} images, not {len(seeds)}; it is deleted and made again", stacklevel=2)
         path.unlink(missing_ok=True)
         return None
     return part

@@ -15,8 +15,6 @@ reviewer turns them on in the UI or with `dagster schedule start` / `dagster sen
 
 import json
 import os
-import urllib.request
-from datetime import datetime, timezone
 
 import dagster as dg
 
@@ -69,6 +67,14 @@ ROUND_TAG = "dfkd/round"
 
 
 def build_automation(cfg: DfkdConfig, config_file: str, jobs: dict) -> tuple[list, list]:
+    """The code location's schedules and sensors: ([retrain], [stale_partitions, record_failures])."""
+    return [_retrain_schedule(cfg, config_file)], [_stale_partitions_sensor(cfg, config_file, jobs), _record_failures_sensor(cfg)]
+
+
+def _retrain_schedule(cfg: DfkdConfig, config_file: str) -> dg.ScheduleDefinition:
+    """`retrain`. With rounds, a schedule function that decides each tick which round to grow (it re-reads
+    the settings file, so a tick sees the round sizes as they are now); without rounds, a plain cron
+    schedule of the training job, which needs no decision."""
     if cfg.operations.images_per_round:
         @dg.schedule(name="retrain", cron_schedule=cfg.operations.retrain_cron, job_name=ROUND,
                      execution_timezone=cfg.operations.timezone, default_status=dg.DefaultScheduleStatus.STOPPED,
@@ -80,13 +86,19 @@ def build_automation(cfg: DfkdConfig, config_file: str, jobs: dict) -> tuple[lis
             decision = next_round_request(load_config(config_file), context.instance)
             context.log.info(decision.skip_message if isinstance(decision, dg.SkipReason) else f"round {decision.tags[ROUND_TAG]}")
             return decision
-    else:
-        retrain = dg.ScheduleDefinition(
-            name="retrain", cron_schedule=cfg.operations.retrain_cron, job_name=TRAIN,
-            execution_timezone=cfg.operations.timezone, default_status=dg.DefaultScheduleStatus.STOPPED,
-            description="Re-distil, re-evaluate and (only if not worse) promote, from the current synthetic snapshot.",
-        )
 
+        return retrain
+    return dg.ScheduleDefinition(
+        name="retrain", cron_schedule=cfg.operations.retrain_cron, job_name=TRAIN,
+        execution_timezone=cfg.operations.timezone, default_status=dg.DefaultScheduleStatus.STOPPED,
+        description="Re-distil, re-evaluate and (only if not worse) promote, from the current synthetic snapshot.",
+    )
+
+
+def _stale_partitions_sensor(cfg: DfkdConfig, config_file: str, jobs: dict) -> dg.SensorDefinition:
+    """`stale_partitions`. Each tick re-reads the settings file: a changed prompt bank is rebuilt first
+    (partitions are only judged against the bank they will be made from), else every class partition and
+    class x round cell whose recorded fingerprint differs from the expected one is requested."""
     @dg.sensor(name="stale_partitions", minimum_interval_seconds=cfg.operations.sensor_interval_s,
                default_status=dg.DefaultSensorStatus.STOPPED, jobs=[jobs[PREPARE], jobs[SYNTHESIZE], jobs[SYNTHESIZE_ROUND]],
                description="Rebuilds the prompt bank when its settings changed, then synthesizes only missing or stale class partitions "
@@ -113,23 +125,27 @@ def build_automation(cfg: DfkdConfig, config_file: str, jobs: dict) -> tuple[lis
             if _latest_fingerprint(context.instance, cell, ROUND_ASSET_KEY) != fp:
                 yield dg.RunRequest(run_key=f"{cell}-{fp}", job_name=SYNTHESIZE_ROUND, partition_key=cell)
 
+    return stale_partitions
+
+
+def _record_failures_sensor(cfg: DfkdConfig) -> dg.SensorDefinition:
+    """`record_failures`: every failed run appended to a JSONL file (a record that outlives the Dagster
+    instance) and, when the webhook variable is set, POSTed to it; a webhook that does not answer only
+    warns, so a notification outage never fails the sensor."""
     @dg.run_failure_sensor(name="record_failures", default_status=dg.DefaultSensorStatus.STOPPED,
                            description="Appends every failed run to storage/run_failures.jsonl and POSTs it to the webhook in $<operations.webhook_url_env>.")
     def record_failures(context: dg.RunFailureSensorContext):
-        record = {
-            "run_id": context.dagster_run.run_id, "job": context.dagster_run.job_name,
-            "error": (context.failure_event.message or "")[:2000], "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
+        from dfkd_assets.defs.notify import failure_record, post_webhook
+
+        record = failure_record(context.dagster_run.run_id, context.dagster_run.job_name, context.failure_event.message)
         path = artifacts.run_failures_log(cfg)
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         url = os.environ.get(cfg.operations.webhook_url_env, "")
-        if url:  # the URL (it may hold a token) comes from the environment and is never logged
-            req = urllib.request.Request(url, data=json.dumps(record).encode(), headers={"Content-Type": "application/json"})
-            try:
-                urllib.request.urlopen(req, timeout=10).close()
-            except OSError as e:
-                context.log.warning(f"failure webhook (${cfg.operations.webhook_url_env}) did not answer: {type(e).__name__}")
+        if url:  # the URL (it may hold a token) comes from the environment and is never logged or quoted
+            problem = post_webhook(url, record, cfg.operations.webhook_url_env)
+            if problem:
+                context.log.warning(problem)
 
-    return [retrain], [stale_partitions, record_failures]
+    return record_failures

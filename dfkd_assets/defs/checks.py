@@ -13,7 +13,8 @@ from dfkd_assets import artifacts
 from dfkd_assets.defs.resources import PipelineSettings
 
 
-@dg.asset_check(asset="synthetic_dataset", blocking=True, description="Every image of every round in the snapshot decodes, its sha256 matches its manifest, round 0's count as configured.")
+@dg.asset_check(asset="synthetic_dataset", blocking=True,
+                description="Every image of every round in the snapshot decodes, its sha256 matches its manifest, round 0's count as configured.")
 def shard_integrity(settings: PipelineSettings) -> dg.AssetCheckResult:
     from dfkd_assets.core.io import ShardError
 

@@ -15,7 +15,6 @@ import dagster as dg
 
 from dfkd_assets import artifacts
 from dfkd_assets.defs.errors import no_retry_for_bad_input
-
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.resources import DvcRepo, PipelineSettings
 from dfkd_assets.redaction import redact

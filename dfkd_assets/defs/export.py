@@ -45,7 +45,8 @@ def champion_onnx(context: dg.AssetExecutionContext, settings: PipelineSettings,
                      + (f"registered as {info['onnx_model_uri']}" if passed else "not registered (parity check failed)"))
     return dg.MaterializeResult(
         metadata={"champion_version": version, "max_abs_diff_vs_pytorch": diff, "onnx_model_uri": str(info["onnx_model_uri"]),
-                  "path": dg.MetadataValue.path(str((out / "champion.onnx").resolve())), "classes": dg.MetadataValue.json(info["classes"]), **lineage(cfg, context)},
+                  "path": dg.MetadataValue.path(str((out / "champion.onnx").resolve())), "classes": dg.MetadataValue.json(info["classes"]),
+                  **lineage(cfg, context)},
         check_results=[dg.AssetCheckResult(check_name="onnx_matches_pytorch", passed=passed,
                                            severity=dg.AssetCheckSeverity.ERROR, metadata={"max_abs_diff": diff, "tolerance": PARITY_TOLERANCE})],
     )

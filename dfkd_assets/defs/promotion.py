@@ -34,7 +34,8 @@ def champion_student(context: dg.AssetExecutionContext, settings: PipelineSettin
     registry = ModelRegistry(cfg, mlflow_tracking)
     metrics, key = artifacts.read_metrics(cfg), cfg.promotion.metric
     if key not in metrics:
-        raise KeyError(f"promotion.metric {key!r} is not in {artifacts.metrics_path(cfg)} (have {sorted(k for k in metrics if k.endswith('top1'))})")
+        have = sorted(k for k in metrics if k.endswith("top1"))
+        raise KeyError(f"promotion.metric {key!r} is not in {artifacts.metrics_path(cfg)} (have {have})")
     challenger = metrics["challenger_version"]
     recorded = registry.evaluated_score(challenger)
     if recorded is None or (metrics[key] is not None and recorded != str(metrics[key])):

@@ -15,7 +15,6 @@ from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 from dfkd_assets.defs.jobs import PREPARE, SYNTHESIZE, TRAIN
 from dfkd_assets.processes import pid_alive
 
-
 HOST_TAG = "dfkd/run_worker_host"
 """Run tag: the host whose process runs the run (set by `dfkd run` and by `LocalRunLauncher`)."""
 
@@ -121,7 +120,8 @@ def run_retrain_rounds(
             log(f"[retrain {i}/{rounds}] skipped: {tick.skip_message}")
             break
         for req in tick.run_requests:
-            log(f"[retrain {i}/{rounds}] run {job.name} " + " ".join(f"{k}={v}" for k, v in req.tags.items() if k.startswith(("dfkd/round", "dagster/asset_partition"))))
+            log(f"[retrain {i}/{rounds}] run {job.name} "
+                + " ".join(f"{k}={v}" for k, v in req.tags.items() if k.startswith(("dfkd/round", "dagster/asset_partition"))))
             result = job.execute_in_process(instance=instance, run_config=req.run_config or {}, partition_key=req.partition_key,
                                             tags={**req.tags, HOST_TAG: socket.gethostname()}, raise_on_error=False)
             results.append(result)

@@ -8,7 +8,6 @@ from typing import Callable
 
 from dfkd_assets.config import DfkdConfig
 
-
 UNLABELLED = -1  # the label of a KD input made for no class (distill.broad_images); cross-entropy skips it
 
 

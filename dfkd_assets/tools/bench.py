@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -74,6 +75,32 @@ def _targets(teacher, n: int):
     return teacher.encode_text([f"a photo of a thing number {i}" for i in range(n)])
 
 
+def _engine_variants(base, device, compile_modes: list[str]) -> list[tuple[str, object]]:
+    """The engine settings bench_synthesis times, named: fp32 always (the like-for-like comparison with
+    the reference loop), then the defaults when they differ from fp32, native CPU bf16 where the CPU has
+    it (a user's choice, not a default), and one compiled variant per requested mode."""
+    from dfkd_assets.core.devices import cpu_has_native_bf16
+
+    variants = [("engine fp32 (batched, vectorised)", dataclasses.replace(base, bf16=False, channels_last=False))]
+    if base.bf16 or base.channels_last:
+        variants.append((f"engine default ({'bf16' if base.bf16 else 'fp32'}{', channels-last' if base.channels_last else ''})", base))
+    if device.type == "cpu" and not base.bf16 and cpu_has_native_bf16():  # precision: bf16, a CPU user's choice
+        variants.append(("engine bf16 (native CPU bf16, precision: bf16)", dataclasses.replace(base, bf16=True)))
+    for mode in compile_modes:
+        variants.append((f"engine default + torch.compile ({mode})", dataclasses.replace(base, compile=True, compile_mode=mode)))
+    return variants
+
+
+def _add_rates(rows: list[dict], images: int, iters: int) -> None:
+    """Derive each row's rates from its wall time, in place: images/s, seconds per step, images per hour
+    at the paper's 400 steps, and the speed-up over the first row (the reference loop)."""
+    for r in rows:
+        r["images_per_s"] = images / r["seconds"]
+        r["seconds_per_step"] = r["seconds"] / iters / (images / r["batch"])
+        r["images_per_hour_at_400_steps"] = 3600 * images * iters / (400 * r["seconds"])
+        r["speedup_vs_reference"] = rows[0]["seconds"] / r["seconds"]
+
+
 def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters: int, compile_modes: list[str]) -> dict:
     """Reference loop vs engine variants on the same targets and seeds.
 
@@ -83,12 +110,9 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
     warm; what a later partition pays when TORCHINDUCTOR_CACHE_DIR is shared, a little optimistic,
     as a new process must also import and load what this one has in memory).
     """
-    import dataclasses
-
     import numpy as np
     import torch
 
-    from dfkd_assets.core.devices import cpu_has_native_bf16
     from dfkd_assets.core.reference_synthesis import reference_synthesize
     from dfkd_assets.core.synthesis import synthesize_batch
     from dfkd_assets.loaders import synthesis_settings
@@ -113,17 +137,10 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
     ref_cos = ref.cosines
     rows.append({"variant": "reference loop (batch 1, fp32, eager)", "batch": 1, "seconds": dt, "cosine": float(ref_cos.mean())})
 
-    variants = [("engine fp32 (batched, vectorised)", dataclasses.replace(base, bf16=False, channels_last=False))]
-    if base.bf16 or base.channels_last:
-        variants.append((f"engine default ({'bf16' if base.bf16 else 'fp32'}{', channels-last' if base.channels_last else ''})", base))
-    if device.type == "cpu" and not base.bf16 and cpu_has_native_bf16():  # precision: bf16, a CPU user's choice
-        variants.append(("engine bf16 (native CPU bf16, precision: bf16)", dataclasses.replace(base, bf16=True)))
-    for mode in compile_modes:
-        variants.append((f"engine default + torch.compile ({mode})", dataclasses.replace(base, compile=True, compile_mode=mode)))
-    for name, s in variants:
+    for name, s in _engine_variants(base, device, compile_modes):
         models = (vqgan, teacher)  # compiling wraps the step function, not the models: they are shared
         warm_s = warm_up(s, models)
-        out, dt = _timed(lambda: engine_run(s, *models), device)
+        out, dt = _timed(lambda s=s, models=models: engine_run(s, *models), device)
         cos = np.concatenate([r.cosines for r in out])
         row = {"variant": name, "batch": batch, "seconds": dt, "warmup_seconds": warm_s, "cosine": float(cos.mean()),
                "max_cosine_diff_vs_reference": float(np.abs(cos - ref_cos).max())}
@@ -132,11 +149,7 @@ def bench_synthesis(cfg, device, teacher, vqgan, images: int, batch: int, iters:
             row["warm_cache_warmup_seconds"] = warm_up(s, models)
             torch._dynamo.reset()
         rows.append(row)
-    for r in rows:
-        r["images_per_s"] = images / r["seconds"]
-        r["seconds_per_step"] = r["seconds"] / iters / (images / r["batch"])
-        r["images_per_hour_at_400_steps"] = 3600 * images * iters / (400 * r["seconds"])
-        r["speedup_vs_reference"] = rows[0]["seconds"] / r["seconds"]
+    _add_rates(rows, images, iters)
     spread = float(np.std(ref_cos) / np.sqrt(len(ref_cos)))
     return {"images": images, "iterations": iters, "cutn": base.cutn, "image_size": base.image_size,
             "reference_cosine_sem": spread, "rows": rows}
@@ -299,7 +312,8 @@ def bench_distill(cfg, device, teacher, n_images: int, epochs: int, image_size: 
     for name, s in variants.items():
         clock = StageClock(device)
         with tempfile.TemporaryDirectory() as tmp:
-            _, dt = _timed(lambda: distill(fresh_student(cfg, classes), teacher, head, images, labels, s, Path(tmp), name, clock=clock), device)
+            _, dt = _timed(lambda s=s, name=name, clock=clock: distill(fresh_student(cfg, classes), teacher, head, images, labels, s, Path(tmp), name,
+                                                                       clock=clock), device)
         out[f"{name}_images_per_s"] = n_images * epochs / dt
         out[f"{name}_steps_per_s"] = steps / dt
         if name == "augmented":
@@ -373,7 +387,7 @@ def bench_latency(cfg, teacher, students: list[str], input_size: int, batches=(1
                 sess = ort.InferenceSession(str(Path(tmp) / "s.onnx"), providers=["CPUExecutionProvider"])
             xn = np.ascontiguousarray(x.numpy())
             rows.append({"model": arch, "runtime": "onnxruntime", "batch": b,
-                         "ms": median_ms(lambda v: sess.run(["logits"], {"images": v}), xn)})
+                         "ms": median_ms(lambda v, sess=sess: sess.run(["logits"], {"images": v}), xn)})
     for r in rows:
         ref = next(q["ms"] for q in rows if q["batch"] == r["batch"] and q["model"].startswith("teacher"))
         r["speedup_vs_teacher"] = ref / r["ms"]
@@ -423,11 +437,11 @@ def bench_quality(cfg_path, overrides: dict, schedules: list[list[str]], seeds: 
     (synthesis and KD state resumable under `work/<schedule>`), with the synthesis FLOPs it spent."""
     import numpy as np
 
-    from dfkd_assets.tools.compare import parse_sets, run_one, teacher_reference
     from dfkd_assets.config import deep_merge, load_config
     from dfkd_assets.core.evaluation import transfer_ratio
     from dfkd_assets.loaders import generator_for
     from dfkd_assets.stages.evaluation import seed_summary
+    from dfkd_assets.tools.compare import parse_sets, run_one, teacher_reference
 
     named = {}
     for name, *sets in schedules:
@@ -484,12 +498,94 @@ def write_quality_png(path: Path, summary: dict, baseline: str) -> None:
     save_figure(fig, path)
 
 
-def run(a) -> dict:
-    import torch
+@dataclasses.dataclass
+class _Bench:
+    """What every section reads: the parsed arguments, the settings and device they chose, the models
+    (built once for all sections), the batch and image counts, and the results so far (the flops and
+    load sections read the synthesis section's timings from it)."""
 
+    a: argparse.Namespace
+    cfg: object
+    overrides: dict
+    device: object
+    teacher: object
+    vqgan: object
+    peak: float | None
+    batch: int
+    images: int
+    result: dict
+
+
+def _section_synthesis(b: _Bench) -> dict:
+    out = bench_synthesis(b.cfg, b.device, b.teacher, b.vqgan, b.images, b.batch, b.a.iters, b.a.compile_modes)
+    _print_table(f"synthesis: {b.images} images, {b.a.iters} iterations, cutn {out['cutn']}, {out['image_size']} px",
+                 out["rows"], ["variant", "batch", "images_per_s", "images_per_hour_at_400_steps", "speedup_vs_reference",
+                               "cosine", "max_cosine_diff_vs_reference", "warmup_seconds"])
+    return out
+
+
+def _section_flops(b: _Bench) -> dict:
+    if "rows" not in b.result.get("synthesis", {}):
+        raise RuntimeError("the flops section needs the synthesis section's timings")
+    out = bench_flops(b.result["synthesis"], b.teacher, b.vqgan, b.cfg, b.device, b.batch, b.peak)
+    _print_table(f"flops: {out['flops_per_image_step'] / 1e9:.1f} GFLOP per image-step, peak {b.peak} TFLOP/s",
+                 out["rows"], ["variant", "tflops_per_step", "achieved_tflops", "mfu"])
+    return out
+
+
+def _section_profile(b: _Bench) -> dict:
+    mode = b.a.compile_modes[0] if b.a.compile_modes else None
+    out = bench_profile(b.cfg, b.device, b.teacher, b.vqgan, b.batch, b.a.profile_steps, mode, b.a.trace)
+    print(f"\n## profile: {out['timer']}, batch {b.batch}, {out['wall_seconds_per_step']:.4g} s/step"
+          f"{' compiled (' + mode + ')' if mode else ''}")
+    print("  ".join(f"{k} {v:.1%}" for k, v in out["by_kind"].items()))
+    _print_table("profile: top kernels/operators", [dict(r, name=r["name"][:70]) for r in out["top"][:12]], ["name", "kind", "calls", "seconds", "share"])
+    return out
+
+
+def _section_distill(b: _Bench) -> dict:
+    out = bench_distill(b.cfg, b.device, b.teacher, b.a.distill_images, b.a.distill_epochs, b.cfg.synthesis.image_size, b.a.distill_batch)
+    print(f"\n## distill: {json.dumps(out)}")
+    return out
+
+
+def _section_load(b: _Bench) -> dict:
+    if "rows" not in b.result.get("synthesis", {}):
+        raise RuntimeError("the load section needs the synthesis section's engine speed")
+    best = max(r["images_per_hour_at_400_steps"] for r in b.result["synthesis"]["rows"]) / 3600
+    out = bench_load(b.cfg, b.device, b.teacher, b.vqgan, best, b.a.partition_images)
+    print(f"\n## load: {json.dumps(out)}")
+    return out
+
+
+def _section_quality(b: _Bench) -> dict:
+    a = b.a
+    out = bench_quality(a.config, b.overrides, a.schedule or [["today"]], a.seeds, a.work,
+                        a.json.with_suffix(".png") if a.json else None, b.device)
+    print("\n## quality: synthesis compute and student accuracy\n" + out["table"])
+    print(f"compute_ratio_at_equal_accuracy {out['compute_ratio_at_equal_accuracy']:.2f} "
+          f"(threshold mean top-1 {out['threshold']:.3f}); "
+          + ", ".join(f"{k} {v['flops'] / 1e12:.2f} TFLOP" for k, v in out["synthesis"].items()))
+    return out
+
+
+def _section_latency(b: _Bench) -> dict:
+    out = bench_latency(b.cfg, b.teacher, b.a.students, b.a.latency_size or b.cfg.student.input_size)
+    _print_table(f"CPU latency at {out['input_size']} px, {out['torch_threads']} threads (ms per batch)",
+                 out["rows"], ["model", "runtime", "batch", "ms", "speedup_vs_teacher"])
+    return out
+
+
+# each section measures, prints its table and returns its numbers; run() times it and keeps going on failure
+_SECTIONS = {"synthesis": _section_synthesis, "flops": _section_flops, "profile": _section_profile, "distill": _section_distill,
+             "load": _section_load, "quality": _section_quality, "latency": _section_latency}
+
+
+def _settings_for(a) -> tuple[object, dict]:
+    """The settings the bench measures (the config with --device/--cutn applied) and those overrides
+    (the quality section re-applies them to every schedule). Sets the Inductor cache first, so that
+    every compile in this process, and the ones `dfkd compare` starts, uses it."""
     from dfkd_assets.config import load_config
-    from dfkd_assets.core.devices import resolve_device
-    from dfkd_assets.loaders import generator_for, teacher_for
 
     if a.inductor_cache is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(a.inductor_cache.resolve())
@@ -498,70 +594,49 @@ def run(a) -> dict:
     overrides = {"device": a.device} if a.device else {}
     if a.cutn:
         overrides["synthesis"] = {"cutn": a.cutn}
-    cfg = load_config(a.config, overrides or None)
+    return load_config(a.config, overrides or None), overrides
+
+
+def _peak_tflops(a, device) -> float | None:
+    """The MFU denominator: --peak-tflops, else the datasheet bf16 peak of a known GPU, else None (no MFU)."""
+    import torch
+
+    if a.peak_tflops is None and device.type == "cuda":
+        return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+    return a.peak_tflops
+
+
+def _save(a, result: dict) -> None:
+    """Write the results so far to --json (after every section, so a crash keeps the finished ones)."""
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(result, indent=2))
+
+
+def run(a) -> dict:
+    """Build the models once, then run each requested section in order; a failing section records its
+    error and the others still run."""
+    from dfkd_assets.core.devices import resolve_device
+    from dfkd_assets.loaders import generator_for, teacher_for
+
+    cfg, overrides = _settings_for(a)
     device = resolve_device(cfg.device)
     result = {"command": "dfkd bench " + " ".join(a.argv), "config": str(a.config), "machine": _machine(device),
               "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
-
-    def save():
-        if a.json:
-            a.json.parent.mkdir(parents=True, exist_ok=True)
-            a.json.write_text(json.dumps(result, indent=2))
-
     (teacher, vqgan), t_load = _timed(lambda: (teacher_for(cfg, device), generator_for(cfg, device)), device)
     result["model_build_s"] = t_load
-    peak = a.peak_tflops
-    if peak is None and device.type == "cuda":
-        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
     batch = a.batch or cfg.synthesis.batch_size
-    images = a.images or batch
+    b = _Bench(a, cfg, overrides, device, teacher, vqgan, _peak_tflops(a, device), batch, a.images or batch, result)
     for section in a.sections:
         t0 = time.perf_counter()
         try:
-            if section == "synthesis":
-                out = bench_synthesis(cfg, device, teacher, vqgan, images, batch, a.iters, a.compile_modes)
-                _print_table(f"synthesis: {images} images, {a.iters} iterations, cutn {out['cutn']}, {out['image_size']} px",
-                             out["rows"], ["variant", "batch", "images_per_s", "images_per_hour_at_400_steps", "speedup_vs_reference",
-                                           "cosine", "max_cosine_diff_vs_reference", "warmup_seconds"])
-            elif section == "flops":
-                if "rows" not in result.get("synthesis", {}):
-                    raise RuntimeError("the flops section needs the synthesis section's timings")
-                out = bench_flops(result["synthesis"], teacher, vqgan, cfg, device, batch, peak)
-                _print_table(f"flops: {out['flops_per_image_step'] / 1e9:.1f} GFLOP per image-step, peak {peak} TFLOP/s",
-                             out["rows"], ["variant", "tflops_per_step", "achieved_tflops", "mfu"])
-            elif section == "profile":
-                mode = a.compile_modes[0] if a.compile_modes else None
-                out = bench_profile(cfg, device, teacher, vqgan, batch, a.profile_steps, mode, a.trace)
-                print(f"\n## profile: {out['timer']}, batch {batch}, {out['wall_seconds_per_step']:.4g} s/step"
-                      f"{' compiled (' + mode + ')' if mode else ''}")
-                print("  ".join(f"{k} {v:.1%}" for k, v in out["by_kind"].items()))
-                _print_table("profile: top kernels/operators", [dict(r, name=r["name"][:70]) for r in out["top"][:12]], ["name", "kind", "calls", "seconds", "share"])
-            elif section == "distill":
-                out = bench_distill(cfg, device, teacher, a.distill_images, a.distill_epochs, cfg.synthesis.image_size, a.distill_batch)
-                print(f"\n## distill: {json.dumps(out)}")
-            elif section == "load":
-                if "rows" not in result.get("synthesis", {}):
-                    raise RuntimeError("the load section needs the synthesis section's engine speed")
-                best = max(r["images_per_hour_at_400_steps"] for r in result["synthesis"]["rows"]) / 3600
-                out = bench_load(cfg, device, teacher, vqgan, best, a.partition_images)
-                print(f"\n## load: {json.dumps(out)}")
-            elif section == "quality":
-                out = bench_quality(a.config, overrides, a.schedule or [["today"]], a.seeds, a.work,
-                                    a.json.with_suffix(".png") if a.json else None, device)
-                print("\n## quality: synthesis compute and student accuracy\n" + out["table"])
-                print(f"compute_ratio_at_equal_accuracy {out['compute_ratio_at_equal_accuracy']:.2f} "
-                      f"(threshold mean top-1 {out['threshold']:.3f}); "
-                      + ", ".join(f"{k} {v['flops'] / 1e12:.2f} TFLOP" for k, v in out["synthesis"].items()))
-            elif section == "latency":
-                out = bench_latency(cfg, teacher, a.students, a.latency_size or cfg.student.input_size)
-                _print_table(f"CPU latency at {out['input_size']} px, {out['torch_threads']} threads (ms per batch)",
-                             out["rows"], ["model", "runtime", "batch", "ms", "speedup_vs_teacher"])
+            out = _SECTIONS[section](b)
             out["section_seconds"] = time.perf_counter() - t0
             result[section] = out
         except Exception as e:  # keep the other sections' numbers
             result[section] = {"error": f"{type(e).__name__}: {e}"}
             print(f"\n## {section}: FAILED {type(e).__name__}: {e}")
-        save()
+        _save(a, result)
     return result
 
 

@@ -88,9 +88,8 @@ def _cmd_rounds(args: argparse.Namespace) -> int:
 
 def _cmd_eval_set(args: argparse.Namespace) -> int:
     from dfkd_assets.config import load_config
-    from dfkd_assets.toyworld.evalset import write_eval_set
-
     from dfkd_assets.core.datasets import PRESETS
+    from dfkd_assets.toyworld.evalset import write_eval_set
 
     cfg = load_config(args.config)
     for ds in cfg.evaluation.datasets:
@@ -238,14 +237,8 @@ def _cmd_fleet(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        from dfkd_assets.tools.bench import main as bench_main
-
-        return bench_main(argv[1:])
-    p = argparse.ArgumentParser(prog="dfkd", description="Data-free distillation of CLIP into a small classifier.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _add_pipeline_commands(sub) -> None:
+    """run, retrain, rounds: the commands that materialize assets or change what the pipeline has made."""
     r = sub.add_parser("run", help="materialize the whole asset graph (prompts, every class partition, training)")
     r.add_argument("--config", default=None, help="settings YAML (default: $DFKD_CONFIG or configs/demo.yaml)")
     r.set_defaults(fn=_cmd_run)
@@ -262,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     for q in (rd, rs):
         q.add_argument("--config", default=None)
         q.set_defaults(fn=_cmd_rounds)
+
+
+def _add_model_commands(sub) -> None:
+    """predict, add-classes: the commands that use or extend the registered model."""
     pr = sub.add_parser("predict", help="classify image files with the registered champion (models:/<name>@champion)")
     pr.add_argument("images", nargs="+", help="image files (any size, RGB/grayscale/CMYK)")
     pr.add_argument("--config", default=None, help="settings YAML: its MLflow store and model name")
@@ -274,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     ac.add_argument("--config", default=None, help="settings YAML: its MLflow store, model name, teacher and evaluation sets")
     ac.add_argument("--base", default="", help="version whose weights are reused (default: the champion)")
     ac.set_defaults(fn=_cmd_add_classes)
+
+
+def _add_infrastructure_commands(sub) -> None:
+    """setup-pools, fleet: the commands that prepare the machines the pipeline runs on."""
     sp = sub.add_parser("setup-pools", help="set the Dagster pool `gpu` to the number of GPUs of this machine")
     sp.add_argument("--config", default=None)
     sp.add_argument("--gpus", type=int, default=None, help="slots to set (default: GPUs found x steps_per_gpu, at least 1)")
@@ -294,6 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     for f in (fu, fd, fls.choices["status"]):
         f.add_argument("--dir", default="storage/fleet", help="fleet directory (default storage/fleet)")
     fl.set_defaults(fn=_cmd_fleet)
+
+
+def _add_data_commands(sub) -> None:
+    """make-eval-set, toyworld: the commands that make evaluation data and the offline miniature world."""
     e = sub.add_parser("make-eval-set", help="write the procedural evaluation set(s) named in the settings")
     e.add_argument("--config", default=None)
     e.add_argument("--per-class", type=int, default=4)
@@ -310,14 +315,40 @@ def main(argv: list[str] | None = None) -> int:
     pn = tw.add_parser("pin", help="ship a trained world's weights: copy them to dfkd_assets/toyworld/pinned/<settings hash>/")
     pn.add_argument("dir", help="a built toyworld, e.g. storage/toyworld")
     pn.set_defaults(fn=_cmd_toyworld_pin)
-    # listed for --help; its own parser (dfkd_assets.tools.bench) takes the arguments, see below
+
+
+def _add_measurement_commands(sub) -> None:
+    """bench, compare: the tools that measure speed and accuracy."""
+    # listed for --help; its own parser (dfkd_assets.tools.bench) takes the arguments, see main()
     sub.add_parser("bench", add_help=False, help="reference loop vs engine, FLOPs/MFU, KD throughput, load share, latency (dfkd bench --help)")
     c = sub.add_parser("compare", help="vanilla/mix/random/contrastive (+ noopt, real baselines) over seeds, same budget")
     from dfkd_assets.tools.compare import main_args
 
     main_args(c)
     c.set_defaults(fn=_cmd_compare)
-    args = p.parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dfkd` parser, one builder per group of commands; the order of the calls is the order of `dfkd --help`."""
+    p = argparse.ArgumentParser(prog="dfkd", description="Data-free distillation of CLIP into a small classifier.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    _add_pipeline_commands(sub)
+    _add_model_commands(sub)
+    _add_infrastructure_commands(sub)
+    _add_data_commands(sub)
+    _add_measurement_commands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dfkd ARGS`: `bench` goes to its own parser whole; every other command runs its `_cmd_*`, a
+    settings error printed as one line with exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from dfkd_assets.tools.bench import main as bench_main
+
+        return bench_main(argv[1:])
+    args = build_parser().parse_args(argv)
     from dfkd_assets.config import ConfigError
 
     try:

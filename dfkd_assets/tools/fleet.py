@@ -303,23 +303,14 @@ def worker_yaml(prefix: str) -> str:
 def up(config: str | Path, workers: int = 2, fleet_dir: str | Path = "storage/fleet", broker: str | None = None,
        backend: str | None = None, postgres: str | None = None, webserver_port: int | None = None,
        monitor_interval_s: int = 5, timeout_s: float = 300, mlflow_port: int = 5000, log=print) -> dict:
-    """Bring the fleet up; returns its state (also written to `<fleet_dir>/fleet.json`)."""
-    from dfkd_assets.config import load_config
+    """Bring the fleet up; returns its state (also written to `<fleet_dir>/fleet.json`).
+
+    Everything that can be refused is checked before anything is created; once the databases exist,
+    the state file records what there is, and a failed start takes the whole fleet down again."""
     from dfkd_assets.defs.celery import BACKEND_ENV, BROKER_ENV, QUEUE_PREFIX_ENV, queue_names
 
     fleet_dir = Path(fleet_dir).resolve()
-    config = Path(config).resolve()
-    if workers < 1:
-        raise FleetError(f"--workers {workers}: at least 1")
-    old = read_state(fleet_dir)
-    if old and any(_group_alive(p["pgid"]) for p in old["processes"].values()):
-        raise FleetError(f"a fleet is already up in {fleet_dir}; `dfkd fleet down --dir {fleet_dir}` first")
-    fleet_dir.mkdir(parents=True, exist_ok=True)
-    config = fleet_settings(config, fleet_dir, mlflow_port)
-    cfg = load_config(config)
-    mlflow_port = _mlflow_port(cfg)
-    if _port_open(mlflow_port):
-        raise FleetError(f"port {mlflow_port} of mlflow.tracking_uri is taken; choose another port in the settings")
+    config, mlflow_port = _checked_settings(Path(config).resolve(), workers, fleet_dir, mlflow_port)
     broker = broker or os.environ.get(BROKER_ENV) or DEFAULT_BROKER
     backend = backend or os.environ.get(BACKEND_ENV) or DEFAULT_BACKEND
     postgres = postgres or os.environ.get("DFKD_FLEET_POSTGRES") or DEFAULT_POSTGRES
@@ -328,13 +319,61 @@ def up(config: str | Path, workers: int = 2, fleet_dir: str | Path = "storage/fl
 
     fid = uuid.uuid4().hex[:8]
     prefix = f"dfkd-{fid}."
+    dbs = _create_databases(postgres, fid)
+    home, code_port, web_port = _write_instance_files(fleet_dir, monitor_interval_s, prefix, webserver_port)
+    state = {
+        "id": fid, "dir": str(fleet_dir), "cwd": os.getcwd(), "config": str(config), "queue_prefix": prefix,
+        "queues": queue_names(prefix), "broker": broker, "backend": backend, "postgres": postgres, "databases": dbs,
+        "dagster_home": str(home), "webserver": f"http://127.0.0.1:{web_port}", "webserver_port": web_port,
+        "code_server_port": code_port, "mlflow": f"http://127.0.0.1:{mlflow_port}", "workers": workers, "processes": {},
+    }
+    env = _fleet_env(state)
+    state["env"] = {k: env[k] for k in (FLEET_ENV, "DAGSTER_HOME", "DFKD_CONFIG", "DFKD_EXECUTOR", QUEUE_PREFIX_ENV, "PATH")}
+    write_state(fleet_dir, state)
+    try:
+        _start_processes(state, env, mlflow_port, timeout_s)
+    except BaseException:
+        down(fleet_dir, drop_databases=True, log=lambda _m: None)
+        raise
+    log(f"fleet {fid} up in {fleet_dir}: {workers} worker(s) on {', '.join(state['queues'])} via {_redact(broker)}; "
+        f"Dagster {state['webserver']} (Postgres {dbs['dagster']}); MLflow {state['mlflow']} (Postgres {dbs['mlflow']})")
+    return state
+
+
+def _checked_settings(config: Path, workers: int, fleet_dir: Path, mlflow_port: int) -> tuple[Path, int]:
+    """The refusals that need no service, before anything exists: too few workers, a fleet already up in
+    `fleet_dir`, settings whose MLflow is not a local server, its port taken. Returns the settings file
+    the fleet runs on (see fleet_settings) and its MLflow port; creates `fleet_dir`."""
+    from dfkd_assets.config import load_config
+
+    if workers < 1:
+        raise FleetError(f"--workers {workers}: at least 1")
+    old = read_state(fleet_dir)
+    if old and any(_group_alive(p["pgid"]) for p in old["processes"].values()):
+        raise FleetError(f"a fleet is already up in {fleet_dir}; `dfkd fleet down --dir {fleet_dir}` first")
+    fleet_dir.mkdir(parents=True, exist_ok=True)
+    config = fleet_settings(config, fleet_dir, mlflow_port)
+    mlflow_port = _mlflow_port(load_config(config))
+    if _port_open(mlflow_port):
+        raise FleetError(f"port {mlflow_port} of mlflow.tracking_uri is taken; choose another port in the settings")
+    return config, mlflow_port
+
+
+def _create_databases(postgres: str, fid: str) -> dict[str, str]:
+    """The fleet's own two Postgres databases (Dagster's instance, MLflow's store), named by fleet id so
+    that fleets never share state and `down --drop-databases` knows what to drop."""
     dbs = {"dagster": f"dfkd_fleet_{fid}_dagster", "mlflow": f"dfkd_fleet_{fid}_mlflow"}
     conn = _pg(postgres)
     with conn.cursor() as cur:
         for name in dbs.values():
             cur.execute(f'CREATE DATABASE "{name}"')
     conn.close()
+    return dbs
 
+
+def _write_instance_files(fleet_dir: Path, monitor_interval_s: int, prefix: str, webserver_port: int | None) -> tuple[Path, int, int]:
+    """dagster_home/dagster.yaml, the workers' celery.yaml and a workspace.yaml naming the code server's
+    port. Returns the Dagster home and the code server's and webserver's ports (free ones unless given)."""
     home = fleet_dir / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
     (home / "dagster.yaml").write_text(instance_yaml(monitor_interval_s))
@@ -342,49 +381,53 @@ def up(config: str | Path, workers: int = 2, fleet_dir: str | Path = "storage/fl
     code_port, web_port = _free_port(), webserver_port or _free_port()
     (fleet_dir / "workspace.yaml").write_text(
         f"load_from:\n  - grpc_server: {{host: 127.0.0.1, port: {code_port}, location_name: dfkd}}\n")
-    state = {
-        "id": fid, "dir": str(fleet_dir), "cwd": os.getcwd(), "config": str(config), "queue_prefix": prefix,
-        "queues": queue_names(prefix), "broker": broker, "backend": backend, "postgres": postgres, "databases": dbs,
-        "dagster_home": str(home), "webserver": f"http://127.0.0.1:{web_port}", "webserver_port": web_port,
-        "code_server_port": code_port, "mlflow": f"http://127.0.0.1:{mlflow_port}", "workers": workers, "processes": {},
-    }
-    env = {
-        **os.environ, FLEET_ENV: fid, "DAGSTER_HOME": str(home), "DAGSTER_PG_URL": _db_url(postgres, dbs["dagster"]),
-        "DFKD_CONFIG": str(config), "DFKD_EXECUTOR": "celery", BROKER_ENV: broker, BACKEND_ENV: backend, QUEUE_PREFIX_ENV: prefix,
+    return home, code_port, web_port
+
+
+def _fleet_env(state: dict) -> dict:
+    """The environment of every fleet process: this one's, plus the fleet id (how `down` finds strays),
+    the instance and settings, the Celery executor with its broker, backend and queue prefix."""
+    from dfkd_assets.defs.celery import BACKEND_ENV, BROKER_ENV, QUEUE_PREFIX_ENV
+
+    return {
+        **os.environ, FLEET_ENV: state["id"], "DAGSTER_HOME": state["dagster_home"],
+        "DAGSTER_PG_URL": _db_url(state["postgres"], state["databases"]["dagster"]),
+        "DFKD_CONFIG": state["config"], "DFKD_EXECUTOR": "celery", BROKER_ENV: state["broker"], BACKEND_ENV: state["backend"],
+        QUEUE_PREFIX_ENV: state["queue_prefix"],
         "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1",
         # dagster-celery runs `celery` from PATH: this environment's, not another one's
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
-    state["env"] = {k: env[k] for k in (FLEET_ENV, "DAGSTER_HOME", "DFKD_CONFIG", "DFKD_EXECUTOR", QUEUE_PREFIX_ENV, "PATH")}
+
+
+def _start_processes(state: dict, env: dict, mlflow_port: int, timeout_s: float) -> None:
+    """Pools, then MLflow, the code server and the workers; the webserver and daemon once the code server
+    answers (they load the workspace from it); then wait until every service answers. The state file is
+    rewritten after each batch of starts, so `down` finds whatever was started if this fails."""
+    fleet_dir = Path(state["dir"])
+    workers = state["workers"]
+    _pools(env, workers)
+    _start(state, "mlflow", [_bin("mlflow"), "server", "--backend-store-uri", _db_url(state["postgres"], state["databases"]["mlflow"]),
+                             "--artifacts-destination", str(fleet_dir / "mlflow-artifacts"), "--serve-artifacts",
+                             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+           {k: v for k, v in env.items() if k != "DAGSTER_PG_URL"}, fleet_dir)
+    _start(state, "code_server", [_bin("dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(state["code_server_port"]),
+                                  "-m", "dfkd_assets.definitions", "--location-name", "dfkd"], env, fleet_dir)
+    for i in range(1, workers + 1):
+        start_worker(state, f"worker{i}", env)
     write_state(fleet_dir, state)
-    try:
-        _pools(env, workers)
-        _start(state, "mlflow", [_bin("mlflow"), "server", "--backend-store-uri", _db_url(postgres, dbs["mlflow"]),
-                                 "--artifacts-destination", str(fleet_dir / "mlflow-artifacts"), "--serve-artifacts",
-                                 "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-               {k: v for k, v in env.items() if k != "DAGSTER_PG_URL"}, fleet_dir)
-        _start(state, "code_server", [_bin("dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(code_port),
-                                      "-m", "dfkd_assets.definitions", "--location-name", "dfkd"], env, fleet_dir)
-        for i in range(1, workers + 1):
-            start_worker(state, f"worker{i}", env)
-        write_state(fleet_dir, state)
-        procs = list(state["processes"].items())
-        _wait("the code server", lambda: _port_open(code_port), procs, timeout_s)
-        ws = fleet_dir / "workspace.yaml"
-        _start(state, "webserver", [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(web_port), "-w", str(ws)], env, fleet_dir)
-        _start(state, "daemon", [_bin("dagster-daemon"), "run", "-w", str(ws)], env, fleet_dir)
-        write_state(fleet_dir, state)
-        procs = list(state["processes"].items())
-        _wait("the MLflow server", lambda: _port_open(mlflow_port), procs, timeout_s)
-        _wait("the Dagster webserver", lambda: _http_ok(f"{state['webserver']}/server_info"), procs, timeout_s)
-        for i in range(1, workers + 1):
-            wait_worker(state, f"worker{i}", timeout_s)
-    except BaseException:
-        down(fleet_dir, drop_databases=True, log=lambda _m: None)
-        raise
-    log(f"fleet {fid} up in {fleet_dir}: {workers} worker(s) on {', '.join(state['queues'])} via {_redact(broker)}; "
-        f"Dagster {state['webserver']} (Postgres {dbs['dagster']}); MLflow {state['mlflow']} (Postgres {dbs['mlflow']})")
-    return state
+    procs = list(state["processes"].items())
+    _wait("the code server", lambda: _port_open(state["code_server_port"]), procs, timeout_s)
+    ws = fleet_dir / "workspace.yaml"
+    _start(state, "webserver", [_bin("dagster-webserver"), "-h", "127.0.0.1", "-p", str(state["webserver_port"]), "-w", str(ws)],
+           env, fleet_dir)
+    _start(state, "daemon", [_bin("dagster-daemon"), "run", "-w", str(ws)], env, fleet_dir)
+    write_state(fleet_dir, state)
+    procs = list(state["processes"].items())
+    _wait("the MLflow server", lambda: _port_open(mlflow_port), procs, timeout_s)
+    _wait("the Dagster webserver", lambda: _http_ok(f"{state['webserver']}/server_info"), procs, timeout_s)
+    for i in range(1, workers + 1):
+        wait_worker(state, f"worker{i}", timeout_s)
 
 
 def _pools(env: dict, workers: int) -> None:

@@ -34,8 +34,8 @@ import numpy as np
 
 from dfkd_assets.core.io import sha256_file
 from dfkd_assets.ownership import check_owned, claim, remove_owned
-from dfkd_assets.toyworld.config import ToyworldConfig
 from dfkd_assets.toyworld import world
+from dfkd_assets.toyworld.config import ToyworldConfig
 
 CLIP_NAME = "dfkd-toy-clip"
 TEMPLATES = ["a {}", "a photo of a {}", "a sketch of a {}", "a cartoon of a {}", "a painting of a {}"]
@@ -143,7 +143,8 @@ def _train(cfg: ToyworldConfig, tmp: Path, out: Path, log) -> dict:
     model_cfg = {
         "embed_dim": c.embed_dim,
         "vision_cfg": vision,
-        "text_cfg": {"context_length": c.context_length, "vocab_size": 49408, "width": c.text_width, "heads": max(1, c.text_width // 32), "layers": c.text_layers},
+        "text_cfg": {"context_length": c.context_length, "vocab_size": 49408, "width": c.text_width, "heads": max(1, c.text_width // 32),
+                     "layers": c.text_layers},
     }
     cfg_path = tmp / "clip" / f"{CLIP_NAME}.json"
     cfg_path.parent.mkdir()

@@ -68,7 +68,8 @@ def train_clip(model, tokenizer, images: np.ndarray, cls: np.ndarray, dom: np.nd
         losses.append(loss.item())
         if (step + 1) % max(1, steps // 10) == 0 or step + 1 == steps:
             el = time.perf_counter() - t0
-            log(f"tiny CLIP: step {step + 1}/{steps}, loss {np.mean(losses[-50:]):.3f} ({(step + 1) / el:.1f} steps/s, ETA {el / (step + 1) * (steps - step - 1):.0f} s)")
+            log(f"tiny CLIP: step {step + 1}/{steps}, loss {np.mean(losses[-50:]):.3f} "
+                f"({(step + 1) / el:.1f} steps/s, ETA {el / (step + 1) * (steps - step - 1):.0f} s)")
     model.eval()
     return losses
 
@@ -134,7 +135,8 @@ def save_vqgan(model, params: dict, out: Path, step: int) -> tuple[Path, Path]:
 
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel", "params": {**params, "lossconfig": {"target": "torch.nn.Identity"}}}}, sort_keys=False))
+    cfg_path.write_text(yaml.safe_dump({"model": {"target": "taming.models.vqgan.VQModel",
+                                                  "params": {**params, "lossconfig": {"target": "torch.nn.Identity"}}}}, sort_keys=False))
     ck = out / "last.ckpt"
     torch.save({"state_dict": model.state_dict(), "global_step": step, "epoch": 0}, ck)
     return cfg_path, ck

@@ -75,66 +75,89 @@ def _shade(colour, k):
     return tuple(int(np.clip(v * k, 0, 255)) for v in colour)
 
 
+def _paint_photo(pts, col, cx, cy, r, big, rng) -> Image.Image:
+    """Shaded fill with a soft drop shadow on a textured gradient: the domain with real-photo statistics."""
+    yy, xx = np.mgrid[0:big, 0:big] / big
+    base = rng.uniform(60, 200, 3)
+    grad = rng.uniform(-60, 60, 3)
+    bg = base + grad * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
+    bg += rng.normal(0, 12, (big // 8, big // 8, 3)).repeat(8, 0).repeat(8, 1)  # coarse texture
+    im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
+    shadow = Image.new("L", (big, big), 0)
+    off = r * 0.12
+    ImageDraw.Draw(shadow).polygon([(x + off, y + off) for x, y in pts], fill=110)
+    im = Image.composite(Image.new("RGB", (big, big), (20, 20, 20)), im, shadow.filter(ImageFilter.GaussianBlur(big / 40)))
+    mask = Image.new("L", (big, big), 0)
+    ImageDraw.Draw(mask).polygon(pts, fill=255)
+    light = 1.25 - 0.5 * ((xx - (cx / big - 0.15)) ** 2 + (yy - (cy / big - 0.15)) ** 2) ** 0.5 / 0.5
+    fill = np.clip(col[None, None] * light[..., None], 0, 255).astype(np.uint8)
+    return Image.composite(Image.fromarray(fill), im, mask)
+
+
+def _paint_sketch(pts, col, cx, cy, r, big, rng) -> Image.Image:
+    """Jittery dark outline on off-white paper, no fill: the domain with almost no colour."""
+    paper = np.array([245, 242, 232]) + rng.normal(0, 4, (big, big, 3))
+    im = Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    ink = tuple(int(v) for v in rng.uniform(20, 70, 3))
+    for _ in range(rng.integers(1, 3)):  # one or two jittery strokes over the outline
+        p = _jitter(_densify(pts), rng, big / 90)
+        d.line(p + p[:1], fill=ink, width=max(1, int(big / 48)))
+    if rng.random() < 0.5:  # a hint of colour pencil
+        d.line(_jitter(_densify(pts), rng, big / 60) + pts[:1], fill=_shade(col, 1.0), width=max(1, int(big / 96)))
+    return im
+
+
+def _paint_cartoon(pts, col, cx, cy, r, big, rng) -> Image.Image:
+    """Flat saturated fill, thick black outline, flat bright background: the domain with hard edges."""
+    bg = tuple(int(v) for v in rng.uniform(150, 255, 3))
+    im = Image.new("RGB", (big, big), bg)
+    d = ImageDraw.Draw(im)
+    d.polygon(pts, fill=tuple(int(v) for v in col), outline=(0, 0, 0))
+    d.line(pts + pts[:1], fill=(0, 0, 0), width=max(2, int(big / 18)), joint="curve")
+    return im
+
+
+def _paint_painting(pts, col, cx, cy, r, big, rng) -> Image.Image:
+    """Blurred fill under brush strokes and colour noise: the domain whose texture hides the outline."""
+    bg = rng.uniform(40, 220, 3)
+    canvas = bg[None, None] + rng.normal(0, 25, (big // 4, big // 4, 3)).repeat(4, 0).repeat(4, 1)
+    im = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    d = ImageDraw.Draw(im)
+    d.polygon(_jitter(pts, rng, big / 30), fill=tuple(int(v) for v in col))
+    for _ in range(25):  # brush strokes in the shape's and background's colours
+        x0, y0 = rng.uniform(0, big, 2)
+        ang = rng.uniform(0, math.pi)
+        ln = rng.uniform(big / 10, big / 4)
+        c = col if rng.random() < 0.4 else bg
+        c = np.clip(c + rng.normal(0, 30, 3), 0, 255)
+        d.line([(x0, y0), (x0 + ln * math.cos(ang), y0 + ln * math.sin(ang))], fill=tuple(int(v) for v in c), width=int(big / 20))
+    d.polygon(_jitter(pts, rng, big / 25), fill=tuple(int(v) for v in np.clip(col + rng.normal(0, 20, 3), 0, 255)))
+    im = im.filter(ImageFilter.GaussianBlur(big / 45))
+    arr = np.asarray(im).astype(float) + rng.normal(0, 14, (big, big, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+# One painter per domain, each drawing the shape outline `pts` at supersampled size `big`; they share a
+# signature so render() draws the pose once and dispatches, and a new domain is one function and one entry.
+_PAINTERS = {"photo": _paint_photo, "sketch": _paint_sketch, "cartoon": _paint_cartoon, "painting": _paint_painting}
+
+
 def render(shape: str, domain: str, colour: str, rng: np.random.Generator, size: int = 32) -> np.ndarray:
-    """One image, uint8 [size, size, 3]."""
+    """One image, uint8 [size, size, 3].
+
+    The random draws happen in a fixed order (pose here, then the domain painter's own draws), which the
+    pinned worlds' evaluation sets depend on: keep it when editing a painter.
+    """
     big = size * SS
     col = np.array(COLOURS[colour], dtype=float)
     r = big * rng.uniform(0.22, 0.38)
     cx, cy = rng.uniform(r, big - r, 2)
     angle = rng.uniform(0, 2 * math.pi) if shape != "heart" else rng.uniform(-0.5, 0.5)
     pts = _shape_points(shape, cx, cy, r, angle)
-
-    if domain == "photo":
-        yy, xx = np.mgrid[0:big, 0:big] / big
-        base = rng.uniform(60, 200, 3)
-        grad = rng.uniform(-60, 60, 3)
-        bg = base + grad * (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1))[..., None]
-        bg += rng.normal(0, 12, (big // 8, big // 8, 3)).repeat(8, 0).repeat(8, 1)  # coarse texture
-        im = Image.fromarray(np.clip(bg, 0, 255).astype(np.uint8))
-        shadow = Image.new("L", (big, big), 0)
-        off = r * 0.12
-        ImageDraw.Draw(shadow).polygon([(x + off, y + off) for x, y in pts], fill=110)
-        im = Image.composite(Image.new("RGB", (big, big), (20, 20, 20)), im, shadow.filter(ImageFilter.GaussianBlur(big / 40)))
-        mask = Image.new("L", (big, big), 0)
-        ImageDraw.Draw(mask).polygon(pts, fill=255)
-        light = 1.25 - 0.5 * ((xx - (cx / big - 0.15)) ** 2 + (yy - (cy / big - 0.15)) ** 2) ** 0.5 / 0.5
-        fill = np.clip(col[None, None] * light[..., None], 0, 255).astype(np.uint8)
-        im = Image.composite(Image.fromarray(fill), im, mask)
-    elif domain == "sketch":
-        paper = np.array([245, 242, 232]) + rng.normal(0, 4, (big, big, 3))
-        im = Image.fromarray(np.clip(paper, 0, 255).astype(np.uint8))
-        d = ImageDraw.Draw(im)
-        ink = tuple(int(v) for v in rng.uniform(20, 70, 3))
-        for _ in range(rng.integers(1, 3)):  # one or two jittery strokes over the outline
-            p = _jitter(_densify(pts), rng, big / 90)
-            d.line(p + p[:1], fill=ink, width=max(1, int(big / 48)))
-        if rng.random() < 0.5:  # a hint of colour pencil
-            d.line(_jitter(_densify(pts), rng, big / 60) + pts[:1], fill=_shade(col, 1.0), width=max(1, int(big / 96)))
-    elif domain == "cartoon":
-        bg = tuple(int(v) for v in rng.uniform(150, 255, 3))
-        im = Image.new("RGB", (big, big), bg)
-        d = ImageDraw.Draw(im)
-        d.polygon(pts, fill=tuple(int(v) for v in col), outline=(0, 0, 0))
-        d.line(pts + pts[:1], fill=(0, 0, 0), width=max(2, int(big / 18)), joint="curve")
-    elif domain == "painting":
-        bg = rng.uniform(40, 220, 3)
-        canvas = bg[None, None] + rng.normal(0, 25, (big // 4, big // 4, 3)).repeat(4, 0).repeat(4, 1)
-        im = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-        d = ImageDraw.Draw(im)
-        d.polygon(_jitter(pts, rng, big / 30), fill=tuple(int(v) for v in col))
-        for _ in range(25):  # brush strokes in the shape's and background's colours
-            x0, y0 = rng.uniform(0, big, 2)
-            ang = rng.uniform(0, math.pi)
-            ln = rng.uniform(big / 10, big / 4)
-            c = col if rng.random() < 0.4 else bg
-            c = np.clip(c + rng.normal(0, 30, 3), 0, 255)
-            d.line([(x0, y0), (x0 + ln * math.cos(ang), y0 + ln * math.sin(ang))], fill=tuple(int(v) for v in c), width=int(big / 20))
-        d.polygon(_jitter(pts, rng, big / 25), fill=tuple(int(v) for v in np.clip(col + rng.normal(0, 20, 3), 0, 255)))
-        im = im.filter(ImageFilter.GaussianBlur(big / 45))
-        arr = np.asarray(im).astype(float) + rng.normal(0, 14, (big, big, 3))
-        im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    else:
+    if domain not in _PAINTERS:
         raise ValueError(f"unknown toyworld domain {domain!r}")
+    im = _PAINTERS[domain](pts, col, cx, cy, r, big, rng)
     return np.asarray(im.resize((size, size), Image.LANCZOS))
 
 
