@@ -377,6 +377,18 @@ def test_broker_outage_mid_backfill_fails_clearly_or_recovers_and_keeps_the_shar
     print(f"broker cut 6s mid-backfill: failed {failed or 'none'}, the rest recovered")
 
 
+def test_no_store_url_reaches_a_process_argv_or_the_state_file(fleet):
+    """The MLflow server gets its database URL from the environment (MLFLOW_BACKEND_STORE_URI): argv is
+    world-readable (/proc/<pid>/cmdline, ps), and the state file records each process's command."""
+    from dfkd_assets.tools import fleet as fl
+
+    state = fl.read_state(fleet["state"]["dir"])
+    for name, p in state["processes"].items():
+        argv = Path(f"/proc/{p['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert "postgresql" not in argv and "postgresql" not in " ".join(p["cmd"]), name
+    assert (Path(state["dir"]) / "fleet.json").stat().st_mode & 0o777 == 0o600
+
+
 def test_fleet_down_leaves_no_process_queue_or_result_key(fleet):
     from dfkd_assets.tools import fleet as fl
 

@@ -407,10 +407,11 @@ def _start_processes(state: dict, env: dict, mlflow_port: int, timeout_s: float)
     fleet_dir = Path(state["dir"])
     workers = state["workers"]
     _pools(env, workers)
-    _start(state, "mlflow", [_bin("mlflow"), "server", "--backend-store-uri", _db_url(state["postgres"], state["databases"]["mlflow"]),
-                             "--artifacts-destination", str(fleet_dir / "mlflow-artifacts"), "--serve-artifacts",
-                             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-           {k: v for k, v in env.items() if k != "DAGSTER_PG_URL"}, fleet_dir)
+    # the store's URL (its password, if any) goes through the environment, never into argv or the state file
+    mlflow_env = {**{k: v for k, v in env.items() if k != "DAGSTER_PG_URL"},
+                  "MLFLOW_BACKEND_STORE_URI": _db_url(state["postgres"], state["databases"]["mlflow"])}
+    _start(state, "mlflow", [_bin("mlflow"), "server", "--artifacts-destination", str(fleet_dir / "mlflow-artifacts"), "--serve-artifacts",
+                             "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"], mlflow_env, fleet_dir)
     _start(state, "code_server", [_bin("dagster"), "code-server", "start", "-h", "127.0.0.1", "-p", str(state["code_server_port"]),
                                   "-m", "dfkd_assets.definitions", "--location-name", "dfkd"], env, fleet_dir)
     for i in range(1, workers + 1):
