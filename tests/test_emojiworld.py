@@ -94,7 +94,7 @@ def test_a_tampered_package_is_refused(tarballs, tmp_path):
             (tmp_path / q.tarball).symlink_to(tarballs[k])
     with pytest.raises(sources.SourceError, match="openmoji"):
         build(EmojiworldConfig(), tmp_path / "w", log=lambda s: None, npm_dir=tmp_path)
-    assert not (tmp_path / "w").exists()
+    assert not (tmp_path / "w").exists() and not (tmp_path / "w.building").exists()
 
 
 def test_pinned_world_is_in_domainbed_layout_with_held_out_members_only(world, tmp_path):

@@ -99,12 +99,12 @@ def build(cfg: EmojiworldConfig, out: Path, log: Callable[[str], None] = print, 
         return json.loads((out / MANIFEST).read_text())
     if out.exists() and not (out.is_dir() and ((out / MARKER).is_file() or not any(out.iterdir()))):
         _owned_rmtree(out)  # raises NotOwnedError before any work; the owned folder is replaced at the swap
+    t0 = time.perf_counter()
+    data = prepare(cfg, npm_dir, log)  # packages checked before anything is written
     tmp = out.with_name(out.name + ".building")
     _owned_rmtree(tmp)
     tmp.mkdir(parents=True)
     (tmp / MARKER).write_text("written by `dfkd emojiworld build`; the build deletes and rewrites this folder\n")
-    t0 = time.perf_counter()
-    data = prepare(cfg, npm_dir, log)
     pin = pinned_dir(cfg, pinned_root)
     try:
         if pin.is_dir() and not train:
