@@ -20,7 +20,7 @@ from dfkd_assets.emojiworld.config import EmojiworldConfig
 
 NPM = ROOT / "storage" / "emoji-npm"
 # the learning test's few classes (the pinned teacher's held-out zero-shot on them: see the world's manifest)
-FEW = ["fruit", "vehicle", "plant"]
+FEW = ["mammal", "fruit", "vehicle"]
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +147,8 @@ def _pipeline_cfg(out: Path, synthesis: dict | None = None, **distill) -> DfkdCo
                       "noise_start_fraction": 1.0, **(synthesis or {})},
         "student": {"arch": "resnet18", "input_size": 32, "model_kwargs": {"channels": [32, 64, 128, 256]}},
         "distill": {"epochs": 30, "batch_size": 32, "lr": 0.1, **distill},
-        "evaluation": {"datasets": [{"name": "emoji", "root": str(out / "eval"), "other_classes": "skip"}], "batch_size": 256},
+        "evaluation": {"datasets": [{"name": "heldout", "root": str(out / "eval"), "other_classes": "skip"},
+                                    {"name": "seen", "root": str(out / "eval_seen"), "other_classes": "skip"}], "batch_size": 256},
     })
 
 
@@ -155,6 +156,7 @@ def test_student_beats_no_guidance_and_shuffled_teacher_on_world_2(world, tmp_pa
     """KD on VQGAN-CLIP images of the pinned world-2 teacher, a few classes, a tiny budget: the student,
     on renders of held-out members (every style), beats the same KD on decoded random latents
     (synthesis.iterations 0, the no-guidance baseline) and with teacher logits shuffled (the control)."""
+    from dfkd_assets.core.teacher import teacher_logits
     from dfkd_assets.fingerprints import class_fingerprint
     from dfkd_assets.loaders import eval_sets, generator_for, teacher_for
     from dfkd_assets.stages.evaluation import evaluate_models
@@ -182,10 +184,18 @@ def test_student_beats_no_guidance_and_shuffled_teacher_on_world_2(world, tmp_pa
     for run, ((x, y), control) in {"none": (guided, "none"), "shuffle_teacher": (guided, "shuffle_teacher"), "noopt": (noopt, "none")}.items():
         v = _pipeline_cfg(out, control=control)
         student, _ = distill_student(v, teacher, head, x, y, cpu, tmp_path / run, run)
-        acc[run] = evaluate_models(v, {"s": student.eval()}, sets, cpu, 32).mean["s"]
-    teacher_acc = evaluate_models(cfg, {"t": lambda x: __import__("dfkd_assets.core.teacher", fromlist=["x"]).teacher_logits(teacher, head, x)},
-                                  sets, cpu, 32).mean["t"]
+        acc[run] = evaluate_models(v, {"s": student.eval()}, sets, cpu, 32).top1["s"]
+    teacher_acc = evaluate_models(cfg, {"t": lambda x: teacher_logits(teacher, head, x)}, sets, cpu, 32).top1["t"]
     chance = 1 / len(FEW)
-    assert acc["none"] > acc["noopt"] + 0.05, (acc, teacher_acc)
-    assert acc["none"] > acc["shuffle_teacher"] + 0.1, (acc, teacher_acc)
-    assert acc["none"] > chance + 0.15, (acc, teacher_acc)
+
+    def mean(r: dict, which: str) -> float:
+        return float(np.mean([a for k, a in r.items() if k.startswith(which + "/")]))
+
+    held = {k: mean(r, "heldout") for k, r in acc.items()}
+    seen = {k: mean(r, "seen") for k, r in acc.items()}
+    msg = f"held-out members {held}, the teacher's members {seen}, teacher {teacher_acc}"
+    # measured (2026-12-07, seed 0, pinned teacher): held-out 0.49 vs noopt 0.28, shuffled 0.31; the teacher's
+    # members 0.50 vs 0.34, 0.37 (chance 0.33; the teacher 0.85 / 1.00)
+    for m in (held, seen):
+        assert m["none"] > m["noopt"] + 0.07 and m["none"] > m["shuffle_teacher"] + 0.07, msg
+    assert held["none"] > chance + 0.08, msg
