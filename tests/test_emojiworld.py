@@ -116,6 +116,11 @@ def test_pinned_world_is_in_domainbed_layout_with_held_out_members_only(world, t
     assert {"Apache", "CC-BY 4.0", "CC BY-SA 4.0"} <= {w for p in manifest["packages"].values() for w in ("Apache", "CC-BY 4.0", "CC BY-SA 4.0")
                                                        if w in p["licence"]}
     assert (out / MARKER).is_file()
+    from dfkd_assets.emojiworld.real import real_images  # dfkd compare's `real` reference: the teacher's members only
+
+    imgs = real_images(out, ["bird", "fruit"], 4, 0, 32)
+    assert [a.shape for a in imgs] == [(4, 32, 32, 3)] * 2
+    np.testing.assert_array_equal(imgs[0], real_images(out, ["bird", "fruit"], 4, 0, 32)[0])
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("not the build's")
