@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install -e '.[dev]'
 	$(BIN)/python -m pip check
+	$(BIN)/dfkd emojiworld fetch  # world 2's npm packages (npm pack, sha256 checked) into storage/emoji-npm
 	touch $(STAMP)
 
 install: $(STAMP)

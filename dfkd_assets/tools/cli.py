@@ -304,6 +304,8 @@ def _add_data_commands(sub) -> None:
     e.add_argument("--per-class", type=int, default=4)
     e.add_argument("--size", type=int, default=32)
     e.set_defaults(fn=_cmd_eval_set)
+    from dfkd_assets.emojiworld.cli import register as register_emojiworld
+    register_emojiworld(sub)
     tw = sub.add_parser("toyworld", help="the offline miniature world").add_subparsers(dest="tw_cmd", required=True)
     b = tw.add_parser("build", help="render the world, restore (pinned) or train its tiny CLIP and VQGAN, write the evaluation set (cached)")
     b.add_argument("--out", required=True, help="output folder, e.g. storage/toyworld")

@@ -42,6 +42,10 @@ def _variant(cfg: DfkdConfig, method: str, seed: int) -> DfkdConfig:
 def _real_images(v: DfkdConfig, seed: int) -> list[np.ndarray]:
     """The 'real' reference: toyworld renders of every domain, as many per class as synthesis makes."""
     from dfkd_assets.toyworld import world
+    from dfkd_assets.emojiworld.real import real_images_for
+
+    if (emoji := real_images_for(v, seed)) is not None:  # world 2: renders of the teacher's members
+        return emoji
 
     rng = np.random.default_rng([seed, 99])
     n = v.synthesis.images_per_class

@@ -32,8 +32,9 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def train_clip(model, tokenizer, images: np.ndarray, cls: np.ndarray, dom: np.ndarray, cols: list[str], steps: int, batch: int,
-               lr: float, seed: int, log: Log) -> list[float]:
-    """CLIP's symmetric InfoNCE on (image, caption) pairs; captions are re-drawn every time an image is used."""
+               lr: float, seed: int, log: Log, caption: Callable[[int, np.random.Generator], str] | None = None) -> list[float]:
+    """CLIP's symmetric InfoNCE on (image, caption) pairs; captions are re-drawn every time an image is used
+    (`caption(i, gen)`: image i's; default the toyworld's, from cls/dom/cols)."""
     gen = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model.train()
@@ -51,7 +52,7 @@ def train_clip(model, tokenizer, images: np.ndarray, cls: np.ndarray, dom: np.nd
         x = (x_all[idx].float() / 255 - mean) / std
         if gen.random() < 0.5:
             x = x.flip(-1)
-        texts = [world.caption(world.CLASSES[cls[i]], world.DOMAINS[dom[i]], cols[i], gen) for i in idx]
+        texts = [caption(i, gen) if caption else world.caption(world.CLASSES[cls[i]], world.DOMAINS[dom[i]], cols[i], gen) for i in idx]
         img = F.normalize(model.encode_image(x), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()
