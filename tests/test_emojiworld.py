@@ -15,8 +15,9 @@ import torch
 from conftest import ROOT
 from dfkd_assets.config import DfkdConfig, class_key
 from dfkd_assets.emojiworld import render, sources
-from dfkd_assets.emojiworld.build import CLIP_NAME, MARKER, NotOwnedError, PinnedWorldError, build, is_built, pinned_dir
+from dfkd_assets.emojiworld.build import CLIP_NAME, PinnedWorldError, build, is_built, pinned_dir
 from dfkd_assets.emojiworld.config import EmojiworldConfig
+from dfkd_assets.ownership import MARKER, NotOwned as NotOwnedError
 
 NPM = ROOT / "storage" / "emoji-npm"
 # the learning test's few classes (the pinned teacher's held-out zero-shot on them: see the world's manifest)

@@ -31,24 +31,21 @@ from typing import Callable
 
 import numpy as np
 
-from dfkd_assets.config import class_key
 from dfkd_assets.core.io import sha256_file
+from dfkd_assets.core.names import class_key
 from dfkd_assets.emojiworld import render, sources
 from dfkd_assets.emojiworld.config import EmojiworldConfig
+from dfkd_assets.ownership import check_owned, claim, remove_owned
 
 CLIP_NAME = "dfkd-emoji-clip"
 MANIFEST = "emojiworld.json"
-MARKER = ".dfkd-emojiworld"
+OWNER = "emojiworld"  # the ownership marker's kind (dfkd_assets/ownership.py)
 PINNED = Path(__file__).parent / "pinned"
 PINNED_FILES = ("clip/" + CLIP_NAME + ".json", "clip/open_clip_model.safetensors", "vqgan/config.yaml", "vqgan/last.ckpt")
 
 
 class PinnedWorldError(RuntimeError):
     """Pinned weights that are incomplete or do not reproduce the teacher the pin recorded."""
-
-
-class NotOwnedError(RuntimeError):
-    """An output folder this build did not write (no marker file): never deleted."""
 
 
 def pinned_dir(cfg: EmojiworldConfig, root: Path = PINNED) -> Path:
@@ -64,17 +61,6 @@ def is_built(out: Path, cfg: EmojiworldConfig, train: bool = False, pinned_root:
         return False
     wants_pin = pinned_dir(cfg, pinned_root).is_dir() and not train
     return (manifest.get("source") == f"pinned {cfg.settings_hash()}") == wants_pin
-
-
-def _owned_rmtree(path: Path) -> None:
-    """Delete `path` only if a build wrote it (or it is an empty folder)."""
-    if not path.exists():
-        return
-    if path.is_dir() and ((path / MARKER).is_file() or not any(path.iterdir())):
-        shutil.rmtree(path)
-        return
-    raise NotOwnedError(f"{path} exists and was not written by `dfkd emojiworld build` (no {MARKER}): "
-                        "refusing to delete it; choose another --out or move it away")
 
 
 def prepare(cfg: EmojiworldConfig, npm_dir: Path, log=print):
@@ -97,22 +83,20 @@ def build(cfg: EmojiworldConfig, out: Path, log: Callable[[str], None] = print, 
     if not force and is_built(out, cfg, train, pinned_root):
         log(f"emojiworld in {out} is up to date (settings {cfg.settings_hash()})")
         return json.loads((out / MANIFEST).read_text())
-    if out.exists() and not (out.is_dir() and ((out / MARKER).is_file() or not any(out.iterdir()))):
-        _owned_rmtree(out)  # raises NotOwnedError before any work; the owned folder is replaced at the swap
+    check_owned(out, OWNER)  # before any work: a folder of someone else's is never replaced
     t0 = time.perf_counter()
     data = prepare(cfg, npm_dir, log)  # packages checked before anything is written
     tmp = out.with_name(out.name + ".building")
-    _owned_rmtree(tmp)
-    tmp.mkdir(parents=True)
-    (tmp / MARKER).write_text("written by `dfkd emojiworld build`; the build deletes and rewrites this folder\n")
+    remove_owned(tmp, OWNER)
+    claim(tmp, OWNER)
     pin = pinned_dir(cfg, pinned_root)
     try:
         if pin.is_dir() and not train:
             return _restore_pinned(cfg, pin, tmp, out, data, t0, log)
         return _train(cfg, tmp, out, data, t0, log, parallel, npm_dir)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)  # swapped in (gone) on success; a failure leaves `out` as it was
+        if tmp.exists():  # swapped in (gone) on success; a failure leaves `out` as it was
+            remove_owned(tmp, OWNER)
 
 
 def _restore_pinned(cfg, pin: Path, tmp: Path, out: Path, data, t0, log) -> dict:
@@ -319,7 +303,7 @@ def _finish(cfg, tmp: Path, out: Path, data, extra: dict, t0: float, log, expect
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
-        _owned_rmtree(out)
+        remove_owned(out, OWNER)
     tmp.rename(out)
     log(f"emojiworld {'restored' if expect is not None else 'built'} in {seconds:.0f} s: teacher zero-shot on held-out members "
         + ", ".join(f"{d} {a:.2f}" for d, a in top1.items()) + f" (mean {mean:.3f}); on its own members "
@@ -340,6 +324,6 @@ def pin(out: Path, root: Path = PINNED) -> Path:
             "teacher_zero_shot_seen_members_mean", "eval_sha256", "members", "clip_final_loss", "machine", "timings", "packages")
     record = {**{k: manifest[k] for k in keep if k in manifest}, "files": {f: sha256_file(tmp / f) for f in PINNED_FILES}}
     (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-    shutil.rmtree(dest, ignore_errors=True)
+    remove_owned(dest, OWNER, legacy=MANIFEST)  # an earlier pin of these settings
     tmp.rename(dest)
     return dest

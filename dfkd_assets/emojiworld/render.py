@@ -17,7 +17,6 @@ Generator the caller seeds, so renders are the same on every machine.
 from __future__ import annotations
 
 import io
-import math
 from dataclasses import dataclass
 
 import numpy as np

@@ -41,8 +41,8 @@ def _variant(cfg: DfkdConfig, method: str, seed: int) -> DfkdConfig:
 
 def _real_images(v: DfkdConfig, seed: int) -> list[np.ndarray]:
     """The 'real' reference: toyworld renders of every domain, as many per class as synthesis makes."""
-    from dfkd_assets.toyworld import world
     from dfkd_assets.emojiworld.real import real_images_for
+    from dfkd_assets.toyworld import world
 
     if (emoji := real_images_for(v, seed)) is not None:  # world 2: renders of the teacher's members
         return emoji
