@@ -31,6 +31,7 @@ from typing import Callable
 
 import numpy as np
 
+from dfkd_assets import pinned_world
 from dfkd_assets.core.io import sha256_file
 from dfkd_assets.core.names import class_key
 from dfkd_assets.emojiworld import render, sources
@@ -53,14 +54,8 @@ def pinned_dir(cfg: EmojiworldConfig, root: Path = PINNED) -> Path:
 
 
 def is_built(out: Path, cfg: EmojiworldConfig, train: bool = False, pinned_root: Path = PINNED) -> bool:
-    try:
-        manifest = json.loads((Path(out) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("settings_hash") != cfg.settings_hash():
-        return False
-    wants_pin = pinned_dir(cfg, pinned_root).is_dir() and not train
-    return (manifest.get("source") == f"pinned {cfg.settings_hash()}") == wants_pin
+    """pinned_world.is_built for these settings."""
+    return pinned_world.is_built(out, MANIFEST, cfg.settings_hash(), pinned_dir(cfg, pinned_root), train)
 
 
 def prepare(cfg: EmojiworldConfig, npm_dir: Path, log=print):
@@ -313,17 +308,6 @@ def _finish(cfg, tmp: Path, out: Path, data, extra: dict, t0: float, log, expect
 
 def pin(out: Path, root: Path = PINNED) -> Path:
     """`dfkd emojiworld pin DIR`: the trained weights and record of the world in DIR copied to root/<settings hash>/."""
-    manifest = json.loads((Path(out) / MANIFEST).read_text())
-    dest = Path(root) / manifest["settings_hash"]
-    tmp = dest.with_name(dest.name + ".pinning")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for f in PINNED_FILES:
-        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(out) / f, tmp / f)
     keep = ("settings", "settings_hash", "teacher_zero_shot", "teacher_zero_shot_mean", "teacher_zero_shot_seen_members",
             "teacher_zero_shot_seen_members_mean", "eval_sha256", "members", "clip_final_loss", "machine", "timings", "packages")
-    record = {**{k: manifest[k] for k in keep if k in manifest}, "files": {f: sha256_file(tmp / f) for f in PINNED_FILES}}
-    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-    remove_owned(dest, OWNER, legacy=MANIFEST)  # an earlier pin of these settings
-    tmp.rename(dest)
-    return dest
+    return pinned_world.pin_world(out, root, PINNED_FILES, MANIFEST, keep, OWNER)

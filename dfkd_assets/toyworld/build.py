@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from dfkd_assets import pinned_world
 from dfkd_assets.core.io import sha256_file
 from dfkd_assets.ownership import check_owned, claim, remove_owned
 from dfkd_assets.toyworld import world
@@ -50,17 +51,8 @@ class PinnedWorldError(RuntimeError):
 
 
 def is_built(out: Path, cfg: ToyworldConfig, train: bool = False, pinned_root: Path = PINNED) -> bool:
-    """A world of these settings is in `out`, and of the wanted kind: the pinned weights when these
-    settings have a pin (so a machine that once trained its own teacher moves to the shared one),
-    trained ones otherwise or with `train`."""
-    try:
-        manifest = json.loads((Path(out) / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("settings_hash") != cfg.settings_hash():
-        return False
-    wants_pin = pinned_dir(cfg, pinned_root).is_dir() and not train
-    return (manifest.get("source") == f"pinned {cfg.settings_hash()}") == wants_pin
+    """pinned_world.is_built for these settings."""
+    return pinned_world.is_built(out, MANIFEST, cfg.settings_hash(), pinned_dir(cfg, pinned_root), train)
 
 
 def write_eval(root: Path, cfg: ToyworldConfig) -> int:
@@ -217,19 +209,8 @@ def _finish(cfg: ToyworldConfig, tmp: Path, out: Path, extra: dict, t0: float, l
 def pin(out: Path, root: Path = PINNED) -> Path:
     """`dfkd toyworld pin DIR`: the trained weights and manifest of the world in DIR copied to
     root/<settings hash>/, the files a build of the same settings then restores (commit them)."""
-    manifest = json.loads((Path(out) / MANIFEST).read_text())
-    dest = Path(root) / manifest["settings_hash"]
-    tmp = dest.with_name(dest.name + ".pinning")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for f in PINNED_FILES:
-        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(Path(out) / f, tmp / f)
     keep = ("settings", "settings_hash", "teacher_zero_shot", "teacher_zero_shot_mean", "clip_final_loss", "machine", "timings")
-    record = {**{k: manifest[k] for k in keep if k in manifest}, "files": {f: sha256_file(tmp / f) for f in PINNED_FILES}}
-    (tmp / MANIFEST).write_text(json.dumps(record, indent=2) + "\n")
-    remove_owned(dest, OWNER, legacy=MANIFEST)  # an earlier pin of these settings
-    tmp.rename(dest)
-    return dest
+    return pinned_world.pin_world(out, root, PINNED_FILES, MANIFEST, keep, OWNER)
 
 
 def _machine() -> str:
