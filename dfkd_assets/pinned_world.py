@@ -4,12 +4,41 @@ is up to date, and copying a trained world's weights into a pin. A world's modul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
+from pydantic import BaseModel, Field
+
 from dfkd_assets.core.io import sha256_file
 from dfkd_assets.ownership import remove_owned
+
+# json_schema_extra of a world setting added after worlds were pinned: at its default it is left out of
+# the settings hash, so every pin made before it existed (trained with that same value) still restores
+ADDED_AFTER_PINS = {"hash_only_when_changed": True}
+
+
+def later_field(default, description: str, **constraints):
+    """A world setting added after pins exist (see ADDED_AFTER_PINS); its default must be the value
+    the pinned worlds were trained with."""
+    return Field(default, description=description, json_schema_extra=ADDED_AFTER_PINS, **constraints)
+
+
+def _drop_later_defaults(cfg: BaseModel, dumped: dict) -> dict:
+    for name, info in type(cfg).model_fields.items():
+        value = getattr(cfg, name)
+        if info.json_schema_extra == ADDED_AFTER_PINS and value == info.default:
+            del dumped[name]
+        elif isinstance(value, BaseModel):
+            _drop_later_defaults(value, dumped[name])
+    return dumped
+
+
+def settings_hash(cfg: BaseModel) -> str:
+    """16 hex digits naming a world's settings: the build cache key and the pin's directory name."""
+    dumped = _drop_later_defaults(cfg, cfg.model_dump(mode="json"))
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_built(out: Path, manifest_name: str, settings_hash: str, pin: Path, train: bool) -> bool:

@@ -199,3 +199,23 @@ def test_build_never_replaces_a_folder_it_did_not_write(tmp_path):
     (tmp_path / "link").symlink_to(mine)
     with pytest.raises(NotOwned, match="a file or a link"):
         check_owned(tmp_path / "link", "toyworld")
+
+
+def test_world_optimiser_settings_keep_the_pins_and_change_the_hash_when_set():
+    """The worlds' optimiser hyperparameters are settings (no literal in train.py); added after the pins,
+    at their defaults they leave the settings hash (so the pins' directory names) unchanged, and any other
+    value names another world."""
+    from dfkd_assets.emojiworld.build import pinned_dir as emoji_pinned_dir
+    from dfkd_assets.emojiworld.config import EmojiworldConfig
+    from dfkd_assets.toyworld.build import pinned_dir
+
+    for cfg, pin in ((ToyworldConfig(), pinned_dir), (EmojiworldConfig(), emoji_pinned_dir)):
+        assert pin(cfg).is_dir(), f"{type(cfg).__name__}'s default settings still name their pin"
+        kind = type(cfg)
+        for change in ({"clip": {"weight_decay": 0.05}}, {"clip": {"betas": [0.9, 0.999]}}, {"vqgan": {"betas": [0.9, 0.99]}}):
+            changed = kind.model_validate(change)
+            assert changed.settings_hash() != cfg.settings_hash(), change
+        same = kind.model_validate({"clip": {"weight_decay": 0.1, "betas": [0.9, 0.98]}, "vqgan": {"betas": [0.5, 0.9]}})
+        assert same.settings_hash() == cfg.settings_hash()
+    src = (ROOT / "dfkd_assets" / "toyworld" / "train.py").read_text()
+    assert "betas=(" not in src and '"weight_decay": 0.1' not in src

@@ -159,8 +159,8 @@ def train_clip_into(cfg: EmojiworldConfig, data, dest: Path, log) -> dict:
     def caption(i, gen):
         return render.caption(members[mem[i]], render.DOMAINS[dom[i]], gen)
 
-    losses = train_clip(clip, open_clip.get_tokenizer(CLIP_NAME), images, cls_idx, dom, [""] * len(images), c.steps, c.batch_size,
-                        c.lr, cfg.seed, log, caption=caption)
+    losses = train_clip(clip, open_clip.get_tokenizer(CLIP_NAME), images, cls_idx, dom, [""] * len(images), c, cfg.seed, log,
+                        caption=caption)
     save_clip(clip, model_cfg, CLIP_NAME, dest / "clip")
     return {"clip_final_loss": float(np.mean(losses[-50:])), "clip_train_s": time.perf_counter() - t}
 
@@ -183,7 +183,7 @@ def train_vqgan_into(cfg: EmojiworldConfig, data, dest: Path, log=print, npm_dir
     params = _vqgan_params(cfg)
     vq = build_vqgan(params)
     t = time.perf_counter()
-    stats = train_vqgan(vq, images, cfg.vqgan.steps, cfg.vqgan.batch_size, cfg.vqgan.lr, cfg.seed, log)
+    stats = train_vqgan(vq, images, cfg.vqgan, cfg.seed, log)
     save_vqgan(vq, params, dest / "vqgan", cfg.vqgan.steps)
     return {**{f"vqgan_{k}": v for k, v in stats.items()}, "vqgan_train_s": time.perf_counter() - t}
 

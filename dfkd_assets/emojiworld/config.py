@@ -4,12 +4,10 @@ Changing any value rebuilds the world (cached on the hash of these settings)."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 from pydantic import Field
 
 from dfkd_assets.config import SettingsModel
+from dfkd_assets.pinned_world import settings_hash
 from dfkd_assets.toyworld.config import ToyClipConfig, ToyVqganConfig
 
 # class name (a word a user would type) -> emoji-datasource subcategories (Unicode subgroups) of its members
@@ -54,4 +52,4 @@ class EmojiworldConfig(SettingsModel):
     vqgan: EmojiVqganConfig = EmojiVqganConfig()
 
     def settings_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return settings_hash(self)

@@ -144,7 +144,7 @@ def _train(cfg: ToyworldConfig, tmp: Path, out: Path, log) -> dict:
     open_clip.add_model_config(cfg_path)
     clip = open_clip.create_model(CLIP_NAME, pretrained=None)
     t = time.perf_counter()
-    losses = train_clip(clip, open_clip.get_tokenizer(CLIP_NAME), images, cls, dom, cols, c.steps, c.batch_size, c.lr, cfg.seed, log)
+    losses = train_clip(clip, open_clip.get_tokenizer(CLIP_NAME), images, cls, dom, cols, c, cfg.seed, log)
     timings["clip_train_s"] = time.perf_counter() - t
     _, clip_weights = save_clip(clip, model_cfg, CLIP_NAME, tmp / "clip")
 
@@ -156,7 +156,7 @@ def _train(cfg: ToyworldConfig, tmp: Path, out: Path, log) -> dict:
     }
     vq = build_vqgan(params)
     t = time.perf_counter()
-    vq_stats = train_vqgan(vq, images, v.steps, v.batch_size, v.lr, cfg.seed, log)
+    vq_stats = train_vqgan(vq, images, v, cfg.seed, log)
     timings["vqgan_train_s"] = time.perf_counter() - t
     save_vqgan(vq, params, tmp / "vqgan", v.steps)
     extra = {"clip_final_loss": float(np.mean(losses[-50:])), **{f"vqgan_{k}": val for k, val in vq_stats.items()},

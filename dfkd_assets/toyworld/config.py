@@ -4,13 +4,12 @@ the pipeline's own settings tree (dfkd_assets/config.py) never refers to them.""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Literal
 
 from pydantic import Field
 
 from dfkd_assets.config import SettingsModel
+from dfkd_assets.pinned_world import later_field, settings_hash
 
 
 class ToyClipConfig(SettingsModel):
@@ -29,6 +28,8 @@ class ToyClipConfig(SettingsModel):
     steps: int = Field(2400, gt=0)
     batch_size: int = Field(128, gt=1)
     lr: float = Field(1e-3, gt=0)
+    weight_decay: float = later_field(0.1, "AdamW decay of the weight matrices (not of embeddings, biases, norms, the logit scale)", ge=0)
+    betas: tuple[float, float] = later_field((0.9, 0.98), "AdamW betas (CLIP's: a short second-moment memory)")
 
 
 class ToyVqganConfig(SettingsModel):
@@ -40,6 +41,7 @@ class ToyVqganConfig(SettingsModel):
     steps: int = Field(800, gt=0)
     batch_size: int = Field(32, gt=0)
     lr: float = Field(4.5e-4, gt=0)
+    betas: tuple[float, float] = later_field((0.5, 0.9), "Adam betas (taming's VQGAN training)")
 
 
 class ToyworldConfig(SettingsModel):
@@ -56,4 +58,4 @@ class ToyworldConfig(SettingsModel):
     vqgan: ToyVqganConfig = ToyVqganConfig()
 
     def settings_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        return settings_hash(self)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_assets.toyworld import world
+from dfkd_assets.toyworld.config import ToyClipConfig, ToyVqganConfig
 
 Log = Callable[[str], None]
 
@@ -31,8 +32,8 @@ def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def train_clip(model, tokenizer, images: np.ndarray, cls: np.ndarray, dom: np.ndarray, cols: list[str], steps: int, batch: int,
-               lr: float, seed: int, log: Log, caption: Callable[[int, np.random.Generator], str] | None = None) -> list[float]:
+def train_clip(model, tokenizer, images: np.ndarray, cls: np.ndarray, dom: np.ndarray, cols: list[str], settings: ToyClipConfig,
+               seed: int, log: Log, caption: Callable[[int, np.random.Generator], str] | None = None) -> list[float]:
     """CLIP's symmetric InfoNCE on (image, caption) pairs; captions are re-drawn every time an image is used
     (`caption(i, gen)`: image i's; default the toyworld's, from cls/dom/cols)."""
     gen = np.random.default_rng(seed)
@@ -40,7 +41,9 @@ def train_clip(model, tokenizer, images: np.ndarray, cls: np.ndarray, dom: np.nd
     model.train()
     params_decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     params_other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": 0.1}, {"params": params_other, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
+    steps, batch, lr = settings.steps, settings.batch_size, settings.lr
+    opt = torch.optim.AdamW([{"params": params_decay, "weight_decay": settings.weight_decay}, {"params": params_other, "weight_decay": 0.0}],
+                            lr=lr, betas=settings.betas)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     mean = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
     std = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)
@@ -75,14 +78,15 @@ def train_clip(model, tokenizer, images: np.ndarray, cls: np.ndarray, dom: np.nd
     return losses
 
 
-def train_vqgan(model, images: np.ndarray, steps: int, batch: int, lr: float, seed: int, log: Log) -> dict:
+def train_vqgan(model, images: np.ndarray, settings: ToyVqganConfig, seed: int, log: Log) -> dict:
     """VQ autoencoder training: L1 + L2 reconstruction + codebook/commitment loss, dead-code restarts."""
     gen = np.random.default_rng(seed)
     torch.manual_seed(seed)
     model.train()
     params = list(model.encoder.parameters()) + list(model.decoder.parameters()) + list(model.quant_conv.parameters()) \
         + list(model.post_quant_conv.parameters()) + list(model.quantize.parameters())
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
+    steps, batch, lr = settings.steps, settings.batch_size, settings.lr
+    opt = torch.optim.Adam(params, lr=lr, betas=settings.betas)
     x_all = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     book = model.quantize.embedding.weight
     usage = torch.zeros(book.shape[0])
