@@ -51,16 +51,30 @@ def test_quality_counts_synthesis_flops_and_finds_the_cheapest_schedule_at_equal
     assert r["schedules"]["today"]["reaches_baseline"] and r["schedules"]["today"]["compute_ratio"] == 1
     assert r["compute_ratio_at_equal_accuracy"] in (1, 2)
     assert r["compute_ratio_at_equal_accuracy"] == (2 if r["schedules"]["half"]["reaches_baseline"] else 1)
+    assert all(r["summary"][k]["distill_s"] > 0 for k in ("today", "half"))
+    assert r["kd_time_ratio_at_equal_accuracy"] >= r["schedules"]["today"]["kd_time_ratio"] == 1
     assert out.with_suffix(".png").stat().st_size > 1000
-    assert "compute_ratio_at_equal_accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "compute_ratio_at_equal_accuracy" in printed and "kd_time_ratio_at_equal_accuracy" in printed
 
 
 def test_equal_accuracy_counts_only_schedules_within_the_baselines_spread():
     from dfkd_assets.tools.bench import equal_accuracy
 
-    summary = {"today": {"mean": (0.60, 0.02), "synthesis_flops": 100.0},
-               "fifth": {"mean": (0.585, 0.05), "synthesis_flops": 20.0},   # within 0.60 - 0.02
-               "tenth": {"mean": (0.57, 0.01), "synthesis_flops": 10.0}}    # below it: cheaper but worse
+    summary = {"today": {"mean": (0.60, 0.02), "synthesis_flops": 100.0, "distill_s": 600.0},
+               "fifth": {"mean": (0.585, 0.05), "synthesis_flops": 20.0, "distill_s": 400.0},   # within 0.60 - 0.02
+               "tenth": {"mean": (0.57, 0.01), "synthesis_flops": 10.0, "distill_s": 100.0}}    # below it: cheaper but worse
     r = equal_accuracy(summary, "today")
     assert r["schedules"]["fifth"]["reaches_baseline"] and not r["schedules"]["tenth"]["reaches_baseline"]
     assert r["compute_ratio_at_equal_accuracy"] == 5
+    assert r["kd_time_ratio_at_equal_accuracy"] == 1.5  # not 6: the fastest schedule is worse
+
+
+def test_kd_time_ratio_needs_every_schedules_kd_timed_from_scratch():
+    """A schedule whose KD resumed from --work has no KD time of its own: no ratio is claimed."""
+    from dfkd_assets.tools.bench import equal_accuracy
+
+    summary = {"today": {"mean": (0.60, 0.02), "synthesis_flops": 100.0, "distill_s": 600.0},
+               "pool": {"mean": (0.61, 0.02), "synthesis_flops": 100.0}}  # resumed: no distill_s
+    r = equal_accuracy(summary, "today")
+    assert "kd_time_ratio_at_equal_accuracy" not in r and r["compute_ratio_at_equal_accuracy"] == 1

@@ -84,11 +84,15 @@ def synthesize_classes(v: DfkdConfig, method: str, seed: int, run_dir: Path, tea
 def distill_variant(v: DfkdConfig, teacher, head, per_class: list[np.ndarray], run_dir: Path):
     """A student of variant `v` distilled on `per_class` (head: the teacher's for `v.classes`) by the
     asset's own stages (stages/training.kd_set, distill_student), resumable under `run_dir/student/<fingerprint>`:
-    a folder per KD setting and data, so levers may share `run_dir`."""
+    a folder per KD setting and data, so levers may share `run_dir`. Returns (student, whether it resumed
+    from a checkpoint: its KD time then is not the training's)."""
+    from dfkd_assets.core.distill import CHECKPOINT
     from dfkd_assets.stages.training import distill_student, kd_set
 
     ks = kd_set(v, teacher.teacher_id, per_class, head.device)
-    return distill_student(v, teacher, head, ks.images, ks.labels, head.device, run_dir / "student" / ks.fingerprint, ks.fingerprint)[0]
+    state = run_dir / "student" / ks.fingerprint
+    resumed = (state / CHECKPOINT).exists()
+    return distill_student(v, teacher, head, ks.images, ks.labels, head.device, state, ks.fingerprint)[0], resumed
 
 
 def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, sets, log) -> dict:
@@ -102,13 +106,13 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
     t0 = time.perf_counter()
     per_class = synthesize_classes(v, method, seed, run_dir, teacher, head)
     t_syn = time.perf_counter() - t0
-    student = distill_variant(v, teacher, head, per_class, run_dir)
+    student, resumed = distill_variant(v, teacher, head, per_class, run_dir)
     t_kd = time.perf_counter() - t0 - t_syn
     res = evaluate_models(v, {"student": student.to(device).eval()}, sets, device, max(v.student.input_size, teacher.image_size))
     top1, mean = res.top1["student"], res.mean["student"]
     log(f"{method:12s} seed {seed}: mean {mean:.3f} " + " ".join(f"{d} {a:.2f}" for d, a in top1.items())
         + f"  (synthesis {t_syn:.0f} s, distillation {t_kd:.0f} s)")
-    return {"method": method, "seed": seed, "top1": top1, "mean": mean, "synthesis_s": t_syn, "distill_s": t_kd,
+    return {"method": method, "seed": seed, "top1": top1, "mean": mean, "synthesis_s": t_syn, "distill_s": t_kd, "distill_resumed": resumed,
             "grid": np.concatenate([imgs[:8] for imgs in per_class])}
 
 
