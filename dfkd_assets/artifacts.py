@@ -300,6 +300,35 @@ def read_snapshot_hash(cfg: DfkdConfig) -> str:
     return dvc_file_hash(path)
 
 
+class StaleSnapshot(RuntimeError):
+    """The class shards a training read are not the ones in the DVC snapshot it would be recorded with."""
+
+
+def check_snapshot(cfg: DfkdConfig, snapshot: dict[str, str], rounds: list[int], dvc_hash: str) -> None:
+    """Every shard manifest of `rounds` (each image is checked against its manifest when read) is
+    byte-identical to the one in the snapshot (`snapshot`: relpath -> md5, DvcRepo.snapshot_files),
+    so the version's `dvc_hash` names the data it was trained on. A class partition re-materialised
+    after synthetic_dataset fails here, naming it."""
+    import hashlib
+
+    from dfkd_assets.core.io import MANIFEST_NAME
+
+    stale = []
+    for c in cfg.classes:
+        for r in rounds:
+            path = round_dir(cfg, c, r) / MANIFEST_NAME
+            rel = path.relative_to(cfg.synthetic_dir).as_posix()
+            try:
+                md5 = hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+            except OSError:
+                md5 = None
+            if snapshot.get(rel) != md5:
+                stale.append(f"{c} (round {r}: {rel})")
+    if stale:
+        raise StaleSnapshot(f"the class shards of {', '.join(stale)} in {cfg.synthetic_dir} are not those of the DVC snapshot {dvc_hash} "
+                            "(re-materialized after it?): materialize synthetic_dataset, then student_model")
+
+
 def dvc_file_hash(path: Path) -> str:
     """The hash of the one output a `.dvc` file tracks."""
     out = yaml.safe_load(Path(path).read_text())["outs"][0]

@@ -423,6 +423,49 @@ def test_evaluation_refuses_weights_that_are_not_the_recorded_versions(base, tmp
         assert "evaluated_student_mean_top1" in client.get_model_version("dfkd-wrong-weights", "1").tags
 
 
+def test_a_version_records_the_dvc_snapshot_it_was_trained_on_or_training_refuses(base, tmp_path, monkeypatch):
+    """A class partition re-materialized after synthetic_dataset (other synthesis settings) changes
+    the shards in data/synthetic but not the DVC snapshot: student_model must not train on them under
+    the old dvc_hash. It fails at once, naming the class and the fix, registers nothing; after
+    synthetic_dataset runs again it trains, and the version's dvc_hash lists exactly the manifests read."""
+    import hashlib
+
+    from dfkd_assets import artifacts
+    from dfkd_assets.config import load_config
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.jobs import SYNTHESIZE, TRAIN
+    from dfkd_assets.defs.resources import DvcRepo, MlflowTracking
+
+    cfg_path = clone(base, tmp_path, {"mlflow": {"registered_model_name": "dfkd-stale-snapshot"}, "operations": {"max_retries": 2}})
+    cfg = load_config(cfg_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("DFKD_CONFIG", str(cfg_path))
+    job = build_defs(cfg_path).resolve_job_def(TRAIN)
+    with dg.DagsterInstance.get() as instance:
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("synthetic_dataset")]).success
+        old_hash = artifacts.read_snapshot_hash(cfg)
+        raw = yaml.safe_load(cfg_path.read_text())
+        raw["synthesis"] = {**raw.get("synthesis", {}), "seed": 7}  # the elephant partition again, other images
+        cfg_path.write_text(yaml.safe_dump(raw))
+        assert build_defs(cfg_path).resolve_job_def(SYNTHESIZE).execute_in_process(instance=instance, partition_key="elephant").success
+        r = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("student_model")], raise_on_error=False)
+        assert not r.success
+        err = r.failure_data_for_node("student_model").error.to_string()
+        assert "StaleSnapshot" in err and "elephant" in err and "dog" not in err and old_hash in err and "materialize synthetic_dataset" in err
+        kinds = [e.dagster_event.event_type_value for e in instance.all_logs(r.run_id) if e.dagster_event and e.step_key == "student_model"]
+        assert "STEP_UP_FOR_RETRY" not in kinds
+        client = MlflowTracking().client(cfg)
+        assert not client.search_model_versions("name='dfkd-stale-snapshot'")
+
+        assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in ("synthetic_dataset", "student_model")]).success
+        new_hash = client.get_model_version("dfkd-stale-snapshot", "1").tags["dvc_hash"]
+        assert new_hash != old_hash and new_hash == artifacts.read_snapshot_hash(cfg)
+        listing = DvcRepo().snapshot_files(cfg, new_hash)
+        for c in cfg.classes:
+            manifest = artifacts.round_dir(cfg, c) / "manifest.json"
+            assert listing[manifest.relative_to(cfg.synthetic_dir).as_posix()] == hashlib.md5(manifest.read_bytes()).hexdigest()
+
+
 # ---------------------------------------------------------------- DVC remote
 
 def _snapshot(cfg_path: Path, run_config: dict | None = None):

@@ -18,6 +18,7 @@ from dfkd_assets.redaction import redact, redact_exception
 
 def _permanent_types() -> tuple[type, ...]:
     # imported when an error happens (the modules are loaded by then); definitions stay torch-free
+    from dfkd_assets.artifacts import StaleSnapshot
     from dfkd_assets.config import ConfigError
     from dfkd_assets.core.distill import CorruptCheckpoint, DistillDiverged
     from dfkd_assets.core.evaluation import EvalDataError
@@ -33,7 +34,7 @@ def _permanent_types() -> tuple[type, ...]:
 
     return (ConfigError, TeacherLoadError, GeneratorLoadError, EvalDataError, PromptError, PromptBankMismatch, DistillDiverged,
             ShardError, WeightsReadError, PromptNotEncodable, FileNotFoundError, LegacyModelError, IntegrityError,
-            ClassNameError, NotAnEmbeddingStudent, CapError, CorruptCheckpoint, WrongWeights)
+            ClassNameError, NotAnEmbeddingStudent, CapError, CorruptCheckpoint, WrongWeights, StaleSnapshot)
 
 
 def no_retry_for_bad_input(fn):

@@ -6,6 +6,7 @@ All three are small `ConfigurableResource`s so a launchpad run can override them
 
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -252,6 +253,19 @@ class DvcRepo(dg.ConfigurableResource):
         from dfkd_assets.artifacts import dvc_file_hash
 
         return dvc_file_hash(cfg.workspace / f"{rel}.dvc")
+
+    def snapshot_files(self, cfg: DfkdConfig, dvc_hash: str) -> dict[str, str]:
+        """relpath -> md5 of every file in the directory version `dvc_hash`, from its listing in the
+        local DVC cache (written by `dvc add`): what the snapshot holds, whatever the folder holds now."""
+        md5 = dvc_hash.removesuffix(".dir")
+        cache = Path(self._run(cfg, "cache", "dir").strip())
+        listing = cache / "files" / "md5" / md5[:2] / f"{md5[2:]}.dir"
+        try:
+            entries = json.loads(listing.read_text())
+        except (OSError, ValueError) as e:
+            raise DvcError(f"the DVC snapshot {dvc_hash} has no readable listing in the local cache ({listing}: {e}); "
+                           "materialize synthetic_dataset again") from None
+        return {e["relpath"]: e["md5"] for e in entries}
 
     def restore(self, cfg: DfkdConfig, dvc_hash: str, out: Path) -> Path:
         """The directory version `dvc_hash` (a `dvc_hash` tag of a model version) checked out into

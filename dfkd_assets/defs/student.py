@@ -19,7 +19,7 @@ from dfkd_assets.defs.errors import no_retry_for_bad_input
 from dfkd_assets.defs.lineage import lineage
 from dfkd_assets.defs.placement import gpu_asset
 from dfkd_assets.defs.registry import PROMPT_METHOD, WARM_START_FROM, WEIGHTS_FROM, ModelRegistry, data_round_tags
-from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
+from dfkd_assets.defs.resources import DvcRepo, MlflowTracking, PipelineSettings
 from dfkd_assets.fingerprints import module_id
 from dfkd_assets.loaders import device_lease, eval_sets, teacher_for
 from dfkd_assets.redaction import redact
@@ -31,7 +31,7 @@ from dfkd_assets.redaction import redact
     kinds={"pytorch", "mlflow"},
     description="Student distilled from the teacher on the synthetic snapshot; new MLflow model version, alias `challenger`.",
 )
-def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking, dvc: DvcRepo) -> dg.MaterializeResult:
     from dfkd_assets.core.io import exclusive_lock
     from dfkd_assets.core.progress import Progress
     from dfkd_assets.stages.training import distill_student, kd_set, train_steps
@@ -44,6 +44,7 @@ def student_model(context: dg.AssetExecutionContext, settings: PipelineSettings,
         head = artifacts.read_teacher_head(cfg, teacher, device)
         dvc_hash, rounds = artifacts.read_snapshot_hash(cfg), artifacts.read_snapshot_index(cfg)["rounds"]
         per_class = [artifacts.read_class_images(cfg, c, rounds) for c in cfg.classes]
+        artifacts.check_snapshot(cfg, dvc.snapshot_files(cfg, dvc_hash), rounds, dvc_hash)  # the dvc_hash tag names what was read
         init, init_tags = _warm_start(cfg, registry, context.log)
         init_id = f"{init_tags[WARM_START_FROM]}:{module_id(init)}" if init is not None else ""  # a warm start by its weights' bytes
         ks = kd_set(cfg, teacher.teacher_id, per_class, device, dvc_hash, init_id)
