@@ -135,6 +135,41 @@ def test_logged_model_is_pickle_free_and_describes_itself(registered, tmp_path):
     assert tags["code_sha256"] == sha256_file(local / "registry_model.py")
 
 
+def test_served_model_carries_its_code_and_pins_every_requirement(registered, tmp_path):
+    """What `mlflow models serve` installs for a version (its requirements.txt) names no package of this
+    project, which an index could serve to whoever registers the name, and pins every other one; the
+    model's own code (dfkd_assets/core) travels with it: loaded in a process where the installed project
+    cannot be imported, it answers like the student, importing dfkd_assets from the model's folder."""
+    from importlib.metadata import version
+
+    reg = registered
+    local = _download(reg, reg.version, tmp_path / "model")
+    reqs = [line.strip() for line in (local / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert reqs and not [r for r in reqs if "dfkd" in r.lower()], reqs
+    assert all("==" in r for r in reqs), reqs
+    assert f"torch=={version('torch')}" in reqs and f"timm=={version('timm')}" in reqs
+    assert (local / "code" / "dfkd_assets" / "core" / "student.py").is_file() and not (local / "code" / "dfkd_assets" / "defs").exists()
+    x = _flat([2, 0, 1], 32)
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = (
+        "import sys, json, numpy as np\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"  # the installed project's finder (pip -e)
+        f"sys.path[:] = [p for p in sys.path if p not in ('', {str(ROOT)!r})]\n"
+        "try:\n    import dfkd_assets\n    raise SystemExit('precondition: the project is still importable')\nexcept ImportError:\n    pass\n"
+        "import mlflow.pyfunc\n"
+        f"model = mlflow.pyfunc.load_model({str(local)!r})\n"
+        f"out = model.predict(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        "import dfkd_assets\n"
+        "print(json.dumps({'labels': list(out['label']), 'from': dfkd_assets.__file__}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["labels"] == [reg.cfg.classes[i] for i in (2, 0, 1)]
+    assert Path(answer["from"]).resolve().is_relative_to((local / "code").resolve()), answer["from"]
+
+
 def test_pyfunc_and_dfkd_loader_answer_like_the_student(registered):
     """mlflow.pyfunc (what serving runs) and dfkd's own loader give the trained student's answers,
     at the student's size and at another size (the model resizes)."""

@@ -50,10 +50,34 @@ ONNX_MODEL_URI, SOURCE_MODEL_URI, SOURCE_RUN_ID, ONNX_MAX_ABS_DIFF = "onnx_model
 ONNX_SUFFIX = "-onnx"
 MODEL_NAME_IN_RUN = "student"
 DESCRIPTION_MAX_CHARS = 5000  # MLflow's model version description limit
-PIP_REQUIREMENTS = ["torch", "torchvision", "timm", "safetensors", "pandas", "dfkd-assets"]
-ONNX_PIP_REQUIREMENTS = ["onnx", "onnxruntime"]
+# what the served model's environment installs, each pinned to the version installed here (`pinned`); its own
+# code (registry_model.py and dfkd_assets/core, which imports nothing else of the project) travels with the
+# model as code_paths, so no requirement names this project: an index could serve anything under that name
+SERVING_PACKAGES = ("torch", "torchvision", "timm", "safetensors", "pandas", "numpy")
+ONNX_PACKAGES = ("onnx", "onnxruntime", "numpy")
 EXAMPLE_MAX_SIDE = 64  # the input example's side (the model resizes any size; a 224 px example is 3 MB of JSON)
 INPUT_CONTRACT = "input_contract"  # version tag and MLmodel metadata key: the served model's input limits (registry_model.py)
+
+
+def pinned(packages: tuple[str, ...]) -> list[str]:
+    """`name==version` of each installed package (pyproject.toml pins them at install time)."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in packages]
+
+
+def model_code(into: Path) -> Path:
+    """A copy of the package's standalone part (`dfkd_assets/__init__.py` + `core/`, sources only) under
+    `into`/dfkd_assets: what the registered model imports when served, logged as its code_paths."""
+    import shutil
+
+    import dfkd_assets
+
+    src = Path(dfkd_assets.__file__).parent
+    dest = Path(into) / "dfkd_assets"
+    shutil.copytree(src / "core", dest / "core", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copyfile(src / "__init__.py", dest / "__init__.py")
+    return dest
 
 
 def serving_contract(cfg: DfkdConfig) -> dict[str, int]:
@@ -133,7 +157,7 @@ class ModelRegistry:
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={k: str(p) for k, p in files.items()}, model_config={**sha, **limits},
                 signature=_signature(student.classes), input_example=_input_example(student.input_size, limits),
-                pip_requirements=PIP_REQUIREMENTS, registered_model_name=self.name,
+                pip_requirements=pinned(SERVING_PACKAGES), code_paths=[str(model_code(Path(tmp) / "code"))], registered_model_name=self.name,
                 metadata={INPUT_CONTRACT: {**limits, "dtype": "float32", "range": [0, 1], "text": rm.describe_contract(limits)}},
             )
         version = str(info.registered_model_version)  # from log_model's answer, never "the highest version"
@@ -225,7 +249,7 @@ class ModelRegistry:
         signature = ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, 3, input_size, input_size), "images")]),
                                    Schema([TensorSpec(np.dtype(np.float32), (-1, len(classes)), "logits")]))
         info = mlflow.onnx.log_model(onnx.load(str(onnx_file)), name=MODEL_NAME_IN_RUN + ONNX_SUFFIX, run_id=run_id, signature=signature,
-                                     registered_model_name=self.onnx_name, pip_requirements=ONNX_PIP_REQUIREMENTS, save_as_external_data=False,
+                                     registered_model_name=self.onnx_name, pip_requirements=pinned(ONNX_PACKAGES), save_as_external_data=False,
                                      metadata={"classes": list(classes)})
         onnx_version = str(info.registered_model_version)
         for key, value in {SOURCE_MODEL_URI: self.model_uri(version), SOURCE_RUN_ID: run_id, ONNX_MAX_ABS_DIFF: f"{max_abs_diff:.3g}"}.items():
