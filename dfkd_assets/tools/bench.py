@@ -525,7 +525,16 @@ def bench_deploy(cfg, teacher, repeats: int, threads=(1, 2)) -> dict:
         rows = [r for label, tt, arch, size, kw in shapes for r in bench_deploy_shape(label, tt, cfg.classes, arch, size, kw, threads, repeats)]
     finally:
         torch.set_num_threads(before)
-    return {"classes": len(cfg.classes), "threads": list(threads), "repeats": repeats, "rows": rows}
+    return {"classes": len(cfg.classes), "threads": list(threads), "repeats": repeats, "cpu_flags": _cpu_flags(), "rows": rows}
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's vector and matrix flags (AVX*, AMX*, VNNI), from /proc/cpuinfo: what int8 speed depends on."""
+    try:
+        words = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted({w for w in words if re.match(r"avx|amx|.*vnni", w)})
 
 
 def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
