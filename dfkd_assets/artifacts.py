@@ -10,6 +10,8 @@ their paths (docs/ARCHITECTURE.md).
 | snapshot (DVC file)   | synthetic_dataset  | student_model                                    |
 | student + its record  | student_model, student_head | evaluation_report, few_shot_report, its check |
 | evaluation metrics    | evaluation_report  | champion_student, its check                      |
+| ONNX export           | champion_onnx      | champion_int8                                    |
+| int8 export           | champion_int8      | (the registry: `<name>-onnx-int8`)               |
 
 Every write is atomic (core/io.py), so a reader sees the previous version or the new one, never
 half of one. Imports torch only inside functions: the sensor imports this module at tick time.
@@ -216,6 +218,12 @@ def verify_class_shard(cfg: DfkdConfig, class_name: str, round_: int = 0) -> dic
     if sha256_file(d / m["shard"]) != m["shard_sha256"]:
         raise ShardError(f"{d / m['shard']} does not match the sha256 in its manifest")
     return m
+
+
+def snapshot_shard_dirs(cfg: DfkdConfig, rounds: list[int]) -> list[Path]:
+    """The shard folders of every configured class's `rounds` (a snapshot's index.json names them),
+    class by class: what training reads, and the only images int8 calibration reads."""
+    return [round_dir(cfg, c, r) for c in cfg.classes for r in rounds]
 
 
 def read_class_images(cfg: DfkdConfig, class_name: str, rounds: tuple[int, ...] | list[int] = (0,)):
@@ -461,3 +469,25 @@ def _json_safe(obj):
 
 def export_dir(cfg: DfkdConfig) -> Path:
     return cfg.path(EXPORT)
+
+
+def onnx_export(cfg: DfkdConfig) -> Path:
+    """The champion's fp32 ONNX export (champion_onnx), which champion_int8 quantizes."""
+    return export_dir(cfg) / "champion.onnx"
+
+
+def onnx_record(cfg: DfkdConfig) -> Path:
+    """champion.json: which champion version the ONNX export is, its parity and its `<name>-onnx` URI (None: not registered)."""
+    return export_dir(cfg) / "champion.json"
+
+
+def read_onnx_record(cfg: DfkdConfig) -> dict:
+    path = onnx_record(cfg)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: materialize champion_onnx first")
+    return json.loads(path.read_text())
+
+
+def int8_export(cfg: DfkdConfig) -> Path:
+    """The int8 model (champion_int8); its record, with the measured accuracies, beside it."""
+    return export_dir(cfg) / "champion.int8.onnx"

@@ -358,6 +358,23 @@ class OperationsConfig(SettingsModel):
         return self
 
 
+class QuantizationConfig(SettingsModel):
+    """Post-training int8 quantization of the champion's ONNX export (asset `champion_int8`, core/quantize.py),
+    calibrated on the synthetic shards only; registered as `<name>-onnx-int8` when no domain loses more
+    than `max_top1_drop` top-1 against the fp32 export (a blocking check)."""
+
+    enabled: bool = orchestration_only(False, description="adds the champion_int8 asset to the graph (it runs after champion_onnx)")
+    calibration_images: int = Field(512, gt=0, description="synthetic images (round-robin over classes and rounds) that calibrate the "
+                                    "activation ranges; fewer when the snapshot holds fewer")
+    per_channel: bool = Field(True, description="one weight scale per output channel (else one per tensor)")
+    calibration_method: Literal["minmax", "percentile", "entropy"] = Field("minmax", description="ONNX Runtime's calibration method")
+    activations: Literal["uint8", "int8"] = Field(
+        "uint8", description="activation type (weights are int8): uint8 runs natively on x86 (VNNI/AVX2 u8 x s8 dot products); "
+        "int8 where uint8 saturates (AVX2 without VNNI) or the target prefers it")
+    max_top1_drop: float = Field(0.01, ge=0, le=1, description="most top-1 (fraction: 0.01 = 1 point) int8 may lose against fp32 on "
+                                 "any evaluation domain before the check blocks the registration")
+
+
 class MlflowConfig(SettingsModel):
     tracking_uri: str = Field(
         "sqlite:///{workspace}/storage/mlflow.db",
@@ -413,6 +430,7 @@ class DfkdConfig(SettingsModel):
     promotion: PromotionConfig = PromotionConfig()
     checks: ChecksConfig = ChecksConfig()
     operations: OperationsConfig = OperationsConfig()
+    quantization: QuantizationConfig = QuantizationConfig()
     mlflow: MlflowConfig = MlflowConfig()
     serving: ServingConfig = ServingConfig()
     dvc: DvcConfig = DvcConfig()

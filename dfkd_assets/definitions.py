@@ -16,7 +16,7 @@ from dfkd_assets.defs.automation import build_automation
 from dfkd_assets.defs.checks import CHECKS
 from dfkd_assets.defs.dataset import synthetic_dataset
 from dfkd_assets.defs.evaluation import evaluation_report
-from dfkd_assets.defs.export import champion_onnx
+from dfkd_assets.defs.export import champion_int8, champion_onnx
 from dfkd_assets.defs.fewshot import few_shot_report
 from dfkd_assets.defs.jobs import build_jobs
 from dfkd_assets.defs.promotion import champion_student
@@ -56,6 +56,8 @@ def build_defs(config_file: str | Path | None = None) -> dg.Definitions:
               student_model, student_head, evaluation_report, champion_student, champion_onnx]
     if cfg.fewshot.enabled:
         assets.append(few_shot_report)
+    if cfg.quantization.enabled:
+        assets.append(champion_int8)
     jobs = {j.name: j for j in build_jobs(cfg)}
     schedules, sensors = build_automation(cfg, str(config_file), jobs)
     return dg.Definitions(

@@ -123,3 +123,9 @@ def fewshot_settings(cfg: DfkdConfig):
     from dfkd_assets.core.fewshot import FewShotSettings
 
     return core_settings(FewShotSettings, cfg.fewshot, min_crop_scale=cfg.distill.min_crop_scale)
+
+
+def quantization_settings(cfg: DfkdConfig):
+    from dfkd_assets.core.quantize import QuantizationSettings
+
+    return core_settings(QuantizationSettings, cfg.quantization)

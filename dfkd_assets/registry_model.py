@@ -10,6 +10,10 @@ the sha256 recorded when it was logged, so nothing in the model directory is eve
 `mlflow models serve` answers with it, and dfkd's own loader (defs/registry.py) reads the same
 files without running this copy of the code.
 
+The int8 variant (`<name>-onnx-int8`, asset champion_int8) is this same code model with the int8
+ONNX graph (`onnx`) and student.json as its artifacts: ONNX Runtime answers behind the same input
+contract, preprocessing (resize to the student's side; the graph normalises) and output frame.
+
 Input contract (issue 37), checked before anything that grows with the input is allocated:
 float images [N, 3, H, W] (or one [3, H, W]) with 1 <= N <= max_batch, min_side <= H, W <= max_side,
 every value finite and in [0, 1] (the model resizes and normalises). The limits are the model's
@@ -32,8 +36,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-WEIGHTS, SPEC, HEAD = "weights", "spec", "head"  # artifact names in the model (files keep their own names); `head`: embedding students only
-SHA256 = {WEIGHTS: "weights_sha256", SPEC: "spec_sha256", HEAD: "head_sha256"}  # keys of the model_config in MLmodel
+# artifact names in the model (files keep their own names); `head`: embedding students only; `onnx`: the
+# int8 variant (`<name>-onnx-int8`), whose network is an ONNX graph run by ONNX Runtime instead of weights
+WEIGHTS, SPEC, HEAD, ONNX = "weights", "spec", "head", "onnx"
+SHA256 = {WEIGHTS: "weights_sha256", SPEC: "spec_sha256", HEAD: "head_sha256", ONNX: "onnx_sha256"}  # keys of the model_config in MLmodel
 LABEL, SCORE = "label", "score"
 
 
@@ -131,9 +137,15 @@ def verify_sha256(files: dict[str, Path], expected: dict[str, str], recorded_in:
 
 
 def build_student(files: dict[str, Path]):
-    """The student network (core/student.StudentClassifier, eval mode, CPU) from its files."""
+    """The student network (core/student.StudentClassifier, eval mode, CPU) from its files; for the
+    int8 variant (an `onnx` file beside the spec), the graph behind ONNX Runtime with the same
+    interface and preprocessing (core/export.OnnxStudent)."""
     from dfkd_assets.core.student import load_student_files
 
+    if ONNX in files:
+        from dfkd_assets.core.export import OnnxStudent
+
+        return OnnxStudent(Path(files[ONNX]), Path(files[SPEC]))
     return load_student_files(Path(files[SPEC]), Path(files[WEIGHTS]), Path(files[HEAD]) if HEAD in files else None)
 
 
@@ -163,7 +175,7 @@ class StudentModel(PythonModel):
     """What `mlflow.pyfunc.load_model` and `mlflow models serve` build from the model directory."""
 
     def load_context(self, context) -> None:
-        files = {name: Path(context.artifacts[name]) for name in (WEIGHTS, SPEC, HEAD) if name in context.artifacts}
+        files = {name: Path(context.artifacts[name]) for name in (WEIGHTS, SPEC, HEAD, ONNX) if name in context.artifacts}
         verify_sha256(files, context.model_config or {}, "the model's MLmodel (model_config)")
         self.limits = input_contract(context.model_config)
         self.student = build_student(files)

@@ -13,6 +13,7 @@ import ipaddress  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
@@ -155,6 +156,119 @@ def load_registered(cfg, alias: str = "champion"):
     from dfkd_assets.defs.registry import load_student_model
 
     return load_student_model(registry_client(cfg), f"models:/{cfg.mlflow.registered_model_name}@{alias}")
+
+
+# --- the CI pipeline run once per module, and the workspace it leaves restored for each test (test_operations, test_int8) ---
+
+
+def with_overrides(overrides: dict) -> dict:
+    """Run config that gives the settings resource `overrides` (deep-merged over the settings file)."""
+    return {"resources": {"settings": {"config": {"overrides": overrides}}}}
+
+
+def check_result(result, name: str):
+    """The evaluation of asset check `name` in an in-process run (None when it did not run)."""
+    return next((e for e in result.get_asset_check_evaluations() if e.check_name == name), None)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The CI pipeline run once per test module (Contrastive-Prompt, as in the demo): champion v1, its
+    ONNX export registered as <name>-onnx v1. Returns the
+    workspace root, a pristine copy of it (workspace, eval set, DVC remote, dagster_home) and what
+    MLflow logged and warned meanwhile."""
+    import dagster as dg
+
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.runner import run_pipeline
+
+    root = tmp_path_factory.mktemp("ops")
+    cfg_path = make_workspace(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+        # before MLflow first opens this workspace's mlflow.db: the engine it caches for it stays pool-less
+        mp.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+        defs = build_defs(cfg_path)
+        with capture_mlflow_output() as mlflow_output, dg.DagsterInstance.get() as instance:
+            results = run_pipeline(defs, instance, log=lambda s: None)
+    assert all(r.success for r in results)
+    pristine = tmp_path_factory.mktemp("ops-pristine") / "root"
+    shutil.copytree(root, pristine, symlinks=True)
+    return root, pristine, mlflow_output
+
+
+@pytest.fixture
+def ops(trained, monkeypatch):
+    """The trained workspace as the pipeline left it (restored in place, see tests/test_operations.py),
+    DAGSTER_HOME pointed at it."""
+    from dfkd_assets.config import load_config
+    from dfkd_assets.definitions import build_defs
+
+    root, pristine, _ = trained
+    for p in root.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    shutil.copytree(pristine, root, symlinks=True, dirs_exist_ok=True)
+    monkeypatch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # any engine first made now, too
+    cfg_path = root / "settings.yaml"
+    cfg = load_config(cfg_path)
+    return SimpleNamespace(root=root, cfg_path=cfg_path, cfg=cfg, defs=build_defs(cfg_path), name=cfg.mlflow.registered_model_name)
+
+
+def model_labelled_eval_set(root: Path, classes: list[str], champion, size: int, per_class: int = 2, challenger=None,
+                            domains: tuple[str, ...] = ("photo",), margin: float = 0.05) -> Path:
+    """A DomainBed-style evaluation set labelled by the champion's own predictions, `per_class` images
+    of each class in each of `domains`: on it the champion scores 1, whatever it learnt. With
+    `challenger`, made only of images the challenger classifies as another class (it scores 0). The
+    CI models answer one class for almost any natural or noise image, so the images are made:
+    projected sign-gradient steps on the pixels from seeded noise, until every answer holds by a
+    logit gap above `margin` on the 8-bit image; each PNG is then re-read the way evaluation reads
+    it and checked again."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dfkd_assets.core.evaluation import load_image
+
+    models = [m for m in (champion, challenger) if m is not None]
+    for m in models:
+        m.eval().requires_grad_(False)
+    k = len(classes)
+    target = torch.arange(k).repeat_interleave(per_class).repeat(len(domains))
+    is_target = torch.nn.functional.one_hot(target, k).bool()
+
+    def gaps(x):
+        a = champion(x)
+        out = [a[is_target] - a.masked_fill(is_target, -torch.inf).max(1).values]  # > 0: the champion says target
+        if challenger is not None:
+            b = challenger(x)
+            out.append(b.masked_fill(is_target, -torch.inf).max(1).values - b[is_target])  # > 0: the challenger says another class
+        return out
+
+    x = torch.rand(len(target), 3, size, size, generator=torch.Generator().manual_seed(0))
+    for _ in range(500):
+        with torch.no_grad():
+            done = [bool((g > margin).all()) for g in gaps((x * 255).round() / 255)]
+        if all(done):
+            break
+        x.requires_grad_(True)
+        loss = sum(torch.relu(margin + 0.45 - g).sum() for g in gaps(x))
+        (grad,) = torch.autograd.grad(loss, x)
+        x = (x.detach() - 0.02 * grad.sign()).clamp(0, 1)
+    assert all(done), "no images found that the champion labels " + ("and the challenger does not" if challenger is not None else "confidently")
+    pixels = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i, (label, img) in enumerate(zip(target.tolist(), pixels)):
+        path = root / domains[i // (k * per_class)] / classes[label] / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(path)
+        x1 = torch.from_numpy(np.array(load_image(path, size))).permute(2, 0, 1)[None].float() / 255  # as core.evaluation.evaluate
+        with torch.no_grad():
+            assert int(champion(x1).argmax(-1)) == label, path
+            assert challenger is None or int(challenger(x1).argmax(-1)) != label, path
+    return root
 
 
 POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"

@@ -78,3 +78,16 @@ def test_kd_time_ratio_needs_every_schedules_kd_timed_from_scratch():
                "pool": {"mean": (0.61, 0.02), "synthesis_flops": 100.0}}  # resumed: no distill_s
     r = equal_accuracy(summary, "today")
     assert "kd_time_ratio_at_equal_accuracy" not in r and r["compute_ratio_at_equal_accuracy"] == 1
+
+
+def test_deploy_rows_of_one_shape(teacher):
+    """The deploy section's four rows at the CI shape: the int8 file is about a quarter of fp32's, the
+    student's MACs are the same in every runtime, the teacher row is the reference of the speed-ups."""
+    from dfkd_assets.tools.bench import bench_deploy_shape
+
+    rows = bench_deploy_shape("ci", teacher, ["a", "b", "c"], "resnet10t", 32, None, threads=(1,), repeats=2)
+    assert [r["runtime"] for r in rows] == ["pytorch fp32", "pytorch fp32", "onnxruntime fp32", "onnxruntime int8"]
+    assert rows[3]["file_mib"] < 0.3 * rows[2]["file_mib"]
+    assert rows[1]["gmacs_per_image"] == rows[2]["gmacs_per_image"] == rows[3]["gmacs_per_image"] > 0
+    assert rows[0]["gmacs_per_image"] > 0 and rows[0]["b1_speedup_vs_teacher_1t"] == 1
+    assert all(r["b1_p50_ms_1t"] > 0 and r["b32_images_per_s_1t"] > 0 for r in rows)

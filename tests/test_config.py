@@ -126,6 +126,7 @@ def _another_value(name: str, field, value, tmp_path):
     ("distill", lambda cfg: loaders.distill_settings(cfg, torch.device("cpu"))),
     ("prompts", lambda cfg: loaders.style_settings(cfg)),
     ("fewshot", lambda cfg: loaders.fewshot_settings(cfg)),
+    ("quantization", lambda cfg: loaders.quantization_settings(cfg)),
 ])
 def test_every_setting_reaches_core_or_is_orchestration_only(section, mapper, tmp_path):
     """One schema per setting: each field of a mapped section either changes the core settings

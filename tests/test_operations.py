@@ -2,9 +2,9 @@
 rollback, predict, ONNX export, the stale-partitions sensor (adding a class synthesizes only it)
 and the run-failure sensor's webhook (a real HTTP server on 127.0.0.1).
 
-The operations tests share one pipeline run (module fixture `trained`, champion v1: most of their
-CPU time), and each gets the workspace back exactly as that run left it (fixture `ops`), whatever an
-earlier test did to it. The pristine copy is restored *in place*, not into a fresh folder: MLflow
+The operations tests share one pipeline run (module fixture `trained` in conftest.py, champion v1:
+most of their CPU time), and each gets the workspace back exactly as that run left it (fixture `ops`),
+whatever an earlier test did to it. The pristine copy is restored *in place*, not into a fresh folder: MLflow
 stores absolute paths (the experiment's artifact location, run artifact URIs, model version sources)
 and DVC's remote is an absolute path in .dvc/config.local, so a copy elsewhere would read and write
 the original's artifacts and remote. MLflow keeps one SQLAlchemy engine per database URI for the
@@ -22,14 +22,23 @@ import sys
 import tarfile
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import dagster as dg
 import pytest
 import torch
 import yaml
 
-from conftest import ROOT, capture_mlflow_output, champion_version, load_registered, make_workspace, pickle_findings, registry_client
+from conftest import (
+    ROOT,
+    champion_version,
+    check_result as _check,
+    load_registered,
+    make_workspace,
+    model_labelled_eval_set,
+    pickle_findings,
+    registry_client,
+    with_overrides as _with_overrides,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -38,58 +47,6 @@ def _sensor_requests(defs, instance, name):
     sensor = defs.resolve_sensor_def(name)
     res = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def()))
     return res.run_requests
-
-
-def _with_overrides(overrides: dict) -> dict:
-    return {"resources": {"settings": {"config": {"overrides": overrides}}}}
-
-
-def _check(result, name: str):
-    """The evaluation of asset check `name` in an in-process run (None when it did not run)."""
-    return next((e for e in result.get_asset_check_evaluations() if e.check_name == name), None)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """The CI pipeline run once (Contrastive-Prompt, as in the demo): champion v1. Returns the
-    workspace root, a pristine copy of it (workspace, eval set, DVC remote, dagster_home) and what
-    MLflow logged and warned meanwhile."""
-    from dfkd_assets.definitions import build_defs
-    from dfkd_assets.defs.runner import run_pipeline
-
-    root = tmp_path_factory.mktemp("ops")
-    cfg_path = make_workspace(root)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGSTER_HOME", str(root / "dagster_home"))
-        # before MLflow first opens this workspace's mlflow.db: the engine it caches for it stays pool-less
-        mp.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
-        defs = build_defs(cfg_path)
-        with capture_mlflow_output() as mlflow_output, dg.DagsterInstance.get() as instance:
-            results = run_pipeline(defs, instance, log=lambda s: None)
-    assert all(r.success for r in results)
-    pristine = tmp_path_factory.mktemp("ops-pristine") / "root"
-    shutil.copytree(root, pristine, symlinks=True)
-    return root, pristine, mlflow_output
-
-
-@pytest.fixture
-def ops(trained, monkeypatch):
-    """The trained workspace as the pipeline left it (restored in place), DAGSTER_HOME pointed at it."""
-    from dfkd_assets.config import load_config
-    from dfkd_assets.definitions import build_defs
-
-    root, pristine, _ = trained
-    for p in root.iterdir():
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p)
-        else:
-            p.unlink()
-    shutil.copytree(pristine, root, symlinks=True, dirs_exist_ok=True)
-    monkeypatch.setenv("DAGSTER_HOME", str(root / "dagster_home"))
-    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")  # any engine first made now, too
-    cfg_path = root / "settings.yaml"
-    cfg = load_config(cfg_path)
-    return SimpleNamespace(root=root, cfg_path=cfg_path, cfg=cfg, defs=build_defs(cfg_path), name=cfg.mlflow.registered_model_name)
 
 
 def test_clean_run_passes_every_check_and_leaves_nothing_stale(ops):
@@ -207,53 +164,6 @@ def test_rollback_to_the_previous_then_a_named_version_refuses_bad_targets(ops):
         assert champion_version(cfg) == "1"
 
 
-def _disagreement_eval_set(root: Path, classes: list[str], champion, challenger, size: int, per_class: int = 2) -> Path:
-    """A DomainBed-style evaluation set (one domain) labelled by the champion's own predictions and
-    made only of images the challenger classifies as another class: on it the champion scores 1 and
-    the challenger 0, whatever either model learnt. The CI models answer one class for almost any
-    natural or noise image, so the images are made: projected sign-gradient steps on the pixels from
-    seeded noise, until both models' answers hold on the 8-bit image; each PNG is then re-read the
-    way evaluation reads it and checked again."""
-    import numpy as np
-    from PIL import Image
-
-    from dfkd_assets.core.evaluation import load_image
-
-    for m in (champion, challenger):
-        m.eval().requires_grad_(False)
-    k = len(classes)
-    target = torch.arange(k).repeat_interleave(per_class)
-    is_target = torch.nn.functional.one_hot(target, k).bool()
-
-    def gaps(x):
-        a, b = champion(x), challenger(x)
-        champion_gap = a[is_target] - a.masked_fill(is_target, -torch.inf).max(1).values  # > 0: the champion says target
-        challenger_gap = b.masked_fill(is_target, -torch.inf).max(1).values - b[is_target]  # > 0: the challenger says another class
-        return champion_gap, challenger_gap
-
-    x = torch.rand(len(target), 3, size, size, generator=torch.Generator().manual_seed(0))
-    for _ in range(500):
-        with torch.no_grad():
-            done = [bool((g > 0.05).all()) for g in gaps((x * 255).round() / 255)]
-        if all(done):
-            break
-        x.requires_grad_(True)
-        champion_gap, challenger_gap = gaps(x)
-        loss = (torch.relu(0.5 - champion_gap) + torch.relu(0.5 - challenger_gap)).sum()
-        (grad,) = torch.autograd.grad(loss, x)
-        x = (x.detach() - 0.02 * grad.sign()).clamp(0, 1)
-    assert all(done), "no images found on which the champion and the challenger disagree"
-    pixels = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    for i, (label, img) in enumerate(zip(target.tolist(), pixels)):
-        path = root / "photo" / classes[label] / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(path)
-        x1 = torch.from_numpy(np.array(load_image(path, size))).permute(2, 0, 1)[None].float() / 255  # as core.evaluation.evaluate
-        with torch.no_grad():
-            assert int(champion(x1).argmax(-1)) == label != int(challenger(x1).argmax(-1)), path
-    return root
-
-
 def test_worse_challenger_is_not_promoted(ops, teacher):
     """Negative control of promotion. The challenger (v2) is worse by construction: it is evaluated on
     images labelled by the champion's (v1) predictions on which the challenger predicts another class,
@@ -275,7 +185,7 @@ def test_worse_challenger_is_not_promoted(ops, teacher):
         challenger = artifacts.read_student(cfg)  # what evaluation_report scores as the student
         assert artifacts.read_student_record(cfg).version == "2"
         size = max(challenger.input_size, teacher.image_size)  # the size evaluation_report loads images at
-        _disagreement_eval_set(eval_root, cfg.classes, load_registered(cfg, "champion"), challenger, size)
+        model_labelled_eval_set(eval_root, cfg.classes, load_registered(cfg, "champion"), size, challenger=challenger)
 
         r = train.execute_in_process(instance=instance, run_config=_with_overrides(strict), raise_on_error=False,
                                      asset_selection=[dg.AssetKey("evaluation_report"), dg.AssetKey("champion_student")])

@@ -29,6 +29,14 @@ HEAD = "head.safetensors"  # an embedding student's classifier: the teacher's te
 EMBEDDING = "embedding"  # student.json `head` of an EmbeddingStudent (a logit student's spec has no `head` key)
 
 
+def resize_input(x01: torch.Tensor, size: int) -> torch.Tensor:
+    """float images [B,3,H,W] resized to size x size as the student's forward does (bilinear, antialias),
+    unchanged when they already are; the ONNX export and int8 calibration resize with it too."""
+    if x01.shape[-2:] != (size, size):
+        x01 = F.interpolate(x01, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x01
+
+
 class StudentClassifier(torch.nn.Module):
     """A timm backbone with a K-class head; with `embed_dim`, also a linear map of its pooled features
     into the teacher's image-embedding space (trained by feature distillation, distill.feature_weight)."""
@@ -52,9 +60,7 @@ class StudentClassifier(torch.nn.Module):
         return num_classes
 
     def _prepare(self, x01: torch.Tensor) -> torch.Tensor:
-        if x01.shape[-2:] != (self.input_size, self.input_size):
-            x01 = F.interpolate(x01, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False, antialias=True)
-        return (x01 - self.mean) / self.std
+        return (resize_input(x01, self.input_size) - self.mean) / self.std
 
     def forward(self, x01: torch.Tensor) -> torch.Tensor:
         return self.backbone(self._prepare(x01))

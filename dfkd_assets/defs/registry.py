@@ -19,6 +19,12 @@ tag names (docs/ARCHITECTURE.md).
 - Model card: the version's description (lineage, reproduce command, per-domain accuracy).
 - ONNX: `<name>-onnx` versions, tagged `source_model_uri`/`source_run_id`; the student version
   they were exported from carries `onnx_model_uri`.
+- int8: `<name>-onnx-int8` versions (champion_int8: the ONNX export quantized, calibrated on the
+  synthetic shards only), the same pyfunc code model with the int8 graph as its network, tagged
+  `source_model_uri`, `source_onnx_model_uri`, `source_run_id`, `calibration_dvc_hash` (the DVC
+  version of the shards it was calibrated on), `onnx_sha256`/`spec_sha256`/`code_sha256`; the student
+  version and the `<name>-onnx` version it came from carry `int8_model_uri`. Its description is its
+  model card: per-domain top-1 of fp32 and int8 and the file sizes.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ BASE_LINEAGE = ("teacher_id", "dvc_hash", "fingerprint", PROMPT_METHOD)  # what 
 DATA_ROUND, DATA_ROUNDS, TRAIN_IMAGES_PER_CLASS, WARM_START_FROM = "data_round", "data_rounds", "train_images_per_class", "warm_start_from"
 ONNX_MODEL_URI, SOURCE_MODEL_URI, SOURCE_RUN_ID, ONNX_MAX_ABS_DIFF = "onnx_model_uri", "source_model_uri", "source_run_id", "max_abs_diff_vs_pytorch"
 ONNX_SUFFIX = "-onnx"
+INT8_SUFFIX = "-onnx-int8"
+INT8_MODEL_URI, SOURCE_ONNX_MODEL_URI, CALIBRATION_DVC_HASH = "int8_model_uri", "source_onnx_model_uri", "calibration_dvc_hash"
 MODEL_NAME_IN_RUN = "student"
 DESCRIPTION_MAX_CHARS = 5000  # MLflow's model version description limit
 # what the served model's environment installs, each pinned to the version installed here (`pinned`); its own
@@ -55,6 +63,7 @@ DESCRIPTION_MAX_CHARS = 5000  # MLflow's model version description limit
 # model as code_paths, so no requirement names this project: an index could serve anything under that name
 SERVING_PACKAGES = ("torch", "torchvision", "timm", "safetensors", "pandas", "numpy")
 ONNX_PACKAGES = ("onnx", "onnxruntime", "numpy")
+INT8_PACKAGES = (*SERVING_PACKAGES, "onnxruntime")  # the code model (torch resizes) with ONNX Runtime as its network
 EXAMPLE_MAX_SIDE = 64  # the input example's side (the model resizes any size; a 224 px example is 3 MB of JSON)
 INPUT_CONTRACT = "input_contract"  # version tag and MLmodel metadata key: the served model's input limits (registry_model.py)
 
@@ -136,32 +145,44 @@ class ModelRegistry:
     def model_uri(self, version: str | None = None) -> str:
         return f"models:/{self.name}/{version}" if version else champion_uri(self.cfg)
 
-    def register_challenger(self, student, tags: dict[str, str]) -> str:
-        """Log `student` (core/student.StudentClassifier) in the active MLflow run as a new pickle-free
-        version (registry_model.py) with `tags` and its files' sha256; alias `challenger` -> it."""
+    def _log_code_model(self, registered_name: str, name_in_run: str, files: dict[str, Path], classes: list[str], input_size: int,
+                        packages: tuple[str, ...]) -> tuple[str, dict[str, str], dict[str, int]]:
+        """`files` (registry_model's artifact keys -> paths) logged in the active MLflow run as a new version
+        of `registered_name`: the pyfunc code model (registry_model.py, with dfkd_assets/core as its code),
+        the input contract of the settings in its MLmodel, `packages` pinned. Returns (version, the sha256
+        of its files and code, the contract)."""
         import mlflow.pyfunc
 
         from dfkd_assets import registry_model as rm
         from dfkd_assets.core.io import sha256_file
+
+        code = Path(rm.__file__)
+        sha = {rm.SHA256[k]: sha256_file(p) for k, p in files.items()}
+        limits = serving_contract(self.cfg)  # enforced by the served model from its own MLmodel
+        with tempfile.TemporaryDirectory() as tmp:
+            info = mlflow.pyfunc.log_model(
+                name=name_in_run, python_model=str(code), artifacts={k: str(p) for k, p in files.items()}, model_config={**sha, **limits},
+                signature=_signature(classes), input_example=_input_example(input_size, limits), pip_requirements=pinned(packages),
+                code_paths=[str(model_code(Path(tmp)))], registered_model_name=registered_name,
+                metadata={INPUT_CONTRACT: {**limits, "dtype": "float32", "range": [0, 1], "text": rm.describe_contract(limits)}},
+            )
+        # the version from log_model's answer, never "the highest version"
+        return str(info.registered_model_version), {**sha, CODE_SHA256: sha256_file(code)}, limits
+
+    def register_challenger(self, student, tags: dict[str, str]) -> str:
+        """Log `student` (core/student.StudentClassifier) in the active MLflow run as a new pickle-free
+        version (registry_model.py) with `tags` and its files' sha256; alias `challenger` -> it."""
+        from dfkd_assets import registry_model as rm
         from dfkd_assets.core.student import HEAD, META, WEIGHTS
 
         rm.output_columns(student.classes)  # a class named like an output column is refused before anything is logged
-        code = Path(rm.__file__)
         with tempfile.TemporaryDirectory() as tmp:
             student.save(Path(tmp))
             files = {rm.WEIGHTS: Path(tmp) / WEIGHTS, rm.SPEC: Path(tmp) / META}
             if (Path(tmp) / HEAD).is_file():  # an embedding student's classifier, as data
                 files[rm.HEAD] = Path(tmp) / HEAD
-            sha = {rm.SHA256[k]: sha256_file(p) for k, p in files.items()}
-            limits = serving_contract(self.cfg)  # enforced by the served model from its own MLmodel
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN, python_model=str(code), artifacts={k: str(p) for k, p in files.items()}, model_config={**sha, **limits},
-                signature=_signature(student.classes), input_example=_input_example(student.input_size, limits),
-                pip_requirements=pinned(SERVING_PACKAGES), code_paths=[str(model_code(Path(tmp) / "code"))], registered_model_name=self.name,
-                metadata={INPUT_CONTRACT: {**limits, "dtype": "float32", "range": [0, 1], "text": rm.describe_contract(limits)}},
-            )
-        version = str(info.registered_model_version)  # from log_model's answer, never "the highest version"
-        integrity = {**sha, CODE_SHA256: sha256_file(code)}
+            version, integrity, limits = self._log_code_model(self.name, MODEL_NAME_IN_RUN, files, student.classes, student.input_size,
+                                                              SERVING_PACKAGES)
         client = self.client
         for key, value in {**tags, **integrity, INPUT_CONTRACT: json.dumps(limits, sort_keys=True)}.items():
             client.set_model_version_tag(self.name, version, key, value)
@@ -256,6 +277,38 @@ class ModelRegistry:
             client.set_model_version_tag(self.onnx_name, onnx_version, key, value)
         client.set_model_version_tag(self.name, version, ONNX_MODEL_URI, f"models:/{self.onnx_name}/{onnx_version}")
         return onnx_version
+
+    @property
+    def int8_name(self) -> str:
+        return self.name + INT8_SUFFIX
+
+    def register_int8(self, version: str, onnx_version: str, int8_file: Path, spec: dict, tags: dict[str, str], card: str) -> str:
+        """`int8_file` (the export of `version` quantized) as a new version of `<name>-onnx-int8`: this
+        package's pyfunc code model (registry_model.py) with the int8 graph and `spec` (student.json)
+        as its files, so it answers the pyfunc's requests under the same input contract; logged in
+        the run that trained `version`, with `tags`, its files' sha256 and `card` as description.
+        Lineage both ways: `version` and the `<name>-onnx` version carry `int8_model_uri`. Returns the version."""
+        import mlflow
+
+        from dfkd_assets import registry_model as rm
+        from dfkd_assets.core.io import atomic_write_json
+        from dfkd_assets.core.student import META
+
+        client, run_id = self.client, self.run_id(version)
+        with tempfile.TemporaryDirectory() as tmp:
+            atomic_write_json(Path(tmp) / META, spec)
+            files = {rm.ONNX: Path(int8_file), rm.SPEC: Path(tmp) / META}
+            with mlflow.start_run(run_id=run_id):
+                int8_version, integrity, limits = self._log_code_model(self.int8_name, MODEL_NAME_IN_RUN + INT8_SUFFIX, files, spec["classes"],
+                                                                       spec["input_size"], INT8_PACKAGES)
+        uri = f"models:/{self.int8_name}/{int8_version}"
+        lineage = {SOURCE_MODEL_URI: self.model_uri(version), SOURCE_ONNX_MODEL_URI: f"models:/{self.onnx_name}/{onnx_version}", SOURCE_RUN_ID: run_id}
+        for key, value in {**tags, **lineage, **integrity, INPUT_CONTRACT: json.dumps(limits, sort_keys=True)}.items():
+            client.set_model_version_tag(self.int8_name, int8_version, key, str(value))
+        client.update_model_version(self.int8_name, int8_version, description=card[:DESCRIPTION_MAX_CHARS])
+        client.set_model_version_tag(self.name, version, INT8_MODEL_URI, uri)
+        client.set_model_version_tag(self.onnx_name, onnx_version, INT8_MODEL_URI, uri)
+        return int8_version
 
     def check_files(self, version: str, student_dir: Path) -> None:
         """Refuse (WrongWeights) when the files in `student_dir` are not version `version`'s: their
@@ -422,9 +475,10 @@ def _student_files(local: Path, what: str, name: str) -> tuple[dict[str, Path], 
                                f"it is not loaded, because unpickling runs whatever code the file holds: {rerun_hint(name)}")
     pyfunc = flavors.get("python_function") or {}
     artifacts = pyfunc.get("artifacts") or {}
-    if "model_code_path" not in pyfunc or not {rm.WEIGHTS, rm.SPEC} <= set(artifacts):
-        raise RegistryError(f"{what} is not a dfkd student (no models-from-code pyfunc with '{rm.WEIGHTS}' and '{rm.SPEC}' artifacts): {rerun_hint(name)}")
-    files = {k: local / artifacts[k]["path"] for k in (rm.WEIGHTS, rm.SPEC, rm.HEAD) if k in artifacts}
+    if "model_code_path" not in pyfunc or rm.SPEC not in artifacts or not ({rm.WEIGHTS, rm.ONNX} & set(artifacts)):
+        raise RegistryError(f"{what} is not a dfkd student (no models-from-code pyfunc with '{rm.SPEC}' and '{rm.WEIGHTS}' (or '{rm.ONNX}', "
+                            f"the int8 variant) artifacts): {rerun_hint(name)}")
+    files = {k: local / artifacts[k]["path"] for k in (rm.WEIGHTS, rm.SPEC, rm.HEAD, rm.ONNX) if k in artifacts}
     return files, local / Path(pyfunc["model_code_path"]).name, pyfunc.get("config") or {}  # log_model's model_config
 
 

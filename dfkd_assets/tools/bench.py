@@ -15,6 +15,11 @@ Sections (each prints a table and is written to the JSON as soon as it is done):
              synthesis compute at the measured engine speed.
   latency    CPU inference latency of students against the teacher's image encoder, batch 1 and 32,
              eager PyTorch and ONNX Runtime.
+  deploy     edge deployment (issue 38): at the settings' student shape and at the paper's (ResNet-18,
+             224 px, against ViT-B-32; random weights), the teacher's image tower + zero-shot head,
+             the student in fp32 (PyTorch, ONNX Runtime) and in int8 (ONNX Runtime, core/quantize.py):
+             file size, parameters, MACs, batch-1 latency p50/p99 and batch-32 throughput at 1 and 2
+             threads (--deploy-repeats; the int8 model calibrated on random images: timing only).
   quality    student accuracy against synthesis compute: each --schedule (settings overrides; the
              first is the baseline) distilled and evaluated at every --seeds through `dfkd compare`'s
              run (the product's stages), its synthesis FLOPs counted, and
@@ -40,8 +45,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
-SECTIONS = ("synthesis", "flops", "profile", "distill", "load", "latency", "quality")
-DEFAULT_SECTIONS = SECTIONS[:-1]
+SECTIONS = ("synthesis", "flops", "profile", "distill", "load", "latency", "deploy", "quality")
+DEFAULT_SECTIONS = SECTIONS[:-2]  # deploy and quality are asked for by name
 # dense bf16 tensor-core peak by the vendor's datasheets, TFLOP/s (MFU denominator)
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -395,6 +400,144 @@ def bench_latency(cfg, teacher, students: list[str], input_size: int, batches=(1
     return {"input_size": input_size, "torch_threads": torch.get_num_threads(), "rows": rows}
 
 
+class _ArrayCalibration:
+    """onnxruntime CalibrationDataReader over arrays already in memory (the deploy section's timing-only int8 models)."""
+
+    def __init__(self, batches):
+        self.batches, self.it = list(batches), None
+
+    def get_next(self):
+        self.it = self.it or iter(self.batches)
+        x = next(self.it, None)
+        return None if x is None else {"images": x}
+
+
+def _macs(fn, x, module=None) -> int:
+    """Multiply-accumulates of one call (torch.utils.flop_counter: convolutions, matmuls, attention; FLOPs / 2).
+    The MultiheadAttention modules of `module` run their training-mode path meanwhile (no dropout in
+    these models): the inference fast path (torch._native_multi_head_attention) is invisible to the counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mha = [m for m in (module.modules() if module is not None else ()) if isinstance(m, torch.nn.MultiheadAttention) and not m.training]
+    for m in mha:
+        m.training = True
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            fn(x)
+    finally:
+        for m in mha:
+            m.training = False
+    return counter.get_total_flops() // 2
+
+
+def _timings(fn, make_input, threads: int, repeats: int, batch: int = 32) -> dict:
+    """Batch-1 latency p50/p99 (ms, `repeats` calls after 3 warm-ups) and batch-`batch` throughput
+    (images/s, median of max(3, repeats // 5) calls after one warm-up) with `threads` threads."""
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(threads)
+    x1, xb = make_input(1), make_input(batch)
+
+    def times(x, n, warm):
+        with torch.inference_mode():
+            for _ in range(warm):
+                fn(x)
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn(x)
+                out.append(time.perf_counter() - t0)
+        return np.asarray(out)
+
+    t1, tb = times(x1, repeats, 3), times(xb, max(3, repeats // 5), 1)
+    return {f"b1_p50_ms_{threads}t": 1000 * float(np.percentile(t1, 50)), f"b1_p99_ms_{threads}t": 1000 * float(np.percentile(t1, 99)),
+            f"b{batch}_images_per_s_{threads}t": batch / float(np.median(tb))}
+
+
+def bench_deploy_shape(label: str, teacher, classes: list[str], arch: str, input_size: int, model_kwargs: dict | None,
+                       threads=(1, 2), repeats: int = 20) -> list[dict]:
+    """The four deployment rows of one shape: teacher image tower + zero-shot head (PyTorch), the
+    student in fp32 (PyTorch, ONNX Runtime) and in int8 (ONNX Runtime)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import save_file
+
+    from dfkd_assets.core.export import export_onnx, onnx_session
+    from dfkd_assets.core.quantize import QuantizationSettings, quantize_int8
+    from dfkd_assets.core.student import build_student
+    from dfkd_assets.core.teacher import teacher_logits
+
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.functional.normalize(torch.randn(len(classes), teacher.encode_images(torch.rand(1, 3, 8, 8)).shape[-1], generator=g), dim=-1)
+    student = build_student(arch, classes, input_size, 0, model_kwargs=model_kwargs).eval()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tw, sw, fp32, int8 = (Path(tmp) / n for n in ("teacher.safetensors", "student.safetensors", "fp32.onnx", "int8.onnx"))
+        save_file({**{k: v.detach().contiguous() for k, v in teacher.model.visual.state_dict().items()}, "head": head}, str(tw))
+        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(sw))
+        export_onnx(student, fp32)
+        calib = _ArrayCalibration(torch.rand(4, 8, 3, input_size, input_size, generator=g).numpy())
+        quantize_int8(fp32, int8, calib, QuantizationSettings(32, True, "minmax", "uint8", 1.0))
+        t_params = sum(p.numel() for p in teacher.model.visual.parameters()) + head.numel()
+        s_params = sum(p.numel() for p in student.parameters())
+        t_in = lambda b: torch.rand(b, 3, teacher.image_size, teacher.image_size)  # noqa: E731
+        s_in = lambda b: torch.rand(b, 3, input_size, input_size)  # noqa: E731
+        s_macs = _macs(student, s_in(1))
+        models = [
+            (f"teacher image tower + zero-shot head ({teacher.teacher_id.split(':')[0]}, {teacher.image_size} px)", "pytorch fp32", tw, t_params,
+             _macs(lambda x: teacher_logits(teacher, head, x), t_in(1), teacher.model), lambda th: (lambda x: teacher_logits(teacher, head, x)), t_in),
+            (f"student {arch} ({input_size} px)", "pytorch fp32", sw, s_params, s_macs, lambda th: student, s_in),
+        ]
+        for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
+            def ort_fn(th, path=path):
+                sess = onnx_session(path, th)
+                return lambda x: sess.run(["logits"], {"images": x})
+            models.append((f"student {arch} ({input_size} px)", name, path, s_params, s_macs, ort_fn,
+                           lambda b: np.random.default_rng(0).random((b, 3, input_size, input_size), dtype=np.float32)))
+        for model, runtime, path, params, macs, make_fn, make_input in models:
+            row = {"shape": label, "model": model, "runtime": runtime, "file_mib": path.stat().st_size / 2**20, "params_m": params / 1e6,
+                   "gmacs_per_image": macs / 1e9}
+            for th in threads:
+                row.update(_timings(make_fn(th), make_input, th, repeats))
+            rows.append(row)
+    for r in rows:
+        teacher_row, ort_fp32 = rows[0], next(q for q in rows if q["runtime"] == "onnxruntime fp32")
+        r["b1_speedup_vs_teacher_1t"] = teacher_row["b1_p50_ms_1t"] / r["b1_p50_ms_1t"]
+        r["b1_latency_vs_ort_fp32_1t"] = r["b1_p50_ms_1t"] / ort_fp32["b1_p50_ms_1t"]
+    return rows
+
+
+def bench_deploy(cfg, teacher, repeats: int, threads=(1, 2)) -> dict:
+    """Both shapes: the settings' (student.arch, model_kwargs, input_size; the settings' teacher) and the
+    paper's (ResNet-18 at 224 px against ViT-B-32, random weights: cost does not depend on them)."""
+    import torch
+
+    from dfkd_assets.core.teacher import load_teacher
+
+    cpu = torch.device("cpu")
+    t = cfg.teacher
+    own = load_teacher(t.model_name, None, t.model_config_file, 0, cpu) if teacher.device.type != "cpu" else teacher
+    shapes = [("settings", own, cfg.student.arch, cfg.student.input_size, cfg.student.model_kwargs),
+              ("paper", load_teacher("ViT-B-32", None, None, 0, cpu), "resnet18", 224, None)]
+    before = torch.get_num_threads()
+    try:
+        rows = [r for label, tt, arch, size, kw in shapes for r in bench_deploy_shape(label, tt, cfg.classes, arch, size, kw, threads, repeats)]
+    finally:
+        torch.set_num_threads(before)
+    return {"classes": len(cfg.classes), "threads": list(threads), "repeats": repeats, "cpu_flags": _cpu_flags(), "rows": rows}
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU's vector and matrix flags (AVX*, AMX*, VNNI), from /proc/cpuinfo: what int8 speed depends on."""
+    try:
+        words = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return sorted({w for w in words if re.match(r"avx|amx|.*vnni", w)})
+
+
 def _print_table(title: str, rows: list[dict], cols: list[str]) -> None:
     print(f"\n## {title}")
     print(" | ".join(cols))
@@ -590,9 +733,19 @@ def _section_latency(b: _Bench) -> dict:
     return out
 
 
+def _section_deploy(b: _Bench) -> dict:
+    out = bench_deploy(b.cfg, b.teacher, b.a.deploy_repeats)
+    cols = ["shape", "model", "runtime", "file_mib", "params_m", "gmacs_per_image"]
+    for th in out["threads"]:
+        cols += [f"b1_p50_ms_{th}t", f"b1_p99_ms_{th}t", f"b32_images_per_s_{th}t"]
+    _print_table("edge deployment: teacher vs student fp32/int8 on this CPU", out["rows"], cols + ["b1_latency_vs_ort_fp32_1t", "b1_speedup_vs_teacher_1t"])
+    return out
+
+
 # each section measures, prints its table and returns its numbers; run() times it and keeps going on failure
 _SECTIONS = {"synthesis": _section_synthesis, "flops": _section_flops, "profile": _section_profile, "distill": _section_distill,
-             "load": _section_load, "quality": _section_quality, "latency": _section_latency}
+             "load": _section_load, "quality": _section_quality, "latency": _section_latency,
+             "deploy": _section_deploy}
 
 
 def _settings_for(a) -> tuple[object, dict]:
@@ -681,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partition-images", type=int, default=64, help="images per class partition for the load share")
     p.add_argument("--students", nargs="+", default=["resnet18", "mobilenetv3_large_100"])
     p.add_argument("--latency-size", type=int, default=None, help="student input side for latency (default: student.input_size)")
+    p.add_argument("--deploy-repeats", type=int, default=20, help="deploy: batch-1 calls per row and thread count (batch 32: a fifth, at least 3)")
     p.add_argument("--schedule", nargs="+", action="append", default=None, metavar=("NAME", "KEY=VALUE"),
                    help="quality: a named synthesis schedule as settings overrides, e.g. --schedule short synthesis.iterations=6 "
                         "synthesis.lr=0.3; repeat it; the first is the baseline (default: the config as it is, named today)")
