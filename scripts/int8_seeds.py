@@ -55,7 +55,7 @@ def main() -> int:
                                         student.input_size)
         r = {"seed": seed, **comp.record()}
         runs.append(r)
-        print(f"seed {seed}: " + ", ".join(f"{d} fp32 {r['fp32_top1'][d]:.4f} int8 {r['int8_top1'][d]:.4f} (int8 - fp32 {-100 * r["top1_drop"][d]:+.2f} pt)"
+        print(f"seed {seed}: " + ", ".join(f"{d} fp32 {r['fp32_top1'][d]:.4f} int8 {r['int8_top1'][d]:.4f} (int8 - fp32 {-100 * r['top1_drop'][d]:+.2f} pt)"
                                          for d in r["fp32_top1"]) + f"; size {r['size_ratio']:.1%}; passed {r['passed']}")
     worst = max(max(r["top1_drop"].values()) for r in runs)
     mean_drop = float(np.mean([np.mean(list(r["top1_drop"].values())) for r in runs]))
