@@ -23,19 +23,21 @@ import numpy as np
 
 def main() -> int:
     from dfkd_assets import artifacts
-    from dfkd_assets.config import load_config
+    from dfkd_assets.config import deep_merge, load_config
     from dfkd_assets.core.export import export_onnx
     from dfkd_assets.stages.deployment import quantize_and_compare
-    from dfkd_assets.tools.compare import _variant, distill_variant, synthesize_classes, teacher_reference
+    from dfkd_assets.tools.compare import _variant, distill_variant, parse_sets, synthesize_classes, teacher_reference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=Path("configs/demo.yaml"))
     p.add_argument("--work", type=Path, required=True, help="a schedule's work folder (holds <method>_s<seed>/)")
     p.add_argument("--method", default=None, help="default: the settings' prompts.method")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting, e.g. --set quantization.calibration_method=entropy")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
-    cfg = load_config(a.config)
+    overrides = parse_sets(a.set)
+    cfg = load_config(a.config, overrides)
     method = a.method or cfg.prompts.method
     teacher, head, _, _ = teacher_reference(cfg)
     runs = []
@@ -47,7 +49,7 @@ def main() -> int:
         if not resumed:
             raise SystemExit(f"{run_dir}: no finished student there (this script trained one instead); point --work at a finished run")
         with tempfile.TemporaryDirectory() as tmp:
-            w = load_config(a.config, {"workspace": tmp})
+            w = load_config(a.config, deep_merge(overrides, {"workspace": tmp}))
             for c, images in zip(w.classes, per_class):
                 artifacts.write_class_shard(w, c, images, [{} for _ in images], {})
             export_onnx(student, Path(tmp) / "fp32.onnx")
@@ -59,7 +61,7 @@ def main() -> int:
                                          for d in r["fp32_top1"]) + f"; size {r['size_ratio']:.1%}; passed {r['passed']}")
     worst = max(max(r["top1_drop"].values()) for r in runs)
     mean_drop = float(np.mean([np.mean(list(r["top1_drop"].values())) for r in runs]))
-    out = {"config": str(a.config), "work": str(a.work), "method": method, "runs": runs, "worst_domain_drop": worst, "mean_drop": mean_drop,
+    out = {"config": str(a.config), "set": a.set, "work": str(a.work), "method": method, "runs": runs, "worst_domain_drop": worst, "mean_drop": mean_drop,
            "all_passed": all(r["passed"] for r in runs)}
     print(f"worst domain drop over seeds {100 * worst:+.2f} points, mean {100 * mean_drop:+.2f}; every seed within tolerance: {out['all_passed']}")
     if a.json:
