@@ -382,6 +382,19 @@ def test_mlflow_server_stopped_mid_run_fails_clearly_and_a_retry_after_restart_s
 
 
 @pytest.mark.slow
+def _train_job(base: Path, tmp_path: Path, monkeypatch, model_name: str):
+    """(settings file, settings, the train job) of a clone of the base workspace registering as `model_name`,
+    retried up to twice, with this test's Dagster home and settings in the environment."""
+    from dfkd_assets.config import load_config
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.jobs import TRAIN
+
+    cfg_path = clone(base, tmp_path, {"mlflow": {"registered_model_name": model_name}, "operations": {"max_retries": 2}})
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("DFKD_CONFIG", str(cfg_path))
+    return cfg_path, load_config(cfg_path), build_defs(cfg_path).resolve_job_def(TRAIN)
+
+
 def test_evaluation_refuses_weights_that_are_not_the_recorded_versions(base, tmp_path, monkeypatch):
     """A training that wrote data/student/ and then failed before registering (an MLflow outage), or
     a second training in the workspace, leaves weights that no registered version has: evaluation
@@ -390,16 +403,9 @@ def test_evaluation_refuses_weights_that_are_not_the_recorded_versions(base, tmp
     weights back, it evaluates."""
     from safetensors.torch import load_file, save_file
 
-    from dfkd_assets.config import load_config
-    from dfkd_assets.definitions import build_defs
-    from dfkd_assets.defs.jobs import TRAIN
     from dfkd_assets.defs.resources import MlflowTracking
 
-    cfg_path = clone(base, tmp_path, {"mlflow": {"registered_model_name": "dfkd-wrong-weights"}, "operations": {"max_retries": 2}})
-    cfg = load_config(cfg_path)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    monkeypatch.setenv("DFKD_CONFIG", str(cfg_path))
-    job = build_defs(cfg_path).resolve_job_def(TRAIN)
+    cfg_path, cfg, job = _train_job(base, tmp_path, monkeypatch, "dfkd-wrong-weights")
     with dg.DagsterInstance.get() as instance:
         assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in ("synthetic_dataset", "student_model")]).success
         weights = cfg.path("student") / "model.safetensors"
@@ -431,16 +437,11 @@ def test_a_version_records_the_dvc_snapshot_it_was_trained_on_or_training_refuse
     import hashlib
 
     from dfkd_assets import artifacts
-    from dfkd_assets.config import load_config
     from dfkd_assets.definitions import build_defs
-    from dfkd_assets.defs.jobs import SYNTHESIZE, TRAIN
+    from dfkd_assets.defs.jobs import SYNTHESIZE
     from dfkd_assets.defs.resources import DvcRepo, MlflowTracking
 
-    cfg_path = clone(base, tmp_path, {"mlflow": {"registered_model_name": "dfkd-stale-snapshot"}, "operations": {"max_retries": 2}})
-    cfg = load_config(cfg_path)
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
-    monkeypatch.setenv("DFKD_CONFIG", str(cfg_path))
-    job = build_defs(cfg_path).resolve_job_def(TRAIN)
+    cfg_path, cfg, job = _train_job(base, tmp_path, monkeypatch, "dfkd-stale-snapshot")
     with dg.DagsterInstance.get() as instance:
         assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("synthetic_dataset")]).success
         old_hash = artifacts.read_snapshot_hash(cfg)
