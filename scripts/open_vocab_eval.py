@@ -73,14 +73,14 @@ def run_seed(cfg: DfkdConfig, seed: int, held_out: list[str], feature_weight: fl
     emb_trained = _with(emb, classes=[v.classes[i] for i in keep])
     t1 = time.perf_counter()
     variants = {"logit_all": v, "embedding_all": emb}
-    students = {m: distill_variant(variants[m], teacher, head, per_class, run_dir) for m in every}
+    students = {m: distill_variant(variants[m], teacher, head, per_class, run_dir)[0] for m in every}
     t_all = time.perf_counter() - t1
     # the 4-class student's images come from a prompt bank and synthesis that never saw the held-out
     # names (contrastive styles are learned against the other classes as negatives)
     kept_dir = work / f"{method}_s{seed}_without_{'_'.join(class_key(c) for c in held_out)}"
     kept_head = build_head(emb_trained, teacher).to(device)
     kept_images = synthesize_classes(emb_trained, method, seed, kept_dir, teacher, kept_head)
-    trained = distill_variant(emb_trained, teacher, kept_head, kept_images, kept_dir)
+    trained = distill_variant(emb_trained, teacher, kept_head, kept_images, kept_dir)[0]
     t2 = time.perf_counter()
     students["embedding_added"] = student_for_classes(emb, teacher, trained, "the student distilled without the held-out classes")
     t_add = time.perf_counter() - t2

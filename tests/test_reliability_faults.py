@@ -382,7 +382,7 @@ def test_mlflow_server_stopped_mid_run_fails_clearly_and_a_retry_after_restart_s
 
 
 @pytest.mark.slow
-def _train_job(base: Path, tmp_path: Path, monkeypatch, model_name: str):
+def _cloned_train_job(base: Path, tmp_path: Path, monkeypatch, model_name: str):
     """(settings file, settings, the train job) of a clone of the base workspace registering as `model_name`,
     retried up to twice, with this test's Dagster home and settings in the environment."""
     from dfkd_assets.config import load_config
@@ -405,7 +405,7 @@ def test_evaluation_refuses_weights_that_are_not_the_recorded_versions(base, tmp
 
     from dfkd_assets.defs.resources import MlflowTracking
 
-    cfg_path, cfg, job = _train_job(base, tmp_path, monkeypatch, "dfkd-wrong-weights")
+    cfg_path, cfg, job = _cloned_train_job(base, tmp_path, monkeypatch, "dfkd-wrong-weights")
     with dg.DagsterInstance.get() as instance:
         assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in ("synthetic_dataset", "student_model")]).success
         weights = cfg.path("student") / "model.safetensors"
@@ -441,7 +441,7 @@ def test_a_version_records_the_dvc_snapshot_it_was_trained_on_or_training_refuse
     from dfkd_assets.defs.jobs import SYNTHESIZE
     from dfkd_assets.defs.resources import DvcRepo, MlflowTracking
 
-    cfg_path, cfg, job = _train_job(base, tmp_path, monkeypatch, "dfkd-stale-snapshot")
+    cfg_path, cfg, job = _cloned_train_job(base, tmp_path, monkeypatch, "dfkd-stale-snapshot")
     with dg.DagsterInstance.get() as instance:
         assert job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey("synthetic_dataset")]).success
         old_hash = artifacts.read_snapshot_hash(cfg)
