@@ -368,3 +368,15 @@ def capture_mlflow_output():
         out.messages.extend(str(w.message) for w in caught)
     finally:
         logger.removeHandler(handler)
+
+
+def pipeline_models(cfg, device):
+    """(teacher, its zero-shot head, prompt bank, generator) of `cfg`, loaded through the stages the
+    assets use: what a learning test synthesizes and distils with."""
+    from dfkd_assets.loaders import generator_for, teacher_for
+    from dfkd_assets.stages.prompts import build_head, build_prompt_bank
+
+    teacher = teacher_for(cfg, device)
+    head = build_head(cfg, teacher)
+    bank, _ = build_prompt_bank(cfg, teacher, head)
+    return teacher, head, bank, generator_for(cfg, device)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, pipeline_models
 from dfkd_assets.config import DfkdConfig, class_key
 from dfkd_assets.emojiworld import render, sources
 from dfkd_assets.emojiworld.build import CLIP_NAME, PinnedWorldError, build, is_built, pinned_dir
@@ -166,19 +166,15 @@ def test_student_beats_no_guidance_and_shuffled_teacher_on_world_2(world, tmp_pa
     (synthesis.iterations 0, the no-guidance baseline) and with teacher logits shuffled (the control)."""
     from dfkd_assets.core.teacher import teacher_logits
     from dfkd_assets.fingerprints import class_fingerprint
-    from dfkd_assets.loaders import eval_sets, generator_for, teacher_for
+    from dfkd_assets.loaders import eval_sets
     from dfkd_assets.stages.evaluation import evaluate_models
-    from dfkd_assets.stages.prompts import build_head, build_prompt_bank
     from dfkd_assets.stages.synthesis import class_plan, synthesize_class
     from dfkd_assets.stages.training import distill_student, training_set
 
     _, out, _ = world
     cfg = _pipeline_cfg(out)
     cpu = torch.device("cpu")
-    teacher = teacher_for(cfg, cpu)
-    head = build_head(cfg, teacher)
-    bank, _ = build_prompt_bank(cfg, teacher, head)
-    vqgan = generator_for(cfg, cpu)
+    teacher, head, bank, vqgan = pipeline_models(cfg, cpu)
     sets = eval_sets(cfg)
 
     def synthetic(iterations: int):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, pipeline_models
 from dfkd_assets.config import DfkdConfig
 from dfkd_assets.toyworld import world
 from dfkd_assets.toyworld.build import CLIP_NAME, TEMPLATES, build, is_built
@@ -89,18 +89,13 @@ def test_student_learns_the_teacher_on_held_out_synthetic_images_and_the_control
     docs/RESULTS.md); it is measured by `dfkd compare`, not asserted here.
     """
     from dfkd_assets.fingerprints import class_fingerprint
-    from dfkd_assets.loaders import generator_for, teacher_for
-    from dfkd_assets.stages.prompts import build_head, build_prompt_bank
     from dfkd_assets.stages.synthesis import class_plan, synthesize_class
     from dfkd_assets.stages.training import distill_student, training_set
 
     _, out, _ = toyworld
     cfg = _pipeline_cfg(out)
     cpu = torch.device("cpu")
-    teacher = teacher_for(cfg, cpu)
-    head = build_head(cfg, teacher)
-    bank, _ = build_prompt_bank(cfg, teacher, head)
-    vqgan = generator_for(cfg, cpu)
+    teacher, head, bank, vqgan = pipeline_models(cfg, cpu)
 
     def synthetic(seed: int, n: int, iterations: int = 30):
         v = _pipeline_cfg(out, synthesis={"seed": seed, "images_per_class": n, "iterations": iterations})

@@ -354,6 +354,21 @@ def bench_load(cfg, device, teacher, vqgan, engine_images_per_s_at_400: float, p
             "partition_compute_s_at_400_steps": compute, "load_share_of_compute": (t_teacher + t_vqgan) / compute}
 
 
+def call_times(fn, x, n: int, warm: int) -> list[float]:
+    """Seconds of each of `n` calls fn(x) after `warm` untimed ones, under inference mode."""
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(warm):
+            fn(x)
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn(x)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
 def bench_latency(cfg, teacher, students: list[str], input_size: int, batches=(1, 32), repeats: int = 10) -> dict:
     """CPU latency (ms per batch, median of `repeats`): students (eager, ONNX Runtime) vs the teacher's image encoder."""
     import statistics
@@ -371,14 +386,7 @@ def bench_latency(cfg, teacher, students: list[str], input_size: int, batches=(1
     cpu_teacher = load_teacher(t.model_name, None, t.model_config_file, 0, cpu) if teacher.device.type != "cpu" else teacher
 
     def median_ms(fn, x):
-        with torch.inference_mode():
-            fn(x)
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn(x)
-                times.append(time.perf_counter() - t0)
-        return 1000 * statistics.median(times)
+        return 1000 * statistics.median(call_times(fn, x, repeats, warm=1))
 
     rows = []
     for b in batches:
@@ -440,18 +448,7 @@ def _timings(fn, make_input, threads: int, repeats: int, batch: int = 32) -> dic
     torch.set_num_threads(threads)
     x1, xb = make_input(1), make_input(batch)
 
-    def times(x, n, warm):
-        with torch.inference_mode():
-            for _ in range(warm):
-                fn(x)
-            out = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn(x)
-                out.append(time.perf_counter() - t0)
-        return np.asarray(out)
-
-    t1, tb = times(x1, repeats, 3), times(xb, max(3, repeats // 5), 1)
+    t1, tb = np.asarray(call_times(fn, x1, repeats, warm=3)), np.asarray(call_times(fn, xb, max(3, repeats // 5), warm=1))
     return {f"b1_p50_ms_{threads}t": 1000 * float(np.percentile(t1, 50)), f"b1_p99_ms_{threads}t": 1000 * float(np.percentile(t1, 99)),
             f"b{batch}_images_per_s_{threads}t": batch / float(np.median(tb))}
 
