@@ -376,6 +376,12 @@ class QuantizationConfig(SettingsModel):
         "int8 where uint8 saturates (AVX2 without VNNI) or the target prefers it")
     max_top1_drop: float = Field(0.01, ge=0, le=1, description="most top-1 (fraction: 0.01 = 1 point) int8 may lose against fp32 on "
                                  "any evaluation domain before the check blocks the registration")
+    qat_epochs: int = Field(0, ge=0, description="> 0: quantization-aware fine-tuning first (core/qat.py): a copy of the champion is distilled "
+                            "this many more epochs from the teacher's soft labels on the synthetic images (distill.* augmentation, "
+                            "temperature, batch size) with the int8 model's rounding simulated, then quantized as without it; int8 is "
+                            "still compared with the original champion's fp32. 0: post-training quantization only (docs/BENCHMARKS.md)")
+    qat_lr: float = Field(0.01, gt=0, description="initial learning rate of the quantization-aware fine-tune (SGD, distill.momentum and "
+                          "weight_decay, cosine to 0): a small step that moves trained weights, not distill.lr's from-scratch one")
 
 
 class MlflowConfig(SettingsModel):
@@ -470,6 +476,9 @@ class DfkdConfig(SettingsModel):
             raise ValueError("distill.teacher_views > 0 needs distill.augment: true and distill.adversarial_eps: 0 (PGD moves the inputs "
                              "with the current student, so they cannot be labelled before training; without augmentation the teacher "
                              "already labels each image once)")
+        if self.quantization.qat_epochs > 0 and self.student.head == "embedding":
+            raise ValueError("quantization.qat_epochs > 0 needs student.head: logits: the fine-tune simulates int8 on the student's "
+                             "backbone, and an embedding student's projection and text head lie outside it (set qat_epochs: 0)")
         cap = self.operations.max_images_per_class
         if cap is not None and self.synthesis.images_per_class > cap:
             raise ValueError(f"operations.max_images_per_class ({cap}) is below synthesis.images_per_class "

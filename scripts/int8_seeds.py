@@ -5,10 +5,14 @@ For each seed: the run's synthetic images and its finished student are taken fro
 (both resume without computing anything; a student that is not finished is refused), the images are
 written as class shards into a temporary workspace (the only calibration data), and the product's
 stage `stages.deployment.quantize_and_compare` exports, quantizes and scores fp32 and int8 ONNX on the
-settings' evaluation sets.
+settings' evaluation sets. With `--set quantization.qat_epochs=N` the stage first fine-tunes a copy of
+the student quantization-aware on those shards (the teacher's soft labels) and quantizes that; int8
+is still compared with the student's own fp32.
 
     .venv/bin/python scripts/int8_seeds.py --config configs/demo.yaml --work storage/bench-kd/today --seeds 0 1 2 \
         --json docs/bench/deploy/int8_demo_seeds.json
+    .venv/bin/python scripts/int8_seeds.py --config configs/demo.yaml --work storage/bench-kd/today --seeds 0 1 2 \
+        --set quantization.qat_epochs=10 --json docs/bench/deploy/int8_demo_seeds_qat10.json
 """
 
 from __future__ import annotations
@@ -54,11 +58,12 @@ def main() -> int:
                 artifacts.write_class_shard(w, c, images, [{} for _ in images], {})
             export_onnx(student, Path(tmp) / "fp32.onnx")
             comp = quantize_and_compare(w, Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx", [artifacts.round_dir(w, c) for c in w.classes],
-                                        student.input_size)
+                                        student.input_size, student, teacher, head)
         r = {"seed": seed, **comp.record()}
         runs.append(r)
         print(f"seed {seed}: " + ", ".join(f"{d} fp32 {r['fp32_top1'][d]:.4f} int8 {r['int8_top1'][d]:.4f} (int8 - fp32 {-100 * r['top1_drop'][d]:+.2f} pt)"
-                                         for d in r["fp32_top1"]) + f"; size {r['size_ratio']:.1%}; passed {r['passed']}")
+                                         for d in r["fp32_top1"]) + f"; size {r['size_ratio']:.1%}; passed {r['passed']}"
+              + (f"; QAT fp32 mean top-1 {np.mean(list(r['qat']['fp32_top1'].values())):.4f}" if r["qat"] else ""), flush=True)
     worst = max(max(r["top1_drop"].values()) for r in runs)
     mean_drop = float(np.mean([np.mean(list(r["top1_drop"].values())) for r in runs]))
     out = {"config": str(a.config), "set": a.set, "work": str(a.work), "method": method, "runs": runs, "worst_domain_drop": worst, "mean_drop": mean_drop,

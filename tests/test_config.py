@@ -46,6 +46,22 @@ def test_bad_value_is_named(tmp_path):
         load_config(write(tmp_path, d))
 
 
+def test_quantization_aware_fine_tuning_settings_are_checked_when_loaded(tmp_path):
+    """A negative epoch count or a zero learning rate is named; QAT on an embedding student (whose projection and
+    text head lie outside the simulated backbone) is refused with the two settings named, not at run time."""
+    for key, value in (("qat_epochs", -1), ("qat_lr", 0)):
+        d = base()
+        d["quantization"] = {key: value}
+        with pytest.raises(ConfigError, match=rf"quantization\.{key}"):
+            load_config(write(tmp_path, d))
+    d = base()
+    d["quantization"] = {"qat_epochs": 2}
+    d["student"] = {"head": "embedding"}
+    d["distill"] = {"feature_weight": 1.0}
+    with pytest.raises(ConfigError, match=r"quantization\.qat_epochs > 0 needs student\.head: logits"):
+        load_config(write(tmp_path, d))
+
+
 def test_overrides_merge_deeply_and_are_validated(tmp_path):
     p = write(tmp_path, base())
     cfg = load_config(p, {"synthesis": {"iterations": 3}})

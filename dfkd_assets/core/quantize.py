@@ -51,6 +51,8 @@ class QuantizationSettings:
     calibration_method: Literal["minmax", "percentile", "entropy"]
     activations: Literal["uint8", "int8"]  # activation type (weights are always int8)
     max_top1_drop: float  # the most top-1 (fraction) int8 may lose against fp32 on any evaluation domain
+    qat_epochs: int  # quantization-aware fine-tuning epochs before quantizing (core/qat.py); 0: post-training quantization only
+    qat_lr: float  # its initial learning rate (cosine to 0)
 
 
 def resize_like_student(images_uint8: np.ndarray, size: int) -> np.ndarray:
@@ -87,6 +89,11 @@ class SyntheticCalibration(CalibrationDataReader):
         self.images_read = len(picked)
         return [resize_like_student(picked[i : i + self.batch_size], self.input_size) for i in range(0, len(picked), self.batch_size)]
 
+    def batches(self) -> list[np.ndarray]:
+        """Every calibration batch at once (float [B,3,S,S] in [0, 1]): what `get_next` hands ONNX Runtime,
+        for the quantization-aware fine-tune's range observation (core/qat.observe_ranges)."""
+        return self._load()
+
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._batches is None:
             self._batches = iter(self._load())
@@ -95,6 +102,14 @@ class SyntheticCalibration(CalibrationDataReader):
 
     def rewind(self) -> None:
         self._batches = None
+
+
+def synthetic_images(shard_dirs: list[Path]) -> np.ndarray:
+    """uint8 [N,H,W,3]: every image of the synthetic shards `shard_dirs`, each checked against its sha256,
+    in shard order: the quantization-aware fine-tune's training set (the same files calibration reads)."""
+    if not shard_dirs:
+        raise ValueError("no synthetic shards to fine-tune on")
+    return np.concatenate([read_shard(Path(d), verify=True)[0] for d in shard_dirs])
 
 
 def quantize_int8(fp32_onnx: Path, out: Path, calibration: CalibrationDataReader, settings: QuantizationSettings) -> None:

@@ -7,6 +7,8 @@ quantized to int8, calibrated on the synthetic shards of the current snapshot on
 check that no evaluation domain loses more than `quantization.max_top1_drop` top-1 against the fp32
 export; registered as a version of `<name>-onnx-int8` (the pyfunc code model with ONNX Runtime as
 its network) only when the check passes. A failing int8 model is written but not registered.
+With `quantization.qat_epochs` > 0 the champion is first fine-tuned quantization-aware on the same
+synthetic shards (teacher's soft labels, on the CPU); int8 is still compared with the original fp32.
 """
 
 import dagster as dg
@@ -74,7 +76,7 @@ INT8_CHECK = "int8_accuracy_within_tolerance"
 def champion_int8(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     from dfkd_assets.core.io import atomic_write_json
     from dfkd_assets.defs.registry import CALIBRATION_DVC_HASH
-    from dfkd_assets.stages.deployment import int8_card, quantize_and_compare
+    from dfkd_assets.stages.deployment import int8_card, qat_teacher, quantize_and_compare
 
     cfg = settings.load()
     registry = ModelRegistry(cfg, mlflow_tracking)
@@ -88,11 +90,12 @@ def champion_int8(context: dg.AssetExecutionContext, settings: PipelineSettings,
     shard_dirs = artifacts.snapshot_shard_dirs(cfg, rounds)
     model = registry.load(version)  # verified; its spec (classes, input side) goes with the int8 graph
     out = artifacts.int8_export(cfg)
-    c = quantize_and_compare(cfg, artifacts.onnx_export(cfg), out, shard_dirs, model.input_size)
+    c = quantize_and_compare(cfg, artifacts.onnx_export(cfg), out, shard_dirs, model.input_size, model, *qat_teacher(cfg))
     q = cfg.quantization.model_dump()
     card = int8_card(registry.name, version, record["onnx_model_uri"], c, dvc_hash, q)
     tags = lineage(cfg, context, **{CALIBRATION_DVC_HASH: dvc_hash, "calibration_images": c.calibration_images,
-                                   "calibration_rounds": ",".join(map(str, rounds)), "worst_top1_drop": f"{max(c.drops.values()):.4f}"})
+                                   "calibration_rounds": ",".join(map(str, rounds)), "worst_top1_drop": f"{max(c.drops.values()):.4f}",
+                                   **c.qat_tags()})
     int8_version = registry.register_int8(version, onnx_version, out, model.spec(), tags, card) if c.passed else None
     uri = f"models:/{registry.int8_name}/{int8_version}" if int8_version else None
     atomic_write_json(out.with_suffix(".json"), {"model_name": registry.name, "version": version, "onnx_model_uri": record["onnx_model_uri"],
@@ -101,6 +104,7 @@ def champion_int8(context: dg.AssetExecutionContext, settings: PipelineSettings,
                      f"{100 * max(c.drops.values()):+.1f} points; " + (f"registered as {uri}" if uri else "not registered (accuracy check failed)"))
     return dg.MaterializeResult(
         metadata={"champion_version": version, "int8_model_uri": str(uri), "calibration_dvc_hash": dvc_hash, "calibration_images": c.calibration_images,
+                  **c.qat_tags(), "qat": dg.MetadataValue.json(c.qat or {}),
                   "fp32_bytes": c.fp32_bytes, "int8_bytes": c.int8_bytes, "size_ratio": c.size_ratio,
                   "model_card": dg.MetadataValue.md(card), "path": dg.MetadataValue.path(str(out.resolve())), **lineage(cfg, context)},
         check_results=[dg.AssetCheckResult(check_name=INT8_CHECK, passed=c.passed, severity=dg.AssetCheckSeverity.ERROR,

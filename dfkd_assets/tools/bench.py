@@ -476,7 +476,7 @@ def bench_deploy_shape(label: str, teacher, classes: list[str], arch: str, input
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, str(sw))
         export_onnx(student, fp32)
         calib = _ArrayCalibration(torch.rand(4, 8, 3, input_size, input_size, generator=g).numpy())
-        quantize_int8(fp32, int8, calib, QuantizationSettings(32, True, "minmax", "uint8", 1.0))
+        quantize_int8(fp32, int8, calib, QuantizationSettings(32, True, "minmax", "uint8", 1.0, qat_epochs=0, qat_lr=0.0))
         t_params = sum(p.numel() for p in teacher.model.visual.parameters()) + head.numel()
         s_params = sum(p.numel() for p in student.parameters())
         t_in = lambda b: torch.rand(b, 3, teacher.image_size, teacher.image_size)  # noqa: E731
