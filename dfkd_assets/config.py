@@ -192,6 +192,10 @@ class SynthesisConfig(SettingsModel):
                           "process (share TORCHINDUCTOR_CACHE_DIR between GPU workers to pay it once)")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = scheduling_only(
         "default", description="torch.compile mode when synthesis.compile is on (reduce-overhead = CUDA graphs)")
+    student_weight: float = Field(
+        0.0, ge=0, description="> 0: student-aware synthesis in rounds >= 1 (round 0 has no student yet): each step also rewards, with "
+        "this weight, the Jensen-Shannon disagreement between the teacher and the current champion student on the rendered image "
+        "(core/synthesis.Competition), so a round adds images the student still gets wrong; 0 = the paper's synthesis")
 
 
 # timm.create_model keywords that read or name files (weights, configs, caches): a student is built from its spec alone
