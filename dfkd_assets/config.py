@@ -474,6 +474,9 @@ class DfkdConfig(SettingsModel):
             raise ValueError("distill.teacher_views > 0 needs distill.augment: true and distill.adversarial_eps: 0 (PGD moves the inputs "
                              "with the current student, so they cannot be labelled before training; without augmentation the teacher "
                              "already labels each image once)")
+        if self.synthesis.student_weight > 0 and not self.operations.images_per_round:
+            raise ValueError(f"synthesis.student_weight ({self.synthesis.student_weight}) acts only in retraining rounds (round 0 has no "
+                             "student to compete with): set operations.images_per_round, or synthesis.student_weight: 0")
         cap = self.operations.max_images_per_class
         if cap is not None and self.synthesis.images_per_class > cap:
             raise ValueError(f"operations.max_images_per_class ({cap}) is below synthesis.images_per_class "
