@@ -122,9 +122,11 @@ def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, 
     resumed = False
     per_class: list[np.ndarray] = []
     extra: dict = {}
+    student = None
     for r in range(rounds + 1):
         t0 = time.perf_counter()
-        new = synthesize_classes(v, method, seed, run_dir, teacher, head, r, *((student, _student_id(v, teacher, head, per_class)) if r else ()))
+        student_id = _student_id(v, teacher, head, per_class) if r else ""  # the student a student-aware round competes with
+        new = synthesize_classes(v, method, seed, run_dir, teacher, head, r, student, student_id)
         per_class = new if r == 0 else [np.concatenate([a, b]) for a, b in zip(per_class, new)]
         t_syn += time.perf_counter() - t0
         t0 = time.perf_counter()
