@@ -13,7 +13,7 @@ UI_PORT ?= 3000
 # the UI serves anyone who can reach it (no login): loopback only unless you choose otherwise
 UI_HOST ?= 127.0.0.1
 
-.PHONY: install demo test test-fast lint ui compare clean-data fleet fleet-down
+.PHONY: install demo test test-fast lint ui compare benchmark clean-data fleet fleet-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,22 @@ demo: $(STAMP)
 compare: $(STAMP)
 	$(BIN)/dfkd toyworld build --out storage/toyworld
 	$(BIN)/dfkd compare --config $(DFKD_CONFIG) --out storage/compare
+
+# The recipe on every world (issue 35): the pinned toyworld, the toyworld of world seed 1 (trained here: no
+# pin, tens of minutes) and world 2 (emoji artwork), each with configs/demo.yaml's recipe and only paths,
+# classes and templates changed; BENCH_METHODS over BENCH_SEEDS per world, tables in storage/benchmark/<world>/.
+# Hours on 2 CPU cores (a world-2 run alone is about 40 min at one thread).
+BENCH_METHODS ?= contrastive real
+BENCH_SEEDS ?= 0 1 2
+benchmark: $(STAMP)
+	$(BIN)/dfkd toyworld build --out storage/toyworld
+	printf 'seed: 1\n' > storage/toyworld-s1.settings.yaml
+	$(BIN)/dfkd toyworld build --settings storage/toyworld-s1.settings.yaml --out storage/toyworld-s1
+	sed 's#storage/toyworld#storage/toyworld-s1#g' configs/demo.yaml > storage/toyworld-s1.yaml
+	$(BIN)/dfkd emojiworld build --out storage/emoji
+	$(BIN)/dfkd compare --config configs/demo.yaml --methods $(BENCH_METHODS) --seeds $(BENCH_SEEDS) --out storage/benchmark/toyworld
+	$(BIN)/dfkd compare --config storage/toyworld-s1.yaml --methods $(BENCH_METHODS) --seeds $(BENCH_SEEDS) --out storage/benchmark/toyworld-s1
+	$(BIN)/dfkd compare --config configs/emoji.yaml --methods $(BENCH_METHODS) --seeds $(BENCH_SEEDS) --out storage/benchmark/emoji
 
 test: $(STAMP)
 	$(BIN)/ruff check dfkd_assets tests scripts

@@ -93,8 +93,9 @@ def prompt_settings_hash(cfg: DfkdConfig) -> str:
 
 
 def class_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str) -> str:
+    """Fingerprint of a class's round-0 shard (`synthesis.student_weight` left out: round 0 has no student)."""
     return _hash({
-        "synthesis": cfg.synthesis.model_dump(mode="json", exclude=scheduling_fields(SynthesisConfig)),
+        "synthesis": cfg.synthesis.model_dump(mode="json", exclude=scheduling_fields(SynthesisConfig) | {"student_weight"}),
         "generator": generator_inputs(cfg),
         "prompts": prompt_inputs(cfg),
         "teacher_id": teacher_id,
@@ -107,6 +108,8 @@ def round_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str, round_:
     if round_ == 0:
         return class_fingerprint(cfg, teacher_id, class_name)
     synthesis = cfg.synthesis.model_dump(mode="json", exclude=scheduling_fields(SynthesisConfig) | {"images_per_class"})
+    if not cfg.synthesis.student_weight:  # the paper's synthesis: rounds made before the setting existed keep their fingerprint
+        del synthesis["student_weight"]
     return _hash({
         "synthesis": synthesis, "generator": generator_inputs(cfg), "prompts": prompt_inputs(cfg),
         "teacher_id": teacher_id, "class": class_name, "round": round_,

@@ -44,6 +44,11 @@ def test_bad_value_is_named(tmp_path):
     d["device"] = "tpu"
     with pytest.raises(ConfigError, match=r"device"):
         load_config(write(tmp_path, d))
+    d = base()
+    d["synthesis"]["student_weight"] = 1.0  # student-aware synthesis without rounds would do nothing
+    with pytest.raises(ConfigError, match=r"synthesis\.student_weight \(1\.0\) acts only in retraining rounds.*operations\.images_per_round"):
+        load_config(write(tmp_path, d))
+    assert load_config(write(tmp_path, d), {"operations": {"images_per_round": 4}}).synthesis.student_weight == 1.0
 
 
 def test_quantization_aware_fine_tuning_settings_are_checked_when_loaded(tmp_path):
@@ -151,7 +156,8 @@ def test_every_setting_reaches_core_or_is_orchestration_only(section, mapper, tm
     refuses a core field that is neither a setting nor a derived value)."""
     from dfkd_assets.config import SettingsModel, orchestration_fields
 
-    base = {"classes": ["a", "b"], "generator": {"config_file": "unused.yaml"}}
+    # rounds on: synthesis.student_weight is valid only with them
+    base = {"classes": ["a", "b"], "generator": {"config_file": "unused.yaml"}, "operations": {"images_per_round": 4}}
     model = DfkdConfig.model_fields[section].annotation
     defaults = getattr(DfkdConfig.model_validate(base), section)
     reference = mapper(DfkdConfig.model_validate(base))

@@ -221,3 +221,35 @@ def test_drop_round_is_the_explicit_deletion_and_leaves_the_other_rounds(tmp_pat
     assert artifacts.round_dir(cfg, "dog", 3).is_dir()
     with pytest.raises(ValueError, match="round 0"):
         artifacts.drop_round(cfg, 0)
+
+
+def test_a_student_aware_round_is_made_against_the_champion_and_says_so(tmp_path, monkeypatch):
+    """synthesis.student_weight > 0: the retrain round is synthesized against the champion student,
+    its manifests name that version; round 0 keeps the fingerprint of the paper's synthesis, a round's
+    fingerprint changes with the weight; without a champion the round is refused naming the setting."""
+    from dfkd_assets import artifacts
+    from dfkd_assets.config import load_config
+    from dfkd_assets.definitions import build_defs
+    from dfkd_assets.defs.resources import MlflowTracking
+    from dfkd_assets.defs.runner import run_pipeline, run_retrain_rounds
+    from dfkd_assets.defs.synthesis import STUDENT_AWARE, _champion_to_compete
+    from dfkd_assets.fingerprints import round_fingerprint
+
+    ops = {"images_per_round": PER_ROUND, "max_retries": 0, "retry_delay_s": 0}
+    ci_synthesis = yaml.safe_load((Path(__file__).parents[1] / "configs" / "ci.yaml").read_text())["synthesis"]
+    cfg_path = make_workspace(tmp_path, {"operations": ops, "synthesis": {**ci_synthesis, "student_weight": 2.0}})
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    cfg, defs = load_config(cfg_path), build_defs(cfg_path)
+    paper = load_config(cfg_path, {"synthesis": {"student_weight": 0.0}})
+    assert round_fingerprint(cfg, "t", "dog", 0) == round_fingerprint(paper, "t", "dog", 0)
+    assert round_fingerprint(cfg, "t", "dog", 1) != round_fingerprint(paper, "t", "dog", 1)
+    with pytest.raises(ValueError, match=r"synthesis\.student_weight \(2\.0\) .* has none: run the train job first"):
+        _champion_to_compete(cfg, MlflowTracking(), log=None)
+    with dg.DagsterInstance.get() as instance:
+        assert all(r.success for r in run_pipeline(defs, instance, log=lambda s: None))  # round 0: champion v1
+        result = run_retrain_rounds(defs, instance, 1, log=lambda s: None)[0]
+        cells = result.asset_materializations_for_node("synthetic_round_images")[0].metadata["cells"].value
+    for c in cfg.classes:
+        made = artifacts.read_class_manifest(cfg, c, 1)[STUDENT_AWARE]
+        assert made == {"model": cfg.mlflow.registered_model_name, "version": "1", "student_weight": 2.0}
+        assert cells[f"{c}|1"][STUDENT_AWARE]["version"] == "1"

@@ -268,3 +268,34 @@ def test_random_code_images_are_seeded_codebook_grids_at_several_cell_sizes(vqga
     assert len({im.tobytes() for im in images}) == 6
     with pytest.raises(ValueError, match="synthesis.image_size"):
         random_code_images(vqgan, [0], 30)
+
+
+def test_student_aware_synthesis_finds_images_the_student_gets_wrong(vqgan, teacher):
+    """synthesis.student_weight with a Competition: the images move towards teacher-student
+    disagreement (their Jensen-Shannon divergence rises over the same seeds' plain images), the
+    student itself is not touched, and weight 0 gives the plain images exactly."""
+    from dfkd_assets.core.student import build_student
+    from dfkd_assets.core.synthesis import Competition, disagreement, frozen_student, student_disagreement
+
+    classes = ["dog", "elephant", "house"]
+    head = zero_shot_head(teacher, classes, "simple")
+    student = build_student("resnet10t", classes, 32, 0, None, {})
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    comp = Competition(frozen_student(student), head, 4.0)
+    t, seeds = head[[0, 1, 2, 0, 1, 2]], list(range(6))
+    s = synthesis_settings(iterations=12, cutn=4, image_size=32, lr=0.2)
+
+    def js(images) -> float:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+        with torch.no_grad():
+            return float(student_disagreement(x, teacher, comp).mean())
+
+    plain = synthesize_batch(vqgan, teacher, t, seeds, s, competition=comp)  # weight 0: the competition is ignored
+    np.testing.assert_array_equal(plain.images, synthesize_batch(vqgan, teacher, t, seeds, s).images)
+    aware = synthesize_batch(vqgan, teacher, t, seeds, dataclasses.replace(s, student_weight=5.0), competition=comp)
+    assert js(aware.images) > 1.5 * js(plain.images)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    # the divergence itself: 0 for equal distributions, ln 2 at most, symmetric
+    a, b = torch.tensor([[9.0, 0, 0]]), torch.tensor([[0.0, 9, 0]])
+    assert float(disagreement(a, a, 1.0)) == pytest.approx(0, abs=1e-6)
+    assert float(disagreement(a, b, 1.0)) == pytest.approx(float(disagreement(b, a, 1.0))) and float(disagreement(a, b, 1.0)) <= np.log(2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class SynthesisSettings:
     channels_last: bool  # NHWC weights/activations for the decoder and the image tower (faster convs on GPU)
     compile: bool  # torch.compile the whole step (pays off over many steps, costs a warm-up per process)
     compile_mode: str  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | ...
+    student_weight: float  # > 0: with a `Competition`, also seek images on which the student disagrees with the teacher
 
 
 @dataclass
@@ -213,9 +215,59 @@ def draw_step(rngs: ImageRngs, settings: SynthesisSettings, cut: int, device: to
     return StepDraws(rois, view_params(u.flatten(0, 1), settings.augment, cut, device, torch.float32), noise)
 
 
+@dataclass(frozen=True)
+class Competition:
+    """The current student, frozen (`frozen_student`), and the teacher's zero-shot head of the
+    configured classes: with `synthesis.student_weight` > 0 a synthesis step then also rewards
+    images on which the two disagree (`disagreement`), at the distillation's `temperature`."""
+
+    student: torch.nn.Module
+    head: torch.Tensor
+    temperature: float
+
+
+def frozen_student(student: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `student` in eval mode (batch-norm statistics fixed) whose weights take no
+    gradient: synthesis differentiates through it to the image only, and never changes it."""
+    import copy
+
+    frozen = copy.deepcopy(student).eval()
+    return frozen.requires_grad_(False)
+
+
+def disagreement(z_t: torch.Tensor, z_s: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per-image Jensen-Shannon divergence [B] between teacher and student class distributions at
+    `temperature`: bounded (0 to ln 2), so maximising it cannot run away the way KL can once the
+    student puts no mass where the teacher does (the "competition" term of adaptive DeepInversion)."""
+    log_pt = torch.log_softmax(z_t / temperature, -1)
+    log_ps = torch.log_softmax(z_s / temperature, -1)
+    log_m = torch.logsumexp(torch.stack([log_pt, log_ps]), 0) - math.log(2)
+
+    def kl_to_m(log_p: torch.Tensor) -> torch.Tensor:
+        return (log_p.exp() * (log_p - log_m)).sum(-1)
+
+    return 0.5 * (kl_to_m(log_pt) + kl_to_m(log_ps))
+
+
+def student_disagreement(x: torch.Tensor, teacher: Teacher, competition: Competition) -> torch.Tensor:
+    """`disagreement` of teacher and student on the whole rendered images `x` [B,3,H,W] in [0, 1],
+    each seeing them at its own input size."""
+    from dfkd_assets.core.teacher import logits_from_features
+
+    def at(size: int) -> torch.Tensor:
+        return x if x.shape[-1] == size else torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+
+    z_t = logits_from_features(teacher, competition.head, teacher.encode_images(at(teacher.image_size)))
+    z_s = competition.student(at(competition.student.input_size)).float()
+    return disagreement(z_t, z_s, competition.temperature)
+
+
 def step_loss(vqgan: torch.nn.Module, teacher: Teacher, z: torch.Tensor, draws: StepDraws, targets: torch.Tensor,
-              settings: SynthesisSettings) -> torch.Tensor:
-    """Per-image loss [B] of one step (docs/ALGORITHM.md §3): render, cut, augment, encode, spherical distance.
+              settings: SynthesisSettings, competition: Competition | None = None) -> torch.Tensor:
+    """Per-image loss [B] of one step (docs/ALGORITHM.md §3): render, cut, augment, encode, spherical
+    distance; with a `competition` and `student_weight` > 0, minus `student_weight` x the teacher-student
+    disagreement on the rendered image (student-aware synthesis: images the current student gets
+    wrong, still pulled towards the prompt).
 
     Pure tensor work on the device given the step's draws: no host data, no branch on values, so
     `torch.compile` takes it whole (decoder, augmentation, image tower, loss, and their backward).
@@ -227,7 +279,10 @@ def step_loss(vqgan: torch.nn.Module, teacher: Teacher, z: torch.Tensor, draws: 
     views = apply_augment(views, draws.views, settings.augment, draws.noise)
     with autocast(z.device, settings.bf16):
         feats = teacher.encode_images(views).view(b, settings.cutn, -1)  # encode_images returns fp32
-    return spherical_distance(feats, targets[:, None, :]).mean(1)
+    loss = spherical_distance(feats, targets[:, None, :]).mean(1)
+    if competition is not None and settings.student_weight > 0:
+        loss = loss - settings.student_weight * student_disagreement(x, teacher, competition)
+    return loss
 
 
 @functools.lru_cache(maxsize=None)
@@ -277,6 +332,7 @@ def synthesize_batch(
     seeds: list[int],
     settings: SynthesisSettings,
     on_step: Callable[[int, float], None] | None = None,
+    competition: Competition | None = None,
 ) -> BatchResult:
     """Optimise one latent per target feature; returns the final images and their cosines."""
     device = targets.device
@@ -290,7 +346,7 @@ def synthesize_batch(
         draws = draw_step(rngs, settings, teacher.image_size, device)
         if settings.compile:
             torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead)
-        per_image = loss_fn(vqgan, teacher, z, draws, targets, settings)
+        per_image = loss_fn(vqgan, teacher, z, draws, targets, settings, competition)
         lat.step(per_image.sum())
         losses.append(per_image.detach().mean())
         if on_step is not None:
@@ -318,6 +374,7 @@ def synthesize_resumable(
     fingerprint: str,
     on_step: Callable[[int, float], None] | None = None,
     max_nonfinite_retries: int = 3,
+    competition: Competition | None = None,
 ) -> ClassImages:
     """All images of one class in batches; each finished batch is kept in `work_dir` (atomically).
 
@@ -349,7 +406,7 @@ def synthesize_resumable(
                 on_step((stop - start) * settings.iterations, float("nan"))
         else:
             images, cosines, used = _finite_batch(
-                vqgan, teacher, targets[start:stop], seeds[start:stop], settings, on_step, max_nonfinite_retries
+                vqgan, teacher, targets[start:stop], seeds[start:stop], settings, on_step, max_nonfinite_retries, competition
             )
             with torch.no_grad():
                 clean = torch.from_numpy(images).to(head.device).permute(0, 3, 1, 2).float() / 255
@@ -407,6 +464,7 @@ def _finite_batch(
     settings: SynthesisSettings,
     on_step: Callable[[int, float], None] | None,
     max_retries: int,
+    competition: Competition | None = None,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One batch with finite pixels only: (images, cosines, seeds used).
 
@@ -420,7 +478,7 @@ def _finite_batch(
         return None if on_step is None else (lambda step, loss: on_step(m, loss))
 
     try:
-        res = synthesize_batch(vqgan, teacher, targets, list(seeds), settings, on_step=steps(len(seeds)))
+        res = synthesize_batch(vqgan, teacher, targets, list(seeds), settings, on_step=steps(len(seeds)), competition=competition)
         return res.images, res.cosines, list(seeds)
     except NonFiniteError:
         pass
@@ -431,7 +489,7 @@ def _finite_batch(
             s = seed if attempt == 0 else nonfinite_retry_seed(seed, attempt)
             tried.append(s)
             try:
-                res = synthesize_batch(vqgan, teacher, targets[j : j + 1], [s], settings, on_step=steps(1))
+                res = synthesize_batch(vqgan, teacher, targets[j : j + 1], [s], settings, on_step=steps(1), competition=competition)
             except NonFiniteError:
                 continue
             images.append(res.images[0])

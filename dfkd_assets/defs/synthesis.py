@@ -22,12 +22,13 @@ from dfkd_assets import artifacts
 from dfkd_assets.core.names import class_key
 from dfkd_assets.defs.lineage import lineage, md_image
 from dfkd_assets.defs.placement import gpu_asset
-from dfkd_assets.defs.resources import PipelineSettings
+from dfkd_assets.defs.resources import MlflowTracking, PipelineSettings
 from dfkd_assets.fingerprints import round_fingerprint
 from dfkd_assets.loaders import device_lease, generator_for, teacher_for
 
 ASSET_KEY = "synthetic_images"
 ROUND_ASSET_KEY = "synthetic_round_images"
+STUDENT_AWARE = "student_aware"  # manifest key of a round made against a registered student: {model, version, student_weight}
 ROUNDS = dg.DynamicPartitionsDefinition(name="synthesis_rounds")
 CLASS_DIM, ROUND_DIM = "class", "round"
 
@@ -67,7 +68,7 @@ def build_synthetic_images(partitions_def: dg.StaticPartitionsDefinition) -> dg.
     return synthetic_images
 
 
-def make_shard(cfg, context, class_name: str, round_: int = 0) -> tuple[dict, dict, str, str]:
+def make_shard(cfg, context, class_name: str, round_: int = 0, against: tuple[str, object] | None = None) -> tuple[dict, dict, str, str]:
     """The synthesis protocol of a class (round 0) or of one class x round cell: (manifest, metadata,
     fingerprint, teacher id).
 
@@ -76,7 +77,8 @@ def make_shard(cfg, context, class_name: str, round_: int = 0) -> tuple[dict, di
     bank lacks fails here, before any reuse); temp files of a killed write are removed; a shard that
     carries the current fingerprint is reused; a round that would cross
     operations.max_images_per_class is refused; otherwise the shard is synthesized, resuming the
-    finished batches of an interrupted run."""
+    finished batches of an interrupted run. `against` (version, student): a student-aware round is
+    made against that registered student (core/synthesis.Competition), recorded in the manifest."""
     from dfkd_assets.core.io import exclusive_lock
     from dfkd_assets.core.rounds import CapError, next_growth
 
@@ -99,11 +101,12 @@ def make_shard(cfg, context, class_name: str, round_: int = 0) -> tuple[dict, di
                 raise CapError(f"{label}: {growth.reason}")
         artifacts.check_prompt_bank_inputs(cfg)  # new images only from a bank of the current prompt inputs (reuse above needs none)
         head = artifacts.read_teacher_head(cfg, teacher, device)
-        manifest, meta = _synthesize(cfg, context, class_name, bank, teacher, head, device, fp, round_)
+        manifest, meta = _synthesize(cfg, context, class_name, bank, teacher, head, device, fp, round_, against)
         return manifest, meta, fp, teacher.teacher_id
 
 
-def _synthesize(cfg, context, class_name: str, bank, teacher, head, device, fp: str, round_: int = 0) -> tuple[dict, dict]:
+def _synthesize(cfg, context, class_name: str, bank, teacher, head, device, fp: str, round_: int = 0,
+                against: tuple[str, object] | None = None) -> tuple[dict, dict]:
     """Plan, synthesize (resuming finished batches), write the shard and (round 0) its preview: (manifest, metadata)."""
     from dfkd_assets.core.progress import Progress
     from dfkd_assets.stages.synthesis import class_plan, synthesize_class
@@ -113,10 +116,14 @@ def _synthesize(cfg, context, class_name: str, bank, teacher, head, device, fp: 
     work = artifacts.class_work_dir(cfg, class_name, round_)
     prog = Progress(len(plan.seeds) * cfg.synthesis.iterations, f"synthesis[{label}]", context.log.info, unit="img-steps")
     out = synthesize_class(cfg, plan, bank, generator_for(cfg, device), teacher, head, device, work, fp,
-                           on_step=lambda m, loss: prog.update(m, **({} if loss != loss else {"loss": loss})))
+                           on_step=lambda m, loss: prog.update(m, **({} if loss != loss else {"loss": loss})),
+                           student=None if against is None else against[1])
     elapsed = prog.close()
+    made_against = {} if against is None else {STUDENT_AWARE: {"model": cfg.mlflow.registered_model_name, "version": against[0],
+                                                                 "student_weight": cfg.synthesis.student_weight}}
     manifest = artifacts.write_class_shard(cfg, class_name, out.images, out.records,
-                                           {"fingerprint": fp, "teacher_id": teacher.teacher_id, "image_size": cfg.synthesis.image_size}, round_)
+                                           {"fingerprint": fp, "teacher_id": teacher.teacher_id, "image_size": cfg.synthesis.image_size,
+                                            **made_against}, round_)
     if round_ == 0:
         _write_preview(cfg, class_name, out.images, bank.num_styles)
     shutil.rmtree(work, ignore_errors=True)
@@ -156,10 +163,12 @@ def build_synthetic_rounds(partitions_def: dg.MultiPartitionsDefinition) -> dg.A
         kinds={"pytorch"},
         description="operations.images_per_round more images of a class in round r >= 1 (fresh seeds), a shard beside the earlier rounds'.",
     )
-    def synthetic_round_images(context: dg.AssetExecutionContext, settings: PipelineSettings) -> dg.MaterializeResult:
+    def synthetic_round_images(context: dg.AssetExecutionContext, settings: PipelineSettings,
+                               mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
         cfg = settings.load()
         cells = [(cfg.class_for_key(k), r) for k, r in map(round_cell, context.partition_keys)]
-        per_cell = {f"{class_key(c)}|{r}": _make_round(cfg, context, c, r) for c, r in cells}
+        against = _champion_to_compete(cfg, mlflow_tracking, context.log)
+        per_cell = {f"{class_key(c)}|{r}": _make_round(cfg, context, c, r, against) for c, r in cells}
         context.log.info("; ".join(f"{k}: {m['num_images']} images ({'reused' if m['reused'] else 'new'})" for k, m in per_cell.items()))
         return dg.MaterializeResult(metadata={
             "cells": dg.MetadataValue.json(per_cell),
@@ -171,10 +180,33 @@ def build_synthetic_rounds(partitions_def: dg.MultiPartitionsDefinition) -> dg.A
     return synthetic_round_images
 
 
-def _make_round(cfg, context, class_name: str, round_: int) -> dict:
+def _champion_to_compete(cfg, tracking: MlflowTracking, log) -> tuple[str, object] | None:
+    """(version, network) of the champion a student-aware round is made against (synthesis.student_weight
+    > 0), None for the paper's synthesis. Without a champion, or with one for other classes, the round
+    is refused before anything is made: the setting asks for a student the registry does not hold."""
+    from dfkd_assets.defs.registry import ModelRegistry
+
+    if not cfg.synthesis.student_weight:
+        return None
+    registry = ModelRegistry(cfg, tracking)
+    version = registry.champion()
+    if version is None:
+        raise ValueError(f"synthesis.student_weight ({cfg.synthesis.student_weight}) makes rounds against the champion student, and "
+                         f"model {registry.name} has none: run the train job first (round 0), or set synthesis.student_weight: 0")
+    student = registry.load(version)
+    if list(student.classes) != list(cfg.classes):
+        raise ValueError(f"synthesis.student_weight: champion v{version} of {registry.name} serves {student.classes}, not the configured "
+                         f"classes {cfg.classes}: train a student of these classes first, or set synthesis.student_weight: 0")
+    log.info(f"student-aware round: images are also pushed to where champion v{version} disagrees with the teacher "
+             f"(synthesis.student_weight {cfg.synthesis.student_weight})")
+    return version, student
+
+
+def _make_round(cfg, context, class_name: str, round_: int, against: tuple[str, object] | None = None) -> dict:
     """One class x round cell (make_shard), summarised for the run's metadata."""
     from dfkd_assets.stages.synthesis import shard_summary
 
-    manifest, meta, fp, _ = make_shard(cfg, context, class_name, round_)
+    manifest, meta, fp, _ = make_shard(cfg, context, class_name, round_, against)
     return {**shard_summary(class_name, manifest["images"]), **meta, "fingerprint": fp,
+            **({STUDENT_AWARE: manifest[STUDENT_AWARE]} if STUDENT_AWARE in manifest else {}),
             "shard_sha256": manifest["shard_sha256"], "seeds": f"derive_seed({cfg.synthesis.seed}, {class_name!r}, 'round', {round_}, index)"}

@@ -60,15 +60,21 @@ def class_plan(cfg: DfkdConfig, bank, class_name: str, round_: int = 0) -> Class
 
 def synthesize_class(
     cfg: DfkdConfig, plan: ClassPlan, bank, generator, teacher, head, device, work_dir: Path, fingerprint: str,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int, float], None] | None = None, student=None,
 ) -> ClassSynthesis:
-    """The plan's images, resumable from `work_dir` (batches with the same fingerprint are kept)."""
-    from dfkd_assets.core.synthesis import synthesize_resumable
+    """The plan's images, resumable from `work_dir` (batches with the same fingerprint are kept).
+
+    `student`: the current student (a round >= 1 has one); with `synthesis.student_weight` > 0 the
+    images are also pushed to where it disagrees with the teacher (student-aware synthesis,
+    core/synthesis.Competition). The caller's `fingerprint` must then name the student too."""
+    from dfkd_assets.core.synthesis import Competition, frozen_student, synthesize_resumable
     from dfkd_assets.loaders import synthesis_settings
 
+    aware = student is not None and cfg.synthesis.student_weight > 0
+    competition = Competition(frozen_student(student).to(device), head, cfg.distill.temperature) if aware else None
     out = synthesize_resumable(
         generator, teacher, head, plan.targets(bank).to(device), plan.seeds, synthesis_settings(cfg, device),
-        cfg.synthesis.batch_size, work_dir=work_dir, fingerprint=fingerprint, on_step=on_step,
+        cfg.synthesis.batch_size, work_dir=work_dir, fingerprint=fingerprint, on_step=on_step, competition=competition,
     )
     records = [
         {

@@ -59,26 +59,38 @@ def _real_images(v: DfkdConfig, seed: int) -> list[np.ndarray]:
     return per_class
 
 
-def synthesize_classes(v: DfkdConfig, method: str, seed: int, run_dir: Path, teacher, head) -> list[np.ndarray]:
+def synthesize_classes(v: DfkdConfig, method: str, seed: int, run_dir: Path, teacher, head, round_: int = 0,
+                       student=None, student_id: str = "") -> list[np.ndarray]:
     """The training images of every class of variant `v` (uint8 [N,H,W,3] per class, class order): prompt
     bank, then class synthesis resumable under `run_dir/<class key>` (keyed by the class fingerprint,
     so every experiment using the same `run_dir` gets the same images); the `real` reference instead
-    renders world images."""
-    from dfkd_assets.fingerprints import class_fingerprint
+    renders world images. Round r >= 1 (`operations.images_per_round` more, from the round's seeds) goes
+    to `run_dir/round<r>/<class key>-<fingerprint>/`; with `synthesis.student_weight` > 0 it is made against `student`
+    (student-aware synthesis), whose `student_id` enters the fingerprint."""
+    import hashlib
+
+    from dfkd_assets.fingerprints import round_fingerprint
     from dfkd_assets.loaders import generator_for
     from dfkd_assets.stages.prompts import build_prompt_bank
     from dfkd_assets.stages.synthesis import class_plan, synthesize_class
 
     if method == "real":
+        if round_:
+            raise ValueError("--rounds needs a synthesis method: the 'real' reference has no rounds")
         return _real_images(v, seed)
     device = head.device
     bank, _ = build_prompt_bank(v, teacher, head)
     vqgan = generator_for(v, device)
-    return [
-        synthesize_class(v, class_plan(v, bank, c), bank, vqgan, teacher, head, device, run_dir / class_key(c),
-                         class_fingerprint(v, teacher.teacher_id, c)).images
-        for c in v.classes
-    ]
+    aware = round_ > 0 and v.synthesis.student_weight > 0
+    per_class = []
+    for c in v.classes:
+        fp = round_fingerprint(v, teacher.teacher_id, c, round_)
+        if aware:
+            fp = hashlib.sha256(f"{fp}|student:{student_id}".encode()).hexdigest()[:16]
+        work = run_dir / class_key(c) if round_ == 0 else run_dir / f"round{round_}" / f"{class_key(c)}-{fp}"
+        per_class.append(synthesize_class(v, class_plan(v, bank, c, round_), bank, vqgan, teacher, head, device, work, fp,
+                                          student=student if aware else None).images)
+    return per_class
 
 
 def distill_variant(v: DfkdConfig, teacher, head, per_class: list[np.ndarray], run_dir: Path):
@@ -95,25 +107,49 @@ def distill_variant(v: DfkdConfig, teacher, head, per_class: list[np.ndarray], r
     return distill_student(v, teacher, head, ks.images, ks.labels, head.device, state, ks.fingerprint)[0], resumed
 
 
-def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, sets, log) -> dict:
+def run_one(cfg: DfkdConfig, method: str, seed: int, work: Path, teacher, head, sets, log, rounds: int = 0) -> dict:
     """One variant at one seed through the product's stages: prompt bank, class synthesis, training set,
-    distillation, evaluation (dfkd_assets/stages/)."""
+    distillation, evaluation (dfkd_assets/stages/). `rounds` > 0: then, as the `retrain` schedule does,
+    each round synthesizes `operations.images_per_round` more images per class (against the current
+    student when `synthesis.student_weight` > 0) and a fresh student is distilled on the union; the
+    last one is evaluated (the round-0 student's mean is recorded beside it)."""
     from dfkd_assets.stages.evaluation import evaluate_models
 
     v = _variant(cfg, method, seed)
     device = head.device
     run_dir = work / f"{method}_s{seed}"
-    t0 = time.perf_counter()
-    per_class = synthesize_classes(v, method, seed, run_dir, teacher, head)
-    t_syn = time.perf_counter() - t0
-    student, resumed = distill_variant(v, teacher, head, per_class, run_dir)
-    t_kd = time.perf_counter() - t0 - t_syn
+    t_syn = t_kd = 0.0
+    resumed = False
+    per_class: list[np.ndarray] = []
+    extra: dict = {}
+    student = None
+    for r in range(rounds + 1):
+        t0 = time.perf_counter()
+        student_id = _student_id(v, teacher, head, per_class) if r else ""  # the student a student-aware round competes with
+        new = synthesize_classes(v, method, seed, run_dir, teacher, head, r, student, student_id)
+        per_class = new if r == 0 else [np.concatenate([a, b]) for a, b in zip(per_class, new)]
+        t_syn += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        student, resumed_r = distill_variant(v, teacher, head, per_class, run_dir)
+        t_kd += time.perf_counter() - t0
+        resumed = resumed or resumed_r
+        if r < rounds:
+            extra[f"round{r}_mean"] = evaluate_models(v, {"student": student.to(device).eval()}, sets, device,
+                                                      max(v.student.input_size, teacher.image_size)).mean["student"]
     res = evaluate_models(v, {"student": student.to(device).eval()}, sets, device, max(v.student.input_size, teacher.image_size))
     top1, mean = res.top1["student"], res.mean["student"]
     log(f"{method:12s} seed {seed}: mean {mean:.3f} " + " ".join(f"{d} {a:.2f}" for d, a in top1.items())
-        + f"  (synthesis {t_syn:.0f} s, distillation {t_kd:.0f} s)")
+        + "".join(f", {k} {x:.3f}" for k, x in extra.items()) + f"  (synthesis {t_syn:.0f} s, distillation {t_kd:.0f} s)")
     return {"method": method, "seed": seed, "top1": top1, "mean": mean, "synthesis_s": t_syn, "distill_s": t_kd, "distill_resumed": resumed,
-            "grid": np.concatenate([imgs[:8] for imgs in per_class])}
+            **extra, "grid": np.concatenate([imgs[:8] for imgs in per_class])}
+
+
+def _student_id(v: DfkdConfig, teacher, head, per_class: list[np.ndarray]) -> str:
+    """The fingerprint of the student `distill_variant` trains on `per_class` (settings, teacher, data):
+    what a student-aware round was made against."""
+    from dfkd_assets.stages.training import kd_set
+
+    return kd_set(v, teacher.teacher_id, per_class, head.device).fingerprint
 
 
 def teacher_reference(cfg: DfkdConfig, log=print):
@@ -133,9 +169,10 @@ def teacher_reference(cfg: DfkdConfig, log=print):
     return teacher, head, sets, top1
 
 
-def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print, work: Path | None = None) -> dict:
-    """Every method at every seed; `work` (default OUT/work) holds the resumable synthesis and KD state:
-    two comparisons that differ only in distillation settings share their synthesis through it."""
+def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, log=print, work: Path | None = None, rounds: int = 0) -> dict:
+    """Every method at every seed (with `rounds` retraining rounds after round 0); `work` (default OUT/work)
+    holds the resumable synthesis and KD state: two comparisons that differ only in distillation settings
+    share their synthesis through it, and in rounds' settings their round 0."""
     from dfkd_assets.core.report import write_grid
 
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +181,7 @@ def compare(cfg: DfkdConfig, methods: list[str], seeds: list[int], out: Path, lo
     result: dict = {}
     for s in seeds:  # seeds outer: an interrupted comparison still has every method
         for m in methods:
-            r = run_one(cfg, m, s, work or out / "work", teacher, head, sets, log)
+            r = run_one(cfg, m, s, work or out / "work", teacher, head, sets, log, rounds)
             if s == seeds[0]:
                 write_grid(out / f"samples_{m}.png", r.pop("grid"), cols=8)
             r.pop("grid", None)
@@ -176,6 +213,9 @@ def main_args(p: argparse.ArgumentParser) -> None:
                    help="resumable synthesis/KD state (default OUT/work); share it between comparisons of distillation levers")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting for this comparison, e.g. --set synthesis.iterations=30 (value parsed as YAML)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="retraining rounds after round 0 (operations.images_per_round more images each, a fresh student on the union); "
+                   "with --set synthesis.student_weight=W they are student-aware")
 
 
 def parse_sets(items: list[str]) -> dict:
@@ -196,5 +236,5 @@ def parse_sets(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    compare(load_config(args.config, parse_sets(args.set)), args.methods, args.seeds, args.out, work=args.work)
+    compare(load_config(args.config, parse_sets(args.set)), args.methods, args.seeds, args.out, work=args.work, rounds=args.rounds)
     return 0
