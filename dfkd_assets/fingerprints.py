@@ -103,8 +103,10 @@ def class_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str) -> str:
     })
 
 
-def round_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str, round_: int) -> str:
-    """Fingerprint of round `round_` of a class (round 0: `class_fingerprint`, as before rounds existed)."""
+def round_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str, round_: int, against: str = "") -> str:
+    """Fingerprint of round `round_` of a class (round 0: `class_fingerprint`, as before rounds existed).
+    `against`: the id of the student a student-aware round is made against, where the caller keeps one
+    round per student (`dfkd compare`); the pipeline makes a round once and records the version instead."""
     if round_ == 0:
         return class_fingerprint(cfg, teacher_id, class_name)
     synthesis = cfg.synthesis.model_dump(mode="json", exclude=scheduling_fields(SynthesisConfig) | {"images_per_class"})
@@ -112,7 +114,7 @@ def round_fingerprint(cfg: DfkdConfig, teacher_id: str, class_name: str, round_:
         del synthesis["student_weight"]
     return _hash({
         "synthesis": synthesis, "generator": generator_inputs(cfg), "prompts": prompt_inputs(cfg),
-        "teacher_id": teacher_id, "class": class_name, "round": round_,
+        "teacher_id": teacher_id, "class": class_name, "round": round_, **({"against": against} if against else {}),
     })
 
 

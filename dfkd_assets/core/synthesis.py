@@ -41,7 +41,7 @@ from dfkd_assets.core.augment import (
 from dfkd_assets.core.devices import autocast
 from dfkd_assets.core.io import atomic_write_bytes, atomic_write_text
 from dfkd_assets.core.seeding import derive_seed
-from dfkd_assets.core.teacher import Teacher
+from dfkd_assets.core.teacher import Teacher, logits_from_features
 from dfkd_assets.core.vqgan import codebook, decode, downsample_factor, encode, quantize_st
 
 
@@ -252,8 +252,6 @@ def disagreement(z_t: torch.Tensor, z_s: torch.Tensor, temperature: float) -> to
 def student_disagreement(x: torch.Tensor, teacher: Teacher, competition: Competition) -> torch.Tensor:
     """`disagreement` of teacher and student on the whole rendered images `x` [B,3,H,W] in [0, 1],
     each seeing them at its own input size."""
-    from dfkd_assets.core.teacher import logits_from_features
-
     def at(size: int) -> torch.Tensor:
         return x if x.shape[-1] == size else torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 

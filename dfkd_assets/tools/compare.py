@@ -67,8 +67,6 @@ def synthesize_classes(v: DfkdConfig, method: str, seed: int, run_dir: Path, tea
     renders world images. Round r >= 1 (`operations.images_per_round` more, from the round's seeds) goes
     to `run_dir/round<r>/<class key>-<fingerprint>/`; with `synthesis.student_weight` > 0 it is made against `student`
     (student-aware synthesis), whose `student_id` enters the fingerprint."""
-    import hashlib
-
     from dfkd_assets.fingerprints import round_fingerprint
     from dfkd_assets.loaders import generator_for
     from dfkd_assets.stages.prompts import build_prompt_bank
@@ -84,9 +82,7 @@ def synthesize_classes(v: DfkdConfig, method: str, seed: int, run_dir: Path, tea
     aware = round_ > 0 and v.synthesis.student_weight > 0
     per_class = []
     for c in v.classes:
-        fp = round_fingerprint(v, teacher.teacher_id, c, round_)
-        if aware:
-            fp = hashlib.sha256(f"{fp}|student:{student_id}".encode()).hexdigest()[:16]
+        fp = round_fingerprint(v, teacher.teacher_id, c, round_, student_id if aware else "")
         work = run_dir / class_key(c) if round_ == 0 else run_dir / f"round{round_}" / f"{class_key(c)}-{fp}"
         per_class.append(synthesize_class(v, class_plan(v, bank, c, round_), bank, vqgan, teacher, head, device, work, fp,
                                           student=student if aware else None).images)
