@@ -76,7 +76,7 @@ INT8_CHECK = "int8_accuracy_within_tolerance"
 def champion_int8(context: dg.AssetExecutionContext, settings: PipelineSettings, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
     from dfkd_assets.core.io import atomic_write_json
     from dfkd_assets.defs.registry import CALIBRATION_DVC_HASH
-    from dfkd_assets.stages.deployment import int8_card, qat_teacher, quantize_and_compare
+    from dfkd_assets.stages.deployment import int8_card, quantize_and_compare
 
     cfg = settings.load()
     registry = ModelRegistry(cfg, mlflow_tracking)
@@ -90,7 +90,7 @@ def champion_int8(context: dg.AssetExecutionContext, settings: PipelineSettings,
     shard_dirs = artifacts.snapshot_shard_dirs(cfg, rounds)
     model = registry.load(version)  # verified; its spec (classes, input side) goes with the int8 graph
     out = artifacts.int8_export(cfg)
-    c = quantize_and_compare(cfg, artifacts.onnx_export(cfg), out, shard_dirs, model.input_size, model, *qat_teacher(cfg))
+    c = quantize_and_compare(cfg, artifacts.onnx_export(cfg), out, shard_dirs, model.input_size, model, *_qat_teacher(cfg))
     q = cfg.quantization.model_dump()
     card = int8_card(registry.name, version, record["onnx_model_uri"], c, dvc_hash, q)
     tags = lineage(cfg, context, **{CALIBRATION_DVC_HASH: dvc_hash, "calibration_images": c.calibration_images,
@@ -112,3 +112,18 @@ def champion_int8(context: dg.AssetExecutionContext, settings: PipelineSettings,
                                                      "top1_drop": dg.MetadataValue.json(c.drops), "fp32_top1": dg.MetadataValue.json(c.fp32_top1),
                                                      "int8_top1": dg.MetadataValue.json(c.int8_top1)})],
     )
+
+
+def _qat_teacher(cfg) -> tuple:
+    """(teacher, the zero-shot head the champion was distilled against: the teacher_head asset) on the
+    CPU for the quantization-aware fine-tune's KD targets; (None, None), loading nothing, when
+    quantization.qat_epochs is 0."""
+    import torch
+
+    from dfkd_assets.loaders import teacher_for
+
+    if cfg.quantization.qat_epochs == 0:
+        return None, None
+    cpu = torch.device("cpu")  # int8 targets the CPU, and champion_int8 holds no GPU
+    teacher = teacher_for(cfg, cpu)
+    return teacher, artifacts.read_teacher_head(cfg, teacher, cpu)

@@ -87,20 +87,6 @@ def quantize_and_compare(cfg: DfkdConfig, fp32_onnx: Path, out: Path, shard_dirs
                           calibration.images_read, Path(fp32_onnx).stat().st_size, Path(out).stat().st_size, qat)
 
 
-def qat_teacher(cfg: DfkdConfig) -> tuple:
-    """(teacher, its zero-shot head) for the quantization-aware fine-tune's KD targets, on the CPU (int8 targets
-    the CPU, and champion_int8 holds no GPU); (None, None) with `quantization.qat_epochs` 0, loading nothing."""
-    import torch
-
-    from dfkd_assets.loaders import teacher_for
-    from dfkd_assets.stages.prompts import build_head
-
-    if cfg.quantization.qat_epochs == 0:
-        return None, None
-    teacher = teacher_for(cfg, torch.device("cpu"))
-    return teacher, build_head(cfg, teacher)
-
-
 def quantization_aware_student(cfg: DfkdConfig, student, teacher, head, shard_dirs: list[Path], calibration):
     """(fp32 copy of `student` fine-tuned quantization-aware, per-epoch history, images trained on): `quantization.qat_epochs`
     epochs at `quantization.qat_lr` of distillation's KD (its augmentation, temperature, batch size,
